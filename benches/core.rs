@@ -1,0 +1,233 @@
+//! Core benchmarks: synced writes (1, 4 and 8 threads, and batches of 1,000),
+//! random point reads and a full scan, beside the machine's own fdatasync
+//! rates measured in the same run (the baselines the write figures are
+//! compared with).
+//!
+//! `cargo bench --bench core`; `MAPSTORE_BENCH_KEYS` sets the number of keys
+//! for the read benchmarks (1,000,000 by default).
+
+use std::fs::OpenOptions;
+use std::hint::black_box;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use mapstore::{Db, Durability, Options, WriteBatch};
+
+const VALUE_BYTES: usize = 100;
+
+fn key(i: u64) -> [u8; 16] {
+    // A fixed permutation of i, so sequential i gives keys in random order.
+    let mixed = i.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17) ^ 0x5555;
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&mixed.to_be_bytes());
+    out[8..].copy_from_slice(&i.to_be_bytes());
+    out
+}
+
+fn value(i: u64) -> Vec<u8> {
+    let mut state = i.wrapping_add(1).wrapping_mul(0x2545_F491_4F6C_DD1D);
+    (0..VALUE_BYTES)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+fn keys_for_reads() -> u64 {
+    std::env::var("MAPSTORE_BENCH_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+/// The machine's limits: 4 KiB append + fdatasync, and 4 KiB overwrite of a
+/// zero-filled (preallocated) file + fdatasync.
+fn bench_fdatasync_baselines(c: &mut Criterion) {
+    let mut group = c.benchmark_group("baseline");
+    group.throughput(Throughput::Elements(1));
+    let dir = tempfile::tempdir().unwrap();
+    let page = vec![0xA5u8; 4096];
+
+    let path = dir.path().join("append");
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    let mut offset = 0u64;
+    group.bench_function("fdatasync_append_4k", |b| {
+        b.iter(|| {
+            file.write_all_at(&page, offset).unwrap();
+            file.sync_data().unwrap();
+            offset += 4096;
+        })
+    });
+
+    let path = dir.path().join("overwrite");
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    let size = 64u64 << 20;
+    let zeros = vec![0u8; 1 << 20];
+    for chunk in 0..size / zeros.len() as u64 {
+        file.write_all_at(&zeros, chunk * zeros.len() as u64)
+            .unwrap();
+    }
+    file.sync_all().unwrap();
+    let mut offset = 0u64;
+    group.bench_function("fdatasync_overwrite_4k", |b| {
+        b.iter(|| {
+            file.write_all_at(&page, offset).unwrap();
+            file.sync_data().unwrap();
+            offset = (offset + 4096) % size;
+        })
+    });
+    group.finish();
+}
+
+fn open_db(dir: &std::path::Path) -> Db {
+    Db::open_with(dir, Options::default().durability(Durability::Sync)).unwrap()
+}
+
+fn bench_synced_writes(c: &mut Criterion) {
+    let mut group = c.benchmark_group("synced_writes");
+    group.throughput(Throughput::Elements(1));
+    let dir = tempfile::tempdir().unwrap();
+    let db = open_db(dir.path());
+    let mut i = 0u64;
+    group.bench_function("insert_1_thread", |b| {
+        b.iter(|| {
+            db.insert(key(i), value(i)).unwrap();
+            i += 1;
+        })
+    });
+    report_stats("insert_1_thread", &db);
+    drop(db);
+
+    for threads in [4u64, 8] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(open_db(dir.path()));
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        group.bench_function(format!("insert_{threads}_threads"), |b| {
+            b.iter_custom(|iters| {
+                // `iters` inserts split over the threads; the elapsed time is
+                // for all of them, so the throughput is the aggregate rate.
+                let per_thread = iters.div_ceil(threads);
+                let start = Instant::now();
+                std::thread::scope(|scope| {
+                    for _ in 0..threads {
+                        let db = db.clone();
+                        let next = next.clone();
+                        scope.spawn(move || {
+                            for _ in 0..per_thread {
+                                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                db.insert(key(i), value(i)).unwrap();
+                            }
+                        });
+                    }
+                });
+                start
+                    .elapsed()
+                    .mul_f64(iters as f64 / (per_thread * threads) as f64)
+            })
+        });
+        report_stats(&format!("insert_{threads}_threads"), &db);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = open_db(dir.path());
+    let mut i = 0u64;
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("batch_1000", |b| {
+        b.iter_batched(
+            || {
+                let mut batch = WriteBatch::new();
+                for _ in 0..1000 {
+                    batch.insert(key(i), value(i));
+                    i += 1;
+                }
+                batch
+            },
+            |batch| db.write(batch).unwrap(),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+fn report_stats(name: &str, db: &Db) {
+    let stats = db.commit_stats();
+    eprintln!(
+        "{name}: {} commits in {} WAL fsyncs = {:.2} commits per fsync",
+        stats.commits,
+        stats.wal_syncs,
+        stats.commits as f64 / stats.wal_syncs.max(1) as f64
+    );
+}
+
+fn bench_reads(c: &mut Criterion) {
+    let n = keys_for_reads();
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_with(
+        dir.path(),
+        Options::default().durability(Durability::Buffered),
+    )
+    .unwrap();
+    for start in (0..n).step_by(10_000) {
+        let mut batch = WriteBatch::new();
+        for i in start..(start + 10_000).min(n) {
+            batch.insert(key(i), value(i));
+        }
+        db.write(batch).unwrap();
+    }
+    let mut group = c.benchmark_group("reads");
+    group.throughput(Throughput::Elements(1));
+    let mut state = 1u64;
+    group.bench_function(format!("random_get_{n}_keys"), |b| {
+        b.iter(|| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let i = (state >> 33) % n;
+            black_box(db.get(key(i)).unwrap().unwrap());
+        })
+    });
+    group.bench_function("absent_get", |b| {
+        b.iter(|| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            black_box(db.get(key(n + (state >> 33) % n)).unwrap());
+        })
+    });
+    group.throughput(Throughput::Elements(n));
+    group.measurement_time(Duration::from_secs(10));
+    group.sample_size(10);
+    group.bench_function(format!("full_scan_{n}_keys"), |b| {
+        b.iter(|| {
+            let mut count = 0u64;
+            for entry in db.iter() {
+                black_box(entry.unwrap());
+                count += 1;
+            }
+            assert_eq!(count, n);
+        })
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
+    targets = bench_fdatasync_baselines, bench_synced_writes, bench_reads
+}
+criterion_main!(benches);

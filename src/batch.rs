@@ -1,0 +1,228 @@
+//! [`WriteBatch`] and its encoding as a WAL record (a protobuf `BatchRecord`,
+//! see `format/mapstore.proto`).
+
+use bytes::Bytes;
+use prost::Message;
+
+use crate::error::{Error, Result};
+use crate::proto::{BatchRecord, OpKind, Operation};
+
+/// Longest key accepted, in bytes.
+pub const MAX_KEY_BYTES: usize = 65_536;
+/// Longest value accepted, in bytes (256 MiB).
+pub const MAX_VALUE_BYTES: usize = 256 << 20;
+/// Largest encoded batch accepted, in bytes (1 GiB).
+pub const MAX_BATCH_BYTES: usize = 1 << 30;
+
+/// A group of inserts and removals that commit atomically: after a crash,
+/// and to every reader, either all of them are there or none.
+///
+/// Operations apply in the order they were added; a later operation on the
+/// same key wins.
+///
+/// ```
+/// # fn main() -> Result<(), mapstore::Error> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// let db = mapstore::Db::open(dir.path())?;
+/// let mut batch = mapstore::WriteBatch::new();
+/// batch.insert("apples", "3");
+/// batch.insert("pears", "5");
+/// batch.remove("plums");
+/// let seq = db.write(batch)?;
+/// assert_eq!(db.get("pears")?.as_deref(), Some(&b"5"[..]));
+/// assert!(db.snapshot().seq() >= seq);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct WriteBatch {
+    /// The record being built; `first_seq` stays 0 until commit.
+    record: BatchRecord,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        WriteBatch::default()
+    }
+
+    /// Adds "set `key` to `value`".
+    pub fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        self.record.ops.push(Operation {
+            kind: OpKind::Put as i32,
+            key: Bytes::copy_from_slice(key.as_ref()),
+            value: Bytes::copy_from_slice(value.as_ref()),
+        });
+    }
+
+    /// Adds "remove `key`" (a no-op for a key that is absent).
+    pub fn remove(&mut self, key: impl AsRef<[u8]>) {
+        self.record.ops.push(Operation {
+            kind: OpKind::Delete as i32,
+            key: Bytes::copy_from_slice(key.as_ref()),
+            value: Bytes::new(),
+        });
+    }
+
+    /// Number of operations in the batch.
+    pub fn len(&self) -> usize {
+        self.record.ops.len()
+    }
+
+    /// Whether the batch has no operations.
+    pub fn is_empty(&self) -> bool {
+        self.record.ops.is_empty()
+    }
+
+    /// Removes every operation.
+    pub fn clear(&mut self) {
+        self.record.ops.clear();
+    }
+
+    /// Checks the limits and encodes the operations, ready for the commit
+    /// pipeline.
+    pub(crate) fn seal(self) -> Result<SealedBatch> {
+        for op in &self.record.ops {
+            if op.key.len() > MAX_KEY_BYTES {
+                return Err(Error::KeyTooLarge {
+                    len: op.key.len(),
+                    max: MAX_KEY_BYTES,
+                });
+            }
+            if op.value.len() > MAX_VALUE_BYTES {
+                return Err(Error::ValueTooLarge {
+                    len: op.value.len(),
+                    max: MAX_VALUE_BYTES,
+                });
+            }
+        }
+        let len = self.record.encoded_len();
+        if len > MAX_BATCH_BYTES {
+            return Err(Error::BatchTooLarge {
+                len,
+                max: MAX_BATCH_BYTES,
+            });
+        }
+        // first_seq is 0 here, which proto3 leaves out of the encoding: the
+        // body holds only the operations, and the commit leader prepends the
+        // encoded first_seq (see `encode_seq_prefix`).
+        let body = self.record.encode_to_vec();
+        Ok(SealedBatch {
+            ops: self.record.ops,
+            body,
+        })
+    }
+}
+
+/// A batch that passed the limits, with its operations encoded.
+#[derive(Debug)]
+pub(crate) struct SealedBatch {
+    pub ops: Vec<Operation>,
+    /// The encoded `ops` field of the record.
+    pub body: Vec<u8>,
+}
+
+/// Encodes the `first_seq` field alone; concatenated with a sealed body it
+/// forms the whole `BatchRecord` (protobuf merges concatenated messages).
+pub(crate) fn encode_seq_prefix(first_seq: u64) -> Vec<u8> {
+    BatchRecord {
+        first_seq,
+        ops: Vec::new(),
+    }
+    .encode_to_vec()
+}
+
+/// A record read back from the WAL and checked.
+#[derive(Debug)]
+pub(crate) struct DecodedBatch {
+    pub first_seq: u64,
+    pub ops: Vec<Operation>,
+}
+
+impl DecodedBatch {
+    /// Sequence number of the last operation.
+    pub fn last_seq(&self) -> u64 {
+        // Cannot overflow: `decode_record` checked first_seq + len - 1.
+        self.first_seq + self.ops.len() as u64 - 1
+    }
+}
+
+/// Decodes a WAL record payload and checks what the writer guarantees: a
+/// sequence number, at least one operation, known kinds, keys and values
+/// within the limits. The keys and values are slices of `payload`.
+pub(crate) fn decode_record(payload: Bytes) -> std::result::Result<DecodedBatch, String> {
+    let record =
+        BatchRecord::decode(payload).map_err(|e| format!("record does not decode: {e}"))?;
+    if record.first_seq == 0 {
+        return Err("record has no sequence number".into());
+    }
+    if record.ops.is_empty() {
+        return Err("record has no operations".into());
+    }
+    if record
+        .first_seq
+        .checked_add(record.ops.len() as u64)
+        .is_none()
+    {
+        return Err("record's sequence numbers overflow".into());
+    }
+    for op in &record.ops {
+        match OpKind::try_from(op.kind) {
+            Ok(OpKind::Put) => {}
+            Ok(OpKind::Delete) if op.value.is_empty() => {}
+            Ok(OpKind::Delete) => return Err("removal with a value".into()),
+            _ => return Err(format!("unknown operation kind {}", op.kind)),
+        }
+        if op.key.len() > MAX_KEY_BYTES {
+            return Err(format!("key of {} bytes is over the limit", op.key.len()));
+        }
+        if op.value.len() > MAX_VALUE_BYTES {
+            return Err(format!(
+                "value of {} bytes is over the limit",
+                op.value.len()
+            ));
+        }
+    }
+    Ok(DecodedBatch {
+        first_seq: record.first_seq,
+        ops: record.ops,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_and_body_concatenate_into_one_record() {
+        let mut batch = WriteBatch::new();
+        batch.insert("a", "1");
+        batch.remove("b");
+        batch.insert("", "");
+        let sealed = batch.seal().unwrap();
+        let mut payload = encode_seq_prefix(1234);
+        payload.extend_from_slice(&sealed.body);
+        let decoded = decode_record(Bytes::from(payload)).unwrap();
+        assert_eq!(decoded.first_seq, 1234);
+        assert_eq!(decoded.last_seq(), 1236);
+        assert_eq!(decoded.ops, sealed.ops);
+    }
+
+    #[test]
+    fn limits_are_checked_at_seal() {
+        let mut batch = WriteBatch::new();
+        batch.insert(vec![0u8; MAX_KEY_BYTES + 1], "v");
+        assert!(matches!(batch.seal(), Err(Error::KeyTooLarge { .. })));
+        let mut batch = WriteBatch::new();
+        batch.insert(vec![0u8; MAX_KEY_BYTES], "v");
+        assert!(batch.seal().is_ok());
+    }
+
+    #[test]
+    fn records_without_seq_or_ops_are_refused() {
+        assert!(decode_record(Bytes::new()).is_err());
+        assert!(decode_record(Bytes::from(encode_seq_prefix(5))).is_err());
+        let mut batch = WriteBatch::new();
+        batch.insert("k", "v");
+        assert!(decode_record(Bytes::from(batch.seal().unwrap().body)).is_err());
+    }
+}

@@ -1,0 +1,262 @@
+//! The write path: group commit.
+//!
+//! Each writer seals its batch (checks limits, encodes it) on its own thread,
+//! then queues it. If no commit is in flight, the writer becomes the
+//! *leader*: it takes every queued batch, gives them sequence numbers in
+//! queue order, writes them to the WAL with one write and (if any of them
+//! asked for it) one fsync, applies them to the memtable in order, and only
+//! then publishes the last sequence number to readers. Batches that arrive
+//! while a leader works queue up for the next leader, so under load one
+//! fsync carries many commits.
+//!
+//! If a WAL write or fsync fails, no batch of that group is reported
+//! committed and every later write is refused: the log's state on disk is
+//! unknown, and retrying an fsync can report success for data the kernel
+//! already dropped. Reopening recovers from what is durable.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use crate::batch::{SealedBatch, encode_seq_prefix};
+use crate::error::{Error, Result};
+use crate::read::ReadState;
+use crate::wal::writer::WalWriter;
+
+/// Counters of the commit pipeline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Batches committed since open.
+    pub commits: u64,
+    /// Groups written to the WAL (one write each).
+    pub groups: u64,
+    /// fsyncs of the WAL (group syncs and explicit syncs).
+    pub wal_syncs: u64,
+}
+
+#[derive(Debug)]
+struct Pending {
+    batch: SealedBatch,
+    sync: bool,
+    slot: Arc<Mutex<Option<Result<u64>>>>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    leader_active: bool,
+    /// Why writes are refused, once a WAL write or fsync failed.
+    stopped: Option<String>,
+    closed: bool,
+}
+
+/// State only the leader touches.
+#[derive(Debug)]
+struct LeaderState {
+    wal: WalWriter,
+    next_seq: u64,
+}
+
+/// Orders commits, writes them to the WAL and applies them.
+#[derive(Debug)]
+pub(crate) struct CommitPipeline {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    leader: Mutex<LeaderState>,
+    read_state: Arc<ReadState>,
+    commits: AtomicU64,
+    groups: AtomicU64,
+    wal_syncs: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Poisoning only records that another thread panicked while holding the
+    // lock; the state it guards is still consistent (failures are recorded
+    // in `Queue::stopped` before anything can panic).
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl CommitPipeline {
+    /// A pipeline whose first commit gets sequence number `next_seq`.
+    pub fn new(wal: WalWriter, next_seq: u64, read_state: Arc<ReadState>) -> CommitPipeline {
+        CommitPipeline {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            leader: Mutex::new(LeaderState { wal, next_seq }),
+            read_state,
+            commits: AtomicU64::new(0),
+            groups: AtomicU64::new(0),
+            wal_syncs: AtomicU64::new(0),
+        }
+    }
+
+    /// Commits one batch; returns the sequence number of its last operation.
+    pub fn commit(&self, batch: SealedBatch, sync: bool) -> Result<u64> {
+        let slot = Arc::new(Mutex::new(None));
+        let mut queue = lock(&self.queue);
+        check_open(&queue)?;
+        if batch.ops.is_empty() {
+            // Nothing to write: the batch is trivially applied.
+            return Ok(self.read_state.visible_seq());
+        }
+        queue.pending.push(Pending {
+            batch,
+            sync,
+            slot: slot.clone(),
+        });
+        loop {
+            if let Some(result) = lock(&slot).take() {
+                return result;
+            }
+            if !queue.leader_active && queue.closed {
+                // Closed while this batch waited: it never reaches the WAL.
+                for pending in std::mem::take(&mut queue.pending) {
+                    *lock(&pending.slot) = Some(Err(Error::Closed));
+                }
+                self.wake.notify_all();
+                continue;
+            }
+            if !queue.leader_active {
+                queue.leader_active = true;
+                let group = std::mem::take(&mut queue.pending);
+                drop(queue);
+                let outcome = self.lead(&group);
+                queue = lock(&self.queue);
+                queue.leader_active = false;
+                match outcome {
+                    Ok(seqs) => {
+                        for (pending, seq) in group.iter().zip(seqs) {
+                            *lock(&pending.slot) = Some(Ok(seq));
+                        }
+                    }
+                    Err(error) => {
+                        let cause = error.to_string();
+                        for pending in &group {
+                            *lock(&pending.slot) = Some(Err(Error::WritesStopped {
+                                cause: cause.clone(),
+                            }));
+                        }
+                        // The leader's own batch reports the real failure.
+                        *lock(&slot) = Some(Err(error));
+                        queue.stopped = Some(cause.clone());
+                        // Batches queued behind the failure never reach the WAL.
+                        for pending in std::mem::take(&mut queue.pending) {
+                            *lock(&pending.slot) = Some(Err(Error::WritesStopped {
+                                cause: cause.clone(),
+                            }));
+                        }
+                    }
+                }
+                self.wake.notify_all();
+                continue;
+            }
+            queue = self
+                .wake
+                .wait(queue)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    /// Writes, syncs and applies one group; returns each batch's last
+    /// sequence number.
+    fn lead(&self, group: &[Pending]) -> Result<Vec<u64>> {
+        let mut leader = lock(&self.leader);
+        let mut next_seq = leader.next_seq;
+        let mut firsts = Vec::with_capacity(group.len());
+        let mut prefixes = Vec::with_capacity(group.len());
+        for pending in group {
+            firsts.push(next_seq);
+            prefixes.push(encode_seq_prefix(next_seq));
+            next_seq += pending.batch.ops.len() as u64;
+        }
+        let records: Vec<[&[u8]; 2]> = prefixes
+            .iter()
+            .zip(group)
+            .map(|(prefix, pending)| [&prefix[..], &pending.batch.body[..]])
+            .collect();
+        let sync = group.iter().any(|pending| pending.sync);
+        leader.wal.append_group(&records, sync)?;
+        leader.next_seq = next_seq;
+        self.groups.fetch_add(1, Ordering::Relaxed);
+        self.commits
+            .fetch_add(group.len() as u64, Ordering::Relaxed);
+        if sync {
+            self.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        let view = self.read_state.view();
+        let memtable = view.active_memtable().ok_or_else(|| Error::WritesStopped {
+            cause: "no active memtable".into(),
+        })?;
+        for (pending, first) in group.iter().zip(&firsts) {
+            memtable.apply(*first, &pending.batch.ops);
+        }
+        // Every batch of the group is applied: readers may see them now.
+        self.read_state.publish(next_seq - 1);
+        Ok(firsts
+            .iter()
+            .zip(group)
+            .map(|(first, pending)| first + pending.batch.ops.len() as u64 - 1)
+            .collect())
+    }
+
+    /// Makes every committed batch durable.
+    pub fn sync(&self) -> Result<()> {
+        check_open(&lock(&self.queue))?;
+        let mut leader = lock(&self.leader);
+        match leader.wal.sync() {
+            Ok(()) => {
+                self.wal_syncs.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(error) => {
+                lock(&self.queue).stopped = Some(error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    /// Refuses new commits, waits for the one in flight, then syncs and
+    /// closes the WAL. Returns [`Error::WritesStopped`] if writes had failed.
+    pub fn close(&self) -> Result<()> {
+        let mut queue = lock(&self.queue);
+        queue.closed = true;
+        while queue.leader_active {
+            queue = self
+                .wake
+                .wait(queue)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        for pending in std::mem::take(&mut queue.pending) {
+            *lock(&pending.slot) = Some(Err(Error::Closed));
+        }
+        self.wake.notify_all();
+        let stopped = queue.stopped.clone();
+        drop(queue);
+        if let Some(cause) = stopped {
+            // The log's state is unknown; do not sync or truncate it.
+            return Err(Error::WritesStopped { cause });
+        }
+        lock(&self.leader).wal.close()
+    }
+
+    pub fn stats(&self) -> CommitStats {
+        CommitStats {
+            commits: self.commits.load(Ordering::Relaxed),
+            groups: self.groups.load(Ordering::Relaxed),
+            wal_syncs: self.wal_syncs.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn check_open(queue: &Queue) -> Result<()> {
+    if queue.closed {
+        return Err(Error::Closed);
+    }
+    if let Some(cause) = &queue.stopped {
+        return Err(Error::WritesStopped {
+            cause: cause.clone(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! The one error type of mapstore.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+/// Shorthand for `std::result::Result<T, mapstore::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in mapstore.
+///
+/// Each variant carries the context a caller needs to act on it: the path, the
+/// offset in the file, the limit that was exceeded. New variants may be added
+/// in minor releases, so match with a wildcard arm.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system I/O call failed.
+    Io {
+        /// What mapstore was doing ("fsync", "rename", "read", ...).
+        op: &'static str,
+        /// The file or directory it was doing it to.
+        path: PathBuf,
+        /// The error the operating system returned.
+        source: io::Error,
+    },
+    /// A key is longer than [`MAX_KEY_BYTES`](crate::MAX_KEY_BYTES); nothing was written.
+    KeyTooLarge {
+        /// The length of the rejected key.
+        len: usize,
+        /// The largest accepted length.
+        max: usize,
+    },
+    /// A value is longer than [`MAX_VALUE_BYTES`](crate::MAX_VALUE_BYTES); nothing was written.
+    ValueTooLarge {
+        /// The length of the rejected value.
+        len: usize,
+        /// The largest accepted length.
+        max: usize,
+    },
+    /// A write batch encodes to more than [`MAX_BATCH_BYTES`](crate::MAX_BATCH_BYTES);
+    /// nothing was written.
+    BatchTooLarge {
+        /// The encoded size of the rejected batch.
+        len: usize,
+        /// The largest accepted size.
+        max: usize,
+    },
+    /// Another `Db` (in this process or another one) has the directory open.
+    Locked {
+        /// The database directory.
+        path: PathBuf,
+    },
+    /// The path exists but is not a directory.
+    NotADirectory {
+        /// The path given to `open`.
+        path: PathBuf,
+    },
+    /// The directory holds files that are not mapstore's, and no database.
+    /// Nothing was created or changed in it.
+    NotADatabase {
+        /// The directory.
+        path: PathBuf,
+        /// One of the files that mapstore does not recognise.
+        unexpected: PathBuf,
+    },
+    /// A file was written by a newer (or unknown) version of the format.
+    UnsupportedFormatVersion {
+        /// The file.
+        path: PathBuf,
+        /// The version found in the file.
+        found: u32,
+        /// The newest version this build reads.
+        supported: u32,
+    },
+    /// A file's contents fail their checksums or structure: real damage, not
+    /// the torn tail that a crash leaves (that one is cut off at open).
+    Corruption {
+        /// The damaged file.
+        path: PathBuf,
+        /// Byte offset of the first damaged record or block.
+        offset: u64,
+        /// What is wrong there.
+        reason: String,
+    },
+    /// An earlier write or fsync of the write-ahead log failed, so the state of
+    /// the log on disk is unknown. The database refuses writes until it is
+    /// reopened (which recovers from what is durable); reads keep working.
+    WritesStopped {
+        /// The failure that stopped writes.
+        cause: String,
+    },
+    /// The database was closed with [`Db::close`](crate::Db::close).
+    Closed,
+    /// An [`Options`](crate::Options) value is out of its allowed range.
+    InvalidOptions {
+        /// Which option, and what it allows.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Builds an [`Error::Io`].
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Builds an [`Error::Corruption`].
+    pub(crate) fn corruption(
+        path: impl Into<PathBuf>,
+        offset: u64,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::Corruption {
+            path: path.into(),
+            offset,
+            reason: reason.into(),
+        }
+    }
+
+    /// True for [`Error::Corruption`].
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, Error::Corruption { .. })
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { op, path, source } => {
+                write!(f, "{op} failed on {}: {source}", path.display())
+            }
+            Error::KeyTooLarge { len, max } => {
+                write!(
+                    f,
+                    "key of {len} bytes is larger than the limit of {max} bytes"
+                )
+            }
+            Error::ValueTooLarge { len, max } => {
+                write!(
+                    f,
+                    "value of {len} bytes is larger than the limit of {max} bytes"
+                )
+            }
+            Error::BatchTooLarge { len, max } => {
+                write!(
+                    f,
+                    "write batch of {len} encoded bytes is larger than the limit of {max} bytes"
+                )
+            }
+            Error::Locked { path } => {
+                write!(
+                    f,
+                    "database {} is already open (its lock is held)",
+                    path.display()
+                )
+            }
+            Error::NotADirectory { path } => {
+                write!(f, "{} exists and is not a directory", path.display())
+            }
+            Error::NotADatabase { path, unexpected } => write!(
+                f,
+                "{} is not a mapstore database: it holds {}, which mapstore did not write",
+                path.display(),
+                unexpected.display()
+            ),
+            Error::UnsupportedFormatVersion {
+                path,
+                found,
+                supported,
+            } => write!(
+                f,
+                "{} has format version {found}, this build reads versions up to {supported}",
+                path.display()
+            ),
+            Error::Corruption {
+                path,
+                offset,
+                reason,
+            } => write!(
+                f,
+                "corruption in {} at byte {offset}: {reason}",
+                path.display()
+            ),
+            Error::WritesStopped { cause } => write!(
+                f,
+                "writes are stopped after a failed write-ahead log write or fsync ({cause}); reopen the database to recover"
+            ),
+            Error::Closed => write!(f, "the database is closed"),
+            Error::InvalidOptions { reason } => write!(f, "invalid options: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The names of the files in a database directory, and what each name means.
+//!
+//! | name                       | what                                         |
+//! |----------------------------|----------------------------------------------|
+//! | `LOCK`                     | held with `flock` while a `Db` is open        |
+//! | `MANIFEST`                 | the current state (manifest.md)               |
+//! | `<20 digits>.wal`          | a WAL segment (wal.md)                        |
+//! | `<20 digits>.snap`         | a snapshot file (snapshot.md)                 |
+//! | `<name>.tmp`               | a file being written; removed at open         |
+//! | `<name>.lost...`           | log data moved aside by point-in-time recovery|
+
+/// The lock file.
+pub const LOCK: &str = "LOCK";
+/// The manifest file.
+pub const MANIFEST: &str = "MANIFEST";
+
+const WAL_SUFFIX: &str = ".wal";
+const SNAPSHOT_SUFFIX: &str = ".snap";
+const TEMP_SUFFIX: &str = ".tmp";
+const LOST_MARKER: &str = ".lost";
+
+/// What a file name in a database directory is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    Lock,
+    Manifest,
+    WalSegment(u64),
+    SnapshotFile(u64),
+    Temp,
+    Lost,
+}
+
+/// The name of WAL segment `number`.
+pub fn wal_segment_name(number: u64) -> String {
+    format!("{number:020}{WAL_SUFFIX}")
+}
+
+/// The temporary name a file is written under before it is renamed to `name`.
+pub fn temp_name(name: &str) -> String {
+    format!("{name}{TEMP_SUFFIX}")
+}
+
+/// The name under which log data from `name`, starting at byte `offset`, is
+/// moved aside by point-in-time recovery.
+pub fn lost_name(name: &str, offset: u64) -> String {
+    format!("{name}{LOST_MARKER}-at-{offset}")
+}
+
+/// Classifies a file name; `None` for names mapstore never writes.
+pub fn classify(name: &str) -> Option<FileKind> {
+    match name {
+        LOCK => return Some(FileKind::Lock),
+        MANIFEST => return Some(FileKind::Manifest),
+        _ => {}
+    }
+    if name.ends_with(TEMP_SUFFIX) {
+        return Some(FileKind::Temp);
+    }
+    if name.contains(LOST_MARKER) {
+        return Some(FileKind::Lost);
+    }
+    if let Some(number) = numbered(name, WAL_SUFFIX) {
+        return Some(FileKind::WalSegment(number));
+    }
+    numbered(name, SNAPSHOT_SUFFIX).map(FileKind::SnapshotFile)
+}
+
+fn numbered(name: &str, suffix: &str) -> Option<u64> {
+    let digits = name.strip_suffix(suffix)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        assert_eq!(
+            classify(&wal_segment_name(7)),
+            Some(FileKind::WalSegment(7))
+        );
+        assert_eq!(
+            classify("18446744073709551615.snap"),
+            Some(FileKind::SnapshotFile(u64::MAX))
+        );
+        assert_eq!(
+            classify(&temp_name(&wal_segment_name(3))),
+            Some(FileKind::Temp)
+        );
+        assert_eq!(
+            classify(&lost_name(&wal_segment_name(3), 4096)),
+            Some(FileKind::Lost)
+        );
+        assert_eq!(classify("LOCK"), Some(FileKind::Lock));
+        assert_eq!(classify("MANIFEST"), Some(FileKind::Manifest));
+        assert_eq!(classify("notes.txt"), None);
+        assert_eq!(classify("1.wal"), None);
+    }
+}

@@ -1,0 +1,179 @@
+//! The MANIFEST file (specified in `format/manifest.md`): the state of the
+//! database that is not in the WAL, as one protobuf `Manifest` behind a
+//! binary header with magic number, format version, length and checksum.
+//!
+//! It is replaced whole: written under a temporary name, fsynced, renamed
+//! over `MANIFEST`, and the directory fsynced. A crash at any point leaves
+//! either the old manifest or the new one, both complete.
+
+use std::path::Path;
+
+use prost::Message;
+
+use crate::error::{Error, Result};
+use crate::files;
+use crate::io::FileSystem;
+use crate::proto::Manifest;
+use crate::wal::format::le_u32;
+
+/// First 8 bytes of the MANIFEST file.
+pub const MANIFEST_MAGIC: [u8; 8] = *b"mapstMAN";
+/// The manifest format version this build writes and the newest it reads.
+pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+/// Bytes before the protobuf payload.
+pub const MANIFEST_HEADER_BYTES: usize = 20;
+/// Largest manifest payload accepted (it lists files; 64 MiB is far beyond
+/// any real database and keeps a hostile length from driving allocation).
+pub const MAX_MANIFEST_PAYLOAD_BYTES: usize = 64 << 20;
+
+/// Encodes a manifest into the bytes of a MANIFEST file.
+pub fn encode(manifest: &Manifest) -> Vec<u8> {
+    let payload = manifest.encode_to_vec();
+    let mut out = Vec::with_capacity(MANIFEST_HEADER_BYTES + payload.len());
+    out.extend_from_slice(&MANIFEST_MAGIC);
+    out.extend_from_slice(&MANIFEST_FORMAT_VERSION.to_le_bytes());
+    // The payload is a few kilobytes; the reader refuses anything over the limit.
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&out[8..16]);
+    hasher.update(&payload);
+    out.extend_from_slice(&hasher.finalize().to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Why MANIFEST bytes were refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Damaged or not a manifest; the offset of the problem and what it is.
+    Corrupt(u64, String),
+    /// A valid manifest of a newer format version.
+    UnsupportedVersion(u32),
+}
+
+/// Decodes the bytes of a MANIFEST file, checking everything.
+pub fn decode(bytes: &[u8]) -> Result<Manifest, DecodeError> {
+    if bytes.len() < MANIFEST_HEADER_BYTES {
+        return Err(DecodeError::Corrupt(
+            0,
+            format!("{} bytes is shorter than the header", bytes.len()),
+        ));
+    }
+    if bytes[0..8] != MANIFEST_MAGIC {
+        return Err(DecodeError::Corrupt(0, "wrong magic number".into()));
+    }
+    let length = le_u32(&bytes[12..16]) as usize;
+    if length > MAX_MANIFEST_PAYLOAD_BYTES || length != bytes.len() - MANIFEST_HEADER_BYTES {
+        return Err(DecodeError::Corrupt(
+            12,
+            format!(
+                "payload length {length} does not match the file ({} bytes after the header)",
+                bytes.len() - MANIFEST_HEADER_BYTES
+            ),
+        ));
+    }
+    let payload = &bytes[MANIFEST_HEADER_BYTES..];
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&bytes[8..16]);
+    hasher.update(payload);
+    if hasher.finalize() != le_u32(&bytes[16..20]) {
+        return Err(DecodeError::Corrupt(16, "checksum mismatch".into()));
+    }
+    // Checked after the checksum, which covers it: a flipped bit in the
+    // version field is corruption, not a newer format.
+    let version = le_u32(&bytes[8..12]);
+    if version != MANIFEST_FORMAT_VERSION {
+        return Err(DecodeError::UnsupportedVersion(version));
+    }
+    let manifest = Manifest::decode(payload).map_err(|e| {
+        DecodeError::Corrupt(
+            MANIFEST_HEADER_BYTES as u64,
+            format!("payload does not decode: {e}"),
+        )
+    })?;
+    if manifest.next_file_number == 0 {
+        return Err(DecodeError::Corrupt(
+            MANIFEST_HEADER_BYTES as u64,
+            "next file number is 0".into(),
+        ));
+    }
+    Ok(manifest)
+}
+
+/// Reads and checks `dir/MANIFEST`.
+pub fn read(fs: &dyn FileSystem, dir: &Path) -> Result<Manifest> {
+    let path = dir.join(files::MANIFEST);
+    let bytes = fs.read(&path).map_err(|e| Error::io("read", &path, e))?;
+    decode(&bytes).map_err(|error| match error {
+        DecodeError::Corrupt(offset, reason) => Error::corruption(&path, offset, reason),
+        DecodeError::UnsupportedVersion(found) => Error::UnsupportedFormatVersion {
+            path: path.clone(),
+            found,
+            supported: MANIFEST_FORMAT_VERSION,
+        },
+    })
+}
+
+/// Replaces `dir/MANIFEST` atomically and durably: write the temporary file,
+/// fsync it, rename it over MANIFEST, fsync the directory.
+pub fn write(fs: &dyn FileSystem, dir: &Path, manifest: &Manifest) -> Result<()> {
+    let path = dir.join(files::MANIFEST);
+    let temp = dir.join(files::temp_name(files::MANIFEST));
+    if fs
+        .entry_kind(&temp)
+        .map_err(|e| Error::io("stat", &temp, e))?
+        .is_some()
+    {
+        // Left by a failed earlier attempt of this process.
+        fs.remove_file(&temp)
+            .map_err(|e| Error::io("remove", &temp, e))?;
+    }
+    let mut file = fs
+        .create_new(&temp)
+        .map_err(|e| Error::io("create", &temp, e))?;
+    file.write_all_at(0, &encode(manifest))
+        .map_err(|e| Error::io("write", &temp, e))?;
+    file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
+    drop(file);
+    fs.rename(&temp, &path)
+        .map_err(|e| Error::io("rename", &temp, e))?;
+    fs.sync_dir(dir)
+        .map_err(|e| Error::io("fsync directory", dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            checkpoint_seq: 77,
+            wal_start_segment: 3,
+            next_file_number: 9,
+            snapshot_files: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        assert_eq!(decode(&encode(&sample())), Ok(sample()));
+    }
+
+    #[test]
+    fn every_flip_and_cut_is_refused() {
+        let bytes = encode(&sample());
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut damaged = bytes.clone();
+                damaged[i] ^= 1 << bit;
+                assert!(
+                    decode(&damaged).is_err(),
+                    "flip of bit {bit} at byte {i} accepted"
+                );
+            }
+        }
+        for len in 0..bytes.len() {
+            assert!(decode(&bytes[..len]).is_err(), "cut at {len} accepted");
+        }
+    }
+}

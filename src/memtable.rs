@@ -1,0 +1,427 @@
+//! The memtable: committed writes in memory, as a lock-free skiplist
+//! (`crossbeam-skiplist`) holding a version chain per key.
+//!
+//! Entries are ordered by user key ascending, then sequence number
+//! descending, so the versions of one key sit next to each other, newest
+//! first. A reader at snapshot `s` takes, for each key, the first version
+//! with a sequence number at or below `s`. A removal is a version too (a
+//! tombstone), so that it hides older versions from newer readers only.
+
+use std::borrow::Borrow;
+use std::cmp::Ordering;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+
+use bytes::Bytes;
+use crossbeam_skiplist::SkipMap;
+use crossbeam_skiplist::map::Entry;
+
+use crate::proto::{OpKind, Operation};
+
+/// A key and the sequence number of one of its versions.
+#[derive(Clone, Debug)]
+pub(crate) struct InternalKey {
+    pub user_key: Bytes,
+    pub seq: u64,
+}
+
+/// The ordering of versions, shared by owned keys and borrowed probes, so
+/// lookups need not allocate an `InternalKey`.
+pub(crate) trait KeyView {
+    fn user_key(&self) -> &[u8];
+    fn seq(&self) -> u64;
+}
+
+impl KeyView for InternalKey {
+    fn user_key(&self) -> &[u8] {
+        &self.user_key
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+/// A borrowed probe: "the newest version of `key` at or below `seq`".
+pub(crate) struct Probe<'a> {
+    pub key: &'a [u8],
+    pub seq: u64,
+}
+
+impl KeyView for Probe<'_> {
+    fn user_key(&self) -> &[u8] {
+        self.key
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+fn compare(a: &dyn KeyView, b: &dyn KeyView) -> Ordering {
+    a.user_key()
+        .cmp(b.user_key())
+        .then_with(|| b.seq().cmp(&a.seq()))
+}
+
+impl<'a> Borrow<dyn KeyView + 'a> for InternalKey {
+    fn borrow(&self) -> &(dyn KeyView + 'a) {
+        self
+    }
+}
+
+impl PartialEq for dyn KeyView + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        compare(self, other) == Ordering::Equal
+    }
+}
+impl Eq for dyn KeyView + '_ {}
+impl PartialOrd for dyn KeyView + '_ {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for dyn KeyView + '_ {
+    fn cmp(&self, other: &Self) -> Ordering {
+        compare(self, other)
+    }
+}
+
+impl PartialEq for InternalKey {
+    fn eq(&self, other: &Self) -> bool {
+        compare(self, other) == Ordering::Equal
+    }
+}
+impl Eq for InternalKey {}
+impl PartialOrd for InternalKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for InternalKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        compare(self, other)
+    }
+}
+
+/// One key's newest version visible at a snapshot: a value, or `None` for a
+/// removal (which must still hide older versions in older sources).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Resolved {
+    pub key: Bytes,
+    pub seq: u64,
+    pub value: Option<Bytes>,
+}
+
+/// Which way an iteration goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Forward,
+    Backward,
+}
+
+/// Estimated bytes of skiplist node, key and value handles per entry, on top
+/// of the key and value bytes (a node with its tower averages ~64 bytes, two
+/// `Bytes` handles are 64).
+const ENTRY_OVERHEAD_BYTES: usize = 128;
+
+/// Committed writes in memory. See the module documentation.
+#[derive(Debug, Default)]
+pub(crate) struct Memtable {
+    versions: SkipMap<InternalKey, Option<Bytes>>,
+    approximate_bytes: AtomicUsize,
+}
+
+impl Memtable {
+    pub fn new() -> Memtable {
+        Memtable::default()
+    }
+
+    /// Inserts the operations of one batch, op `i` as sequence `first_seq + i`.
+    ///
+    /// Callers publish the batch to readers only after this returns; until
+    /// then no snapshot's sequence number reaches these versions.
+    pub fn apply(&self, first_seq: u64, ops: &[Operation]) {
+        let mut bytes = 0;
+        for (i, op) in ops.iter().enumerate() {
+            let value = (op.kind == OpKind::Put as i32).then(|| op.value.clone());
+            bytes += op.key.len() + op.value.len() + ENTRY_OVERHEAD_BYTES;
+            self.versions.insert(
+                InternalKey {
+                    user_key: op.key.clone(),
+                    seq: first_seq + i as u64,
+                },
+                value,
+            );
+        }
+        self.approximate_bytes
+            .fetch_add(bytes, AtomicOrdering::Relaxed);
+    }
+
+    /// Approximate memory held by the entries, in bytes.
+    pub fn approximate_bytes(&self) -> usize {
+        self.approximate_bytes.load(AtomicOrdering::Relaxed)
+    }
+
+    /// The newest version of `key` at or below `snapshot_seq`: `None` if
+    /// this memtable has none, `Some(None)` if it is a removal.
+    pub fn get(&self, key: &[u8], snapshot_seq: u64) -> Option<Option<Bytes>> {
+        let probe = Probe {
+            key,
+            seq: snapshot_seq,
+        };
+        let entry = self
+            .versions
+            .lower_bound(Bound::Included(&probe as &dyn KeyView))?;
+        (entry.key().user_key == key).then(|| entry.value().clone())
+    }
+
+    /// Appends to `out` up to `max` keys in `direction` within the bounds,
+    /// each resolved at `snapshot_seq`; returns whether the range is
+    /// exhausted. Continue a scan by narrowing the bound on the side it came
+    /// from to exclude the last key returned.
+    pub fn scan_chunk(
+        &self,
+        snapshot_seq: u64,
+        direction: Direction,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        max: usize,
+        out: &mut Vec<Resolved>,
+    ) -> bool {
+        match direction {
+            Direction::Forward => self.scan_forward(snapshot_seq, lower, upper, max, out),
+            Direction::Backward => self.scan_backward(snapshot_seq, lower, upper, max, out),
+        }
+    }
+
+    fn scan_forward(
+        &self,
+        snapshot_seq: u64,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        max: usize,
+        out: &mut Vec<Resolved>,
+    ) -> bool {
+        let mut entry = match lower {
+            Bound::Unbounded => self.versions.front(),
+            // The newest possible version of `key` comes first.
+            Bound::Included(key) => {
+                self.versions.lower_bound(Bound::Included(
+                    &Probe { key, seq: u64::MAX } as &dyn KeyView
+                ))
+            }
+            // Every version of `key` sorts at or before (key, 0).
+            Bound::Excluded(key) => self
+                .versions
+                .lower_bound(Bound::Excluded(&Probe { key, seq: 0 } as &dyn KeyView)),
+        };
+        let mut added = 0;
+        while let Some(current) = entry {
+            let key = current.key().user_key.clone();
+            if !within_upper(&key, upper) {
+                return true;
+            }
+            if added == max {
+                return false;
+            }
+            // Walk this key's versions: take the first visible, skip the rest.
+            let mut version = Some(current);
+            let mut found: Option<Resolved> = None;
+            while let Some(v) = version {
+                if v.key().user_key != key {
+                    version = Some(v);
+                    break;
+                }
+                if found.is_none() && v.key().seq <= snapshot_seq {
+                    found = Some(Resolved {
+                        key: key.clone(),
+                        seq: v.key().seq,
+                        value: v.value().clone(),
+                    });
+                }
+                version = v.next();
+            }
+            if let Some(resolved) = found {
+                out.push(resolved);
+                added += 1;
+            }
+            entry = version;
+        }
+        true
+    }
+
+    fn scan_backward(
+        &self,
+        snapshot_seq: u64,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        max: usize,
+        out: &mut Vec<Resolved>,
+    ) -> bool {
+        let mut entry = match upper {
+            Bound::Unbounded => self.versions.back(),
+            // The oldest possible version of `key` comes last.
+            Bound::Included(key) => self
+                .versions
+                .upper_bound(Bound::Included(&Probe { key, seq: 0 } as &dyn KeyView)),
+            Bound::Excluded(key) => {
+                self.versions.upper_bound(Bound::Excluded(
+                    &Probe { key, seq: u64::MAX } as &dyn KeyView
+                ))
+            }
+        };
+        let mut added = 0;
+        while let Some(current) = entry {
+            let key = current.key().user_key.clone();
+            if !within_lower(&key, lower) {
+                return true;
+            }
+            if added == max {
+                return false;
+            }
+            // Versions come oldest first here: the last visible one seen wins.
+            let mut version: Option<Entry<'_, InternalKey, Option<Bytes>>> = Some(current);
+            let mut found: Option<Resolved> = None;
+            while let Some(v) = version {
+                if v.key().user_key != key {
+                    version = Some(v);
+                    break;
+                }
+                if v.key().seq <= snapshot_seq {
+                    found = Some(Resolved {
+                        key: key.clone(),
+                        seq: v.key().seq,
+                        value: v.value().clone(),
+                    });
+                }
+                version = v.prev();
+            }
+            if let Some(resolved) = found {
+                out.push(resolved);
+                added += 1;
+            }
+            entry = version;
+        }
+        true
+    }
+}
+
+/// Whether `key` is at or before the upper bound.
+pub(crate) fn within_upper(key: &[u8], upper: Bound<&[u8]>) -> bool {
+    match upper {
+        Bound::Unbounded => true,
+        Bound::Included(bound) => key <= bound,
+        Bound::Excluded(bound) => key < bound,
+    }
+}
+
+/// Whether `key` is at or after the lower bound.
+pub(crate) fn within_lower(key: &[u8], lower: Bound<&[u8]>) -> bool {
+    match lower {
+        Bound::Unbounded => true,
+        Bound::Included(bound) => key >= bound,
+        Bound::Excluded(bound) => key > bound,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, value: &str) -> Operation {
+        Operation {
+            kind: OpKind::Put as i32,
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: Bytes::copy_from_slice(value.as_bytes()),
+        }
+    }
+
+    fn delete(key: &str) -> Operation {
+        Operation {
+            kind: OpKind::Delete as i32,
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: Bytes::new(),
+        }
+    }
+
+    fn scan_all(
+        table: &Memtable,
+        seq: u64,
+        direction: Direction,
+        chunk: usize,
+    ) -> Vec<(String, Option<String>)> {
+        let mut out = Vec::new();
+        let mut last: Option<Bytes> = None;
+        loop {
+            let mut buffer = Vec::new();
+            let done = match (&last, direction) {
+                (None, _) => table.scan_chunk(
+                    seq,
+                    direction,
+                    Bound::Unbounded,
+                    Bound::Unbounded,
+                    chunk,
+                    &mut buffer,
+                ),
+                (Some(k), Direction::Forward) => table.scan_chunk(
+                    seq,
+                    direction,
+                    Bound::Excluded(k),
+                    Bound::Unbounded,
+                    chunk,
+                    &mut buffer,
+                ),
+                (Some(k), Direction::Backward) => table.scan_chunk(
+                    seq,
+                    direction,
+                    Bound::Unbounded,
+                    Bound::Excluded(k),
+                    chunk,
+                    &mut buffer,
+                ),
+            };
+            last = buffer.last().map(|r| r.key.clone()).or(last);
+            out.extend(buffer.into_iter().map(|r| {
+                (
+                    String::from_utf8(r.key.to_vec()).unwrap(),
+                    r.value.map(|v| String::from_utf8(v.to_vec()).unwrap()),
+                )
+            }));
+            if done {
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn versions_resolve_at_each_snapshot() {
+        let table = Memtable::new();
+        table.apply(1, &[put("a", "1"), put("b", "1")]);
+        table.apply(3, &[put("a", "2"), delete("b"), put("c", "1")]);
+        assert_eq!(table.get(b"a", 1), Some(Some(Bytes::from("1"))));
+        assert_eq!(table.get(b"a", 2), Some(Some(Bytes::from("1"))));
+        assert_eq!(table.get(b"a", 3), Some(Some(Bytes::from("2"))));
+        assert_eq!(table.get(b"b", 4), Some(None));
+        assert_eq!(table.get(b"c", 4), None);
+        assert_eq!(table.get(b"zz", 9), None);
+        for chunk in [1, 2, 100] {
+            let forward = scan_all(&table, 2, Direction::Forward, chunk);
+            assert_eq!(
+                forward,
+                vec![
+                    ("a".into(), Some("1".into())),
+                    ("b".into(), Some("1".into()))
+                ]
+            );
+            let mut backward = scan_all(&table, 5, Direction::Backward, chunk);
+            backward.reverse();
+            assert_eq!(
+                backward,
+                vec![
+                    ("a".into(), Some("2".into())),
+                    ("b".into(), None),
+                    ("c".into(), Some("1".into()))
+                ]
+            );
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Settings for opening a database.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::io::{FileSystem, RealFileSystem};
+
+/// When a write is acknowledged relative to the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// A write returns only after its log bytes are on stable storage
+    /// (`fdatasync`). Concurrent writers share one fsync (group commit).
+    #[default]
+    Sync,
+    /// A write is handed to the operating system and returns; it becomes
+    /// durable at the next [`Db::sync`](crate::Db::sync), synced write, or close.
+    /// A crash of the process loses nothing; a power cut may lose the writes
+    /// since the last sync (never part of a batch).
+    Buffered,
+}
+
+/// What opening does when the write-ahead log is damaged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RecoveryMode {
+    /// Cut off a torn or checksum-failing tail of the last segment (what a
+    /// crash in the middle of a write leaves) and open with every earlier
+    /// commit; damage followed by valid records is real corruption and gives
+    /// [`Error::Corruption`] naming the file and offset.
+    #[default]
+    TolerateCorruptedTail,
+    /// Keep every commit before the first damaged record, wherever it is, and
+    /// move the rest of the log aside into files whose names
+    /// [`RecoveryReport::moved_aside`](crate::RecoveryReport::moved_aside) lists.
+    PointInTime,
+    /// Refuse to open on any anomaly, a torn tail included.
+    Strict,
+}
+
+/// Smallest accepted WAL page size.
+pub const MIN_WAL_PAGE_BYTES: usize = 512;
+/// Largest accepted WAL page size (fragment lengths are 16-bit).
+pub const MAX_WAL_PAGE_BYTES: usize = 65_536;
+
+/// Settings for [`Db::open_with`](crate::Db::open_with), built with chained setters.
+///
+/// ```
+/// use mapstore::{Durability, Options, RecoveryMode};
+/// let options = Options::default()
+///     .durability(Durability::Sync)
+///     .recovery_mode(RecoveryMode::TolerateCorruptedTail)
+///     .wal_segment_bytes(16 << 20);
+/// # let _ = options;
+/// ```
+#[derive(Clone)]
+pub struct Options {
+    pub(crate) durability: Durability,
+    pub(crate) recovery_mode: RecoveryMode,
+    pub(crate) wal_page_bytes: usize,
+    pub(crate) wal_segment_bytes: u64,
+    pub(crate) file_system: Arc<dyn FileSystem>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            durability: Durability::Sync,
+            recovery_mode: RecoveryMode::TolerateCorruptedTail,
+            wal_page_bytes: 4096,
+            wal_segment_bytes: 64 << 20,
+            file_system: Arc::new(RealFileSystem),
+        }
+    }
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("durability", &self.durability)
+            .field("recovery_mode", &self.recovery_mode)
+            .field("wal_page_bytes", &self.wal_page_bytes)
+            .field("wal_segment_bytes", &self.wal_segment_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Options {
+    /// When writes are acknowledged; [`Durability::Sync`] by default.
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// What opening does with a damaged log; [`RecoveryMode::TolerateCorruptedTail`] by default.
+    pub fn recovery_mode(mut self, mode: RecoveryMode) -> Self {
+        self.recovery_mode = mode;
+        self
+    }
+
+    /// Size of a WAL page in bytes: a power of two from 512 to 65,536,
+    /// 4,096 by default. Each synced group of commits starts on a fresh page,
+    /// so a smaller page wastes less space per fsync, and a page should not be
+    /// smaller than the device's atomic write unit.
+    pub fn wal_page_bytes(mut self, bytes: usize) -> Self {
+        self.wal_page_bytes = bytes;
+        self
+    }
+
+    /// Size that each WAL segment file is preallocated to (filled with zeros,
+    /// so that later writes overwrite blocks in place and `fdatasync` has no
+    /// file size to update); 64 MiB by default, at least 4 pages. A commit
+    /// larger than a segment gets a segment of its own that grows past it.
+    pub fn wal_segment_bytes(mut self, bytes: u64) -> Self {
+        self.wal_segment_bytes = bytes;
+        self
+    }
+
+    /// Route every file operation through `file_system` (for fault injection
+    /// in tests; see [`testing`](crate::testing)).
+    #[cfg(feature = "testing")]
+    pub fn file_system(mut self, file_system: Arc<dyn FileSystem>) -> Self {
+        self.file_system = file_system;
+        self
+    }
+
+    /// Checks every setting against its allowed range.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let page = self.wal_page_bytes;
+        if !page.is_power_of_two() || !(MIN_WAL_PAGE_BYTES..=MAX_WAL_PAGE_BYTES).contains(&page) {
+            return Err(Error::InvalidOptions {
+                reason: format!(
+                    "wal_page_bytes is {page}; it must be a power of two from {MIN_WAL_PAGE_BYTES} to {MAX_WAL_PAGE_BYTES}"
+                ),
+            });
+        }
+        if self.wal_segment_bytes < 4 * page as u64 {
+            return Err(Error::InvalidOptions {
+                reason: format!(
+                    "wal_segment_bytes is {}; it must be at least 4 pages ({} bytes)",
+                    self.wal_segment_bytes,
+                    4 * page
+                ),
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,418 @@
+//! The read path: a [`Snapshot`] pins the sources that make up the database
+//! at one sequence number, and [`Iter`] merges those sources in key order,
+//! in either direction.
+//!
+//! Each source resolves, per key, the newest version at or below the
+//! snapshot's sequence number; the merge keeps, for a key found in several
+//! sources, the version with the highest sequence number, and drops keys
+//! whose newest visible version is a removal.
+
+use std::fmt;
+use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+
+use crate::error::Result;
+use crate::memtable::{Direction, Memtable, Resolved};
+use crate::slice::Slice;
+
+/// One sorted source of versions.
+#[derive(Debug)]
+pub(crate) enum Source {
+    Memtable(Arc<Memtable>),
+}
+
+impl Source {
+    fn get(&self, key: &[u8], seq: u64) -> Result<Option<Option<Bytes>>> {
+        match self {
+            Source::Memtable(table) => Ok(table.get(key, seq)),
+        }
+    }
+
+    fn scan_chunk(
+        &self,
+        seq: u64,
+        direction: Direction,
+        lower: Bound<&[u8]>,
+        upper: Bound<&[u8]>,
+        max: usize,
+        out: &mut Vec<Resolved>,
+    ) -> Result<bool> {
+        match self {
+            Source::Memtable(table) => Ok(table.scan_chunk(seq, direction, lower, upper, max, out)),
+        }
+    }
+}
+
+/// The sources that hold the database's data at one moment, newest first.
+#[derive(Debug)]
+pub(crate) struct ReadView {
+    pub sources: Vec<Source>,
+}
+
+impl ReadView {
+    /// The memtable that receives new writes.
+    pub fn active_memtable(&self) -> Option<&Arc<Memtable>> {
+        match self.sources.first() {
+            Some(Source::Memtable(table)) => Some(table),
+            _ => None,
+        }
+    }
+}
+
+/// What readers share with the write path: the current view, and the
+/// highest sequence number whose batch (and every earlier one) is applied.
+#[derive(Debug)]
+pub(crate) struct ReadState {
+    view: RwLock<Arc<ReadView>>,
+    visible_seq: AtomicU64,
+}
+
+impl ReadState {
+    pub fn new(view: ReadView, visible_seq: u64) -> ReadState {
+        ReadState {
+            view: RwLock::new(Arc::new(view)),
+            visible_seq: AtomicU64::new(visible_seq),
+        }
+    }
+
+    /// The current view. The lock is held only to clone a pointer.
+    pub fn view(&self) -> Arc<ReadView> {
+        match self.view.read() {
+            Ok(view) => view.clone(),
+            // A panic while the lock was held cannot leave the pointer half-set.
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn visible_seq(&self) -> u64 {
+        self.visible_seq.load(Ordering::Acquire)
+    }
+
+    /// Makes every batch up to `seq` visible to new snapshots. Called by the
+    /// commit leader after it applied them, in sequence order.
+    pub fn publish(&self, seq: u64) {
+        self.visible_seq.store(seq, Ordering::Release);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        // Read the sequence number first: any view taken afterwards holds
+        // every batch up to it (views only gain data).
+        let seq = self.visible_seq();
+        Snapshot {
+            view: self.view(),
+            seq,
+        }
+    }
+}
+
+/// A point-in-time, read-only view of the database.
+///
+/// A snapshot sees exactly the commits with sequence numbers at or below
+/// [`seq`](Snapshot::seq), however many writes happen after it was taken.
+/// It is cheap to clone and can be sent to other threads. It keeps the data
+/// it needs alive, so it stays readable even after the database is closed.
+///
+/// ```
+/// # fn main() -> Result<(), mapstore::Error> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// let db = mapstore::Db::open(dir.path())?;
+/// db.insert("k", "old")?;
+/// let snapshot = db.snapshot();
+/// db.insert("k", "new")?;
+/// assert_eq!(snapshot.get("k")?.as_deref(), Some(&b"old"[..]));
+/// assert_eq!(db.get("k")?.as_deref(), Some(&b"new"[..]));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Snapshot {
+    view: Arc<ReadView>,
+    seq: u64,
+}
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Snapshot {
+    /// The sequence number of the newest commit this snapshot sees.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The value of `key`, if present.
+    ///
+    /// # Errors
+    /// [`Error::Corruption`](crate::Error::Corruption) if a file holding the
+    /// key fails its checksum.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Slice>> {
+        let key = key.as_ref();
+        for source in &self.view.sources {
+            if let Some(version) = source.get(key, self.seq)? {
+                return Ok(version.map(Slice::from_bytes));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether `key` is present.
+    pub fn contains_key(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        Ok(self.get(key)?.is_some())
+    }
+
+    /// The entries with keys in `range`, in key order (reverse it with `.rev()`).
+    pub fn range<K: AsRef<[u8]>, R: RangeBounds<K>>(&self, range: R) -> Iter {
+        let lower = own_bound(range.start_bound());
+        let upper = own_bound(range.end_bound());
+        Iter::new(self.clone(), lower, upper)
+    }
+
+    /// The entries whose keys start with `prefix`, in key order.
+    pub fn prefix(&self, prefix: impl AsRef<[u8]>) -> Iter {
+        let prefix = prefix.as_ref();
+        let upper = match prefix_successor(prefix) {
+            Some(successor) => Bound::Excluded(Bytes::from(successor)),
+            None => Bound::Unbounded,
+        };
+        Iter::new(
+            self.clone(),
+            Bound::Included(Bytes::copy_from_slice(prefix)),
+            upper,
+        )
+    }
+
+    /// Every entry, in key order.
+    pub fn iter(&self) -> Iter {
+        Iter::new(self.clone(), Bound::Unbounded, Bound::Unbounded)
+    }
+}
+
+fn own_bound<K: AsRef<[u8]>>(bound: Bound<&K>) -> Bound<Bytes> {
+    match bound {
+        Bound::Included(key) => Bound::Included(Bytes::copy_from_slice(key.as_ref())),
+        Bound::Excluded(key) => Bound::Excluded(Bytes::copy_from_slice(key.as_ref())),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+/// The smallest key greater than every key that starts with `prefix`, or
+/// `None` when there is none (the prefix is empty or all 0xFF).
+fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut successor = prefix.to_vec();
+    while let Some(last) = successor.pop() {
+        if last < u8::MAX {
+            successor.push(last + 1);
+            return Some(successor);
+        }
+    }
+    None
+}
+
+fn as_ref_bound(bound: &Bound<Bytes>) -> Bound<&[u8]> {
+    match bound {
+        Bound::Included(key) => Bound::Included(key),
+        Bound::Excluded(key) => Bound::Excluded(key),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+/// How many keys a cursor fetches from its source at first; the count
+/// doubles with each refill up to `MAX_CHUNK`, so a short scan stays cheap
+/// and a long one amortises its seeks.
+const FIRST_CHUNK: usize = 16;
+const MAX_CHUNK: usize = 1024;
+
+/// A source's resolved keys, fetched a chunk at a time in one direction.
+#[derive(Debug)]
+struct Cursor {
+    /// Fetched keys, in reverse order of consumption (pop from the end).
+    buffer: Vec<Resolved>,
+    /// The last key fetched; the next chunk starts after it.
+    resume: Option<Bytes>,
+    exhausted: bool,
+    chunk: usize,
+}
+
+impl Cursor {
+    fn new() -> Cursor {
+        Cursor {
+            buffer: Vec::new(),
+            resume: None,
+            exhausted: false,
+            chunk: FIRST_CHUNK,
+        }
+    }
+}
+
+/// An ordered iterator over a snapshot's entries within bounds.
+///
+/// It yields `Result<(key, value)>`; it works on the snapshot taken when it
+/// was created, so concurrent writes never change what it yields. It is a
+/// [`DoubleEndedIterator`]: `.rev()` walks from the end, and both ends can be
+/// consumed alternately.
+pub struct Iter {
+    snapshot: Snapshot,
+    lower: Bound<Bytes>,
+    upper: Bound<Bytes>,
+    front: Vec<Cursor>,
+    back: Vec<Cursor>,
+    /// Last key returned from the front / the back: the two ends stop when
+    /// they meet.
+    front_last: Option<Bytes>,
+    back_last: Option<Bytes>,
+    finished: bool,
+}
+
+impl fmt::Debug for Iter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Iter")
+            .field("seq", &self.snapshot.seq)
+            .field("lower", &self.lower)
+            .field("upper", &self.upper)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Iter {
+    fn new(snapshot: Snapshot, lower: Bound<Bytes>, upper: Bound<Bytes>) -> Iter {
+        let sources = snapshot.view.sources.len();
+        Iter {
+            snapshot,
+            lower,
+            upper,
+            front: (0..sources).map(|_| Cursor::new()).collect(),
+            back: (0..sources).map(|_| Cursor::new()).collect(),
+            front_last: None,
+            back_last: None,
+            finished: false,
+        }
+    }
+
+    /// Fills cursor `index` of `direction` if it is empty and not exhausted.
+    fn refill(&mut self, direction: Direction, index: usize) -> Result<()> {
+        let cursor = match direction {
+            Direction::Forward => &mut self.front[index],
+            Direction::Backward => &mut self.back[index],
+        };
+        if !cursor.buffer.is_empty() || cursor.exhausted {
+            return Ok(());
+        }
+        let (lower, upper) = match (direction, &cursor.resume) {
+            (Direction::Forward, Some(last)) => {
+                (Bound::Excluded(&last[..]), as_ref_bound(&self.upper))
+            }
+            (Direction::Backward, Some(last)) => {
+                (as_ref_bound(&self.lower), Bound::Excluded(&last[..]))
+            }
+            (_, None) => (as_ref_bound(&self.lower), as_ref_bound(&self.upper)),
+        };
+        let exhausted = self.snapshot.view.sources[index].scan_chunk(
+            self.snapshot.seq,
+            direction,
+            lower,
+            upper,
+            cursor.chunk,
+            &mut cursor.buffer,
+        )?;
+        cursor.exhausted = exhausted;
+        cursor.chunk = (cursor.chunk * 2).min(MAX_CHUNK);
+        if let Some(last) = cursor.buffer.last() {
+            cursor.resume = Some(last.key.clone());
+        }
+        cursor.buffer.reverse();
+        Ok(())
+    }
+
+    /// The next live entry in `direction`, merging all sources.
+    fn step(&mut self, direction: Direction) -> Result<Option<(Slice, Slice)>> {
+        loop {
+            if self.finished {
+                return Ok(None);
+            }
+            for index in 0..self.snapshot.view.sources.len() {
+                self.refill(direction, index)?;
+            }
+            let cursors = match direction {
+                Direction::Forward => &mut self.front,
+                Direction::Backward => &mut self.back,
+            };
+            // The next key in this direction over all cursors.
+            let next_key = cursors
+                .iter()
+                .filter_map(|cursor| cursor.buffer.last().map(|r| &r.key))
+                .reduce(|a, b| match direction {
+                    Direction::Forward => a.min(b),
+                    Direction::Backward => a.max(b),
+                })
+                .cloned();
+            let Some(key) = next_key else {
+                self.finished = true;
+                return Ok(None);
+            };
+            // Of the sources holding this key, the newest version wins.
+            let mut winner: Option<Resolved> = None;
+            for cursor in cursors.iter_mut() {
+                if cursor.buffer.last().is_some_and(|r| r.key == key) {
+                    let candidate = cursor.buffer.pop();
+                    if let Some(candidate) = candidate {
+                        if winner.as_ref().is_none_or(|w| candidate.seq > w.seq) {
+                            winner = Some(candidate);
+                        }
+                    }
+                }
+            }
+            // Stop where the other end has already been.
+            let crossed = match direction {
+                Direction::Forward => self.back_last.as_ref().is_some_and(|b| &key >= b),
+                Direction::Backward => self.front_last.as_ref().is_some_and(|f| &key <= f),
+            };
+            if crossed {
+                self.finished = true;
+                return Ok(None);
+            }
+            match direction {
+                Direction::Forward => self.front_last = Some(key.clone()),
+                Direction::Backward => self.back_last = Some(key.clone()),
+            }
+            if let Some(Resolved {
+                value: Some(value), ..
+            }) = winner
+            {
+                return Ok(Some((Slice::from_bytes(key), Slice::from_bytes(value))));
+            }
+        }
+    }
+}
+
+impl Iterator for Iter {
+    type Item = Result<(Slice, Slice)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.step(Direction::Forward).transpose()
+    }
+}
+
+impl DoubleEndedIterator for Iter {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        self.step(Direction::Backward).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_successor;
+
+    #[test]
+    fn prefix_successor_skips_trailing_ff() {
+        assert_eq!(prefix_successor(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_successor(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_successor(b"\xff\xff"), None);
+        assert_eq!(prefix_successor(b""), None);
+    }
+}

@@ -1,0 +1,349 @@
+//! Opening a database directory: checking what is there, replaying the WAL
+//! into a memtable, and repairing what a crash left (temporary files, a torn
+//! tail).
+//!
+//! Recovery runs in two phases. The first only reads: it classifies the
+//! files, reads the manifest, scans every WAL segment and decides what to
+//! keep. If anything is refused, the directory is left exactly as it was.
+//! The second phase carries out the repairs, each in crash-safe order.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use crate::batch::decode_record;
+use crate::error::{Error, Result};
+use crate::files::{self, FileKind};
+use crate::io::{EntryKind, FileSystem};
+use crate::manifest;
+use crate::memtable::Memtable;
+use crate::options::RecoveryMode;
+use crate::proto::Manifest;
+use crate::wal::format::WAL_FORMAT_VERSION;
+use crate::wal::reader::{ScanError, SegmentEnd, scan_segment};
+use crate::wal::writer::read_segment;
+
+/// What opening the database found and repaired.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecoveryReport {
+    /// WAL segments read.
+    pub segments_replayed: usize,
+    /// Batches replayed from the WAL into the memtable.
+    pub batches_replayed: u64,
+    /// Sequence number of the last batch recovered (0 for an empty database).
+    pub last_seq: u64,
+    /// A torn tail cut off the last segment: the file, the offset it was cut
+    /// at, and why. The commits in it had not been acknowledged as durable.
+    pub torn_tail: Option<(PathBuf, u64, String)>,
+    /// Files that point-in-time recovery moved damaged log data into.
+    pub moved_aside: Vec<PathBuf>,
+    /// Temporary files of interrupted writes that were removed.
+    pub temp_files_removed: usize,
+    /// Whether the database was created by this open.
+    pub created: bool,
+}
+
+/// The recovered state, ready for the database to start on.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    pub memtable: Memtable,
+    pub last_seq: u64,
+    pub next_file_number: u64,
+    pub report: RecoveryReport,
+}
+
+/// Checks that `dir` can hold a database without touching it: creates it if
+/// missing, refuses a file or a directory of foreign files.
+pub(crate) fn check_directory(fs: &dyn FileSystem, dir: &Path) -> Result<()> {
+    match fs.entry_kind(dir).map_err(|e| Error::io("stat", dir, e))? {
+        Some(EntryKind::Directory) => {}
+        Some(_) => {
+            return Err(Error::NotADirectory {
+                path: dir.to_path_buf(),
+            });
+        }
+        None => fs
+            .create_dir_all(dir)
+            .map_err(|e| Error::io("create directory", dir, e))?,
+    }
+    let names = list(fs, dir)?;
+    if names.iter().any(|name| name == files::MANIFEST) {
+        return Ok(());
+    }
+    if let Some(foreign) = names.iter().find(|name| files::classify(name).is_none()) {
+        return Err(Error::NotADatabase {
+            path: dir.to_path_buf(),
+            unexpected: PathBuf::from(foreign),
+        });
+    }
+    Ok(())
+}
+
+fn list(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<String>> {
+    fs.list_dir(dir)
+        .map_err(|e| Error::io("list directory", dir, e))
+}
+
+/// A change to carry out once everything has been checked.
+#[derive(Debug)]
+enum Repair {
+    /// Move a whole later segment aside (point-in-time recovery).
+    MoveAside { path: PathBuf },
+    /// Copy the damaged rest of a segment aside, then cut it.
+    CopyAsideAndCut {
+        path: PathBuf,
+        at: u64,
+        rest: Vec<u8>,
+    },
+    /// Cut the last segment after its last valid record.
+    Cut { path: PathBuf, at: u64 },
+}
+
+/// Recovers the database in `dir`; the directory lock must be held.
+pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, mode: RecoveryMode) -> Result<Recovered> {
+    let names = list(fs, dir)?;
+    let mut segments = Vec::new();
+    let mut temp_files = Vec::new();
+    let mut max_file_number = 0;
+    let mut has_manifest = false;
+    for name in &names {
+        match files::classify(name) {
+            Some(FileKind::Manifest) => has_manifest = true,
+            Some(FileKind::WalSegment(number)) => {
+                segments.push(number);
+                max_file_number = max_file_number.max(number);
+            }
+            Some(FileKind::SnapshotFile(number)) => max_file_number = max_file_number.max(number),
+            Some(FileKind::Temp) => temp_files.push(dir.join(name)),
+            _ => {}
+        }
+    }
+    segments.sort_unstable();
+
+    let manifest = if has_manifest {
+        manifest::read(fs, dir)?
+    } else if let Some(&first) = segments.first() {
+        return Err(Error::corruption(
+            dir.join(files::wal_segment_name(first)),
+            0,
+            "WAL segments exist but the MANIFEST is missing",
+        ));
+    } else {
+        Manifest {
+            checkpoint_seq: 0,
+            wal_start_segment: 1,
+            next_file_number: 1,
+            snapshot_files: Vec::new(),
+        }
+    };
+
+    // Phase 1: read and decide.
+    let memtable = Memtable::new();
+    let mut report = RecoveryReport {
+        created: !has_manifest,
+        ..RecoveryReport::default()
+    };
+    let mut last_seq = manifest.checkpoint_seq;
+    let mut repairs = Vec::new();
+    let live: Vec<u64> = segments
+        .iter()
+        .copied()
+        .filter(|&number| number >= manifest.wal_start_segment)
+        .collect();
+    let mut cut_everything_after = false;
+    for (index, &number) in live.iter().enumerate() {
+        let path = dir.join(files::wal_segment_name(number));
+        if cut_everything_after {
+            repairs.push(Repair::MoveAside { path });
+            continue;
+        }
+        let is_last = index + 1 == live.len();
+        let data = read_segment(fs, &path)?;
+        let scan = match scan_segment(&data, number) {
+            Ok(scan) => scan,
+            Err(ScanError::UnsupportedVersion(found)) => {
+                return Err(Error::UnsupportedFormatVersion {
+                    path,
+                    found,
+                    supported: WAL_FORMAT_VERSION,
+                });
+            }
+            Err(ScanError::BadHeader(reason)) => return Err(Error::corruption(path, 0, reason)),
+            Err(ScanError::WrongSegmentNumber { found }) => {
+                return Err(Error::corruption(
+                    path,
+                    16,
+                    format!("header names segment {found}"),
+                ));
+            }
+        };
+        report.segments_replayed += 1;
+
+        // Apply the records, checking that sequence numbers continue.
+        let mut damage: Option<(u64, String, bool)> = None; // (offset, reason, may be a torn tail)
+        let mut kept_end = scan.valid_end;
+        for record in scan.records {
+            let batch = match decode_record(Bytes::from(record.payload)) {
+                Ok(batch) => batch,
+                Err(reason) => {
+                    damage = Some((record.offset, reason, false));
+                    kept_end = record.offset;
+                    break;
+                }
+            };
+            if batch.last_seq() <= manifest.checkpoint_seq && report.batches_replayed == 0 {
+                // Already in the snapshot files: replay starts after the checkpoint.
+                continue;
+            }
+            if batch.first_seq != last_seq + 1 {
+                damage = Some((
+                    record.offset,
+                    format!(
+                        "record starts at sequence {} but {} was expected",
+                        batch.first_seq,
+                        last_seq + 1
+                    ),
+                    false,
+                ));
+                kept_end = record.offset;
+                break;
+            }
+            memtable.apply(batch.first_seq, &batch.ops);
+            last_seq = batch.last_seq();
+            report.batches_replayed += 1;
+        }
+        if damage.is_none() {
+            match scan.end {
+                SegmentEnd::Clean { trailing_garbage } => {
+                    if trailing_garbage && mode == RecoveryMode::Strict {
+                        damage = Some((
+                            scan.valid_end,
+                            "non-zero bytes after the last record".into(),
+                            false,
+                        ));
+                    }
+                }
+                SegmentEnd::TornTail { offset, reason } => damage = Some((offset, reason, true)),
+                SegmentEnd::Corrupt { offset, reason } => damage = Some((offset, reason, false)),
+            }
+        }
+        match damage {
+            None => {
+                if is_last && (data.len() as u64) > kept_end {
+                    // The preallocated zeros after the data of the last segment.
+                    repairs.push(Repair::Cut { path, at: kept_end });
+                }
+            }
+            Some((offset, reason, torn)) => {
+                let tolerated = torn && is_last && mode != RecoveryMode::Strict;
+                if tolerated {
+                    report.torn_tail = Some((path.clone(), kept_end, reason));
+                    repairs.push(Repair::Cut { path, at: kept_end });
+                } else if mode == RecoveryMode::PointInTime {
+                    let rest = data[kept_end as usize..].to_vec();
+                    repairs.push(Repair::CopyAsideAndCut {
+                        path,
+                        at: kept_end,
+                        rest,
+                    });
+                    cut_everything_after = true;
+                } else {
+                    return Err(Error::corruption(path, offset, reason));
+                }
+            }
+        }
+    }
+
+    // Phase 2: repair, in crash-safe order.
+    for path in &temp_files {
+        fs.remove_file(path)
+            .map_err(|e| Error::io("remove", path, e))?;
+        report.temp_files_removed += 1;
+    }
+    if !has_manifest {
+        let fresh = Manifest {
+            next_file_number: manifest.next_file_number.max(max_file_number + 1),
+            ..manifest.clone()
+        };
+        manifest::write(fs, dir, &fresh)?;
+    }
+    // Later segments go aside first: if a crash interrupts, the damaged
+    // segment is still whole and the next open finds the same damage.
+    for repair in &repairs {
+        if let Repair::MoveAside { path } = repair {
+            let aside = lost_path(path, 0);
+            fs.rename(path, &aside)
+                .map_err(|e| Error::io("rename", path, e))?;
+            report.moved_aside.push(aside);
+        }
+    }
+    if !temp_files.is_empty() || !report.moved_aside.is_empty() {
+        fs.sync_dir(dir)
+            .map_err(|e| Error::io("fsync directory", dir, e))?;
+    }
+    for repair in repairs {
+        match repair {
+            Repair::MoveAside { .. } => {}
+            Repair::CopyAsideAndCut { path, at, rest } => {
+                let aside = lost_path(&path, at);
+                write_new_file(fs, dir, &aside, &rest)?;
+                report.moved_aside.push(aside);
+                cut(fs, &path, at)?;
+            }
+            Repair::Cut { path, at } => cut(fs, &path, at)?,
+        }
+    }
+
+    report.last_seq = last_seq;
+    Ok(Recovered {
+        memtable,
+        last_seq,
+        next_file_number: manifest.next_file_number.max(max_file_number + 1),
+        report,
+    })
+}
+
+fn lost_path(segment: &Path, offset: u64) -> PathBuf {
+    let name = segment
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    segment.with_file_name(files::lost_name(&name, offset))
+}
+
+/// Cuts a segment at `at` and makes the new length durable: a later segment
+/// will follow it, and recovery accepts no damage before the last segment.
+fn cut(fs: &dyn FileSystem, path: &Path, at: u64) -> Result<()> {
+    let mut file = fs
+        .open_writable(path)
+        .map_err(|e| Error::io("open", path, e))?;
+    file.set_len(at)
+        .map_err(|e| Error::io("truncate", path, e))?;
+    file.sync_all().map_err(|e| Error::io("fsync", path, e))
+}
+
+/// Creates `path` with `bytes` durably (temporary name, fsync, rename, fsync directory).
+pub(crate) fn write_new_file(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    path: &Path,
+    bytes: &[u8],
+) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = dir.join(files::temp_name(&name));
+    let mut file = fs
+        .create_new(&temp)
+        .map_err(|e| Error::io("create", &temp, e))?;
+    file.write_all_at(0, bytes)
+        .map_err(|e| Error::io("write", &temp, e))?;
+    file.sync_all().map_err(|e| Error::io("fsync", &temp, e))?;
+    drop(file);
+    fs.rename(&temp, path)
+        .map_err(|e| Error::io("rename", &temp, e))?;
+    fs.sync_dir(dir)
+        .map_err(|e| Error::io("fsync directory", dir, e))
+}

@@ -1,0 +1,156 @@
+//! Fault injection for crash-testing code built on mapstore (cargo feature
+//! `testing`).
+//!
+//! [`FaultyFileSystem`] wraps the real file system and, on command, makes
+//! fsyncs fail with `EIO` or writes fail with `ENOSPC`, so a test can check
+//! what an application does when the disk misbehaves.
+//!
+//! ```
+//! # fn main() -> Result<(), mapstore::Error> {
+//! use std::sync::Arc;
+//! use mapstore::{Db, Error, Options};
+//! use mapstore::testing::FaultyFileSystem;
+//!
+//! # let dir = tempfile::tempdir().unwrap();
+//! let fs = Arc::new(FaultyFileSystem::new());
+//! let db = Db::open_with(dir.path(), Options::default().file_system(fs.clone()))?;
+//! db.insert("a", "1")?;
+//! fs.fail_syncs(true);
+//! assert!(db.insert("b", "2").is_err());               // never reported committed
+//! assert!(matches!(db.insert("c", "3"), Err(Error::WritesStopped { .. })));
+//! assert_eq!(db.get("a")?.as_deref(), Some(&b"1"[..])); // reads keep working
+//! # Ok(()) }
+//! ```
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+pub use crate::io::{EntryKind, FileLock, FileSystem, RealFileSystem, WritableFile};
+
+/// A file system that forwards to the real one and injects failures on command.
+#[derive(Debug, Default)]
+pub struct FaultyFileSystem {
+    faults: Arc<Faults>,
+}
+
+#[derive(Debug, Default)]
+struct Faults {
+    fail_syncs: AtomicBool,
+    fail_writes: AtomicBool,
+    syncs: AtomicU64,
+    writes: AtomicU64,
+}
+
+impl FaultyFileSystem {
+    /// A file system that injects nothing until told to.
+    pub fn new() -> FaultyFileSystem {
+        FaultyFileSystem::default()
+    }
+
+    /// While `on`, every file or directory fsync fails with `EIO` (and, as on
+    /// a real disk after such a failure, what it should have flushed may be lost).
+    pub fn fail_syncs(&self, on: bool) {
+        self.faults.fail_syncs.store(on, Ordering::SeqCst);
+    }
+
+    /// While `on`, every write fails with `ENOSPC` (no space left on device).
+    pub fn fail_writes_no_space(&self, on: bool) {
+        self.faults.fail_writes.store(on, Ordering::SeqCst);
+    }
+
+    /// How many file and directory fsyncs were attempted.
+    pub fn sync_count(&self) -> u64 {
+        self.faults.syncs.load(Ordering::SeqCst)
+    }
+
+    /// How many writes were attempted.
+    pub fn write_count(&self) -> u64 {
+        self.faults.writes.load(Ordering::SeqCst)
+    }
+}
+
+impl Faults {
+    fn sync(&self) -> io::Result<()> {
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        if self.fail_syncs.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5)); // EIO
+        }
+        Ok(())
+    }
+
+    fn write(&self) -> io::Result<()> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        if self.fail_writes.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct FaultyFile {
+    inner: Box<dyn WritableFile>,
+    faults: Arc<Faults>,
+}
+
+impl WritableFile for FaultyFile {
+    fn write_all_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        self.faults.write()?;
+        self.inner.write_all_at(offset, bytes)
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.faults.sync()?;
+        self.inner.sync_data()
+    }
+    fn sync_all(&mut self) -> io::Result<()> {
+        self.faults.sync()?;
+        self.inner.sync_all()
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+impl FileSystem for FaultyFileSystem {
+    fn entry_kind(&self, path: &Path) -> io::Result<Option<EntryKind>> {
+        RealFileSystem.entry_kind(path)
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        RealFileSystem.create_dir_all(path)
+    }
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        RealFileSystem.list_dir(path)
+    }
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        RealFileSystem.read(path)
+    }
+    fn create_new(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
+        let inner = RealFileSystem.create_new(path)?;
+        Ok(Box::new(FaultyFile {
+            inner,
+            faults: self.faults.clone(),
+        }))
+    }
+    fn open_writable(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
+        let inner = RealFileSystem.open_writable(path)?;
+        Ok(Box::new(FaultyFile {
+            inner,
+            faults: self.faults.clone(),
+        }))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        RealFileSystem.rename(from, to)
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        RealFileSystem.remove_file(path)
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        self.faults.sync()?;
+        RealFileSystem.sync_dir(path)
+    }
+    fn try_lock(&self, path: &Path) -> io::Result<Box<dyn FileLock>> {
+        RealFileSystem.try_lock(path)
+    }
+}

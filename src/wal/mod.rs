@@ -1,0 +1,9 @@
+//! The write-ahead log (specified in `format/wal.md`).
+//!
+//! - [`format`]: the bytes of a segment — header, fragment headers, framing.
+//! - [`writer`]: preparing segments and writing groups of records.
+//! - [`reader`]: reading a segment back and telling a torn tail from corruption.
+
+pub mod format;
+pub mod reader;
+pub mod writer;

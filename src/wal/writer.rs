@@ -1,0 +1,343 @@
+//! Writing the WAL: segment files are prepared ahead of use (zero-filled,
+//! fsynced, renamed into place, directory fsynced), and groups of records are
+//! framed and written at page-aligned offsets.
+//!
+//! The writer knows nothing of batches or the memtable: it writes records
+//! (opaque byte strings) and makes them durable. The group commit protocol
+//! that decides *which* records go together lives in `commit.rs`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use super::format::{Framer, SegmentHeader, WAL_FORMAT_VERSION};
+use crate::error::{Error, Result};
+use crate::files;
+use crate::io::{FileSystem, WritableFile};
+
+/// How the segments of one writer are laid out.
+#[derive(Clone, Debug)]
+pub struct WalConfig {
+    pub dir: PathBuf,
+    pub page_bytes: usize,
+    pub segment_bytes: u64,
+}
+
+/// Appends records to the WAL of one database.
+#[derive(Debug)]
+pub struct WalWriter {
+    fs: Arc<dyn FileSystem>,
+    config: WalConfig,
+    file_numbers: Arc<AtomicU64>,
+    active: Option<ActiveSegment>,
+    next: Preparer,
+    /// Reused buffer for framing a group.
+    frame_buffer: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct ActiveSegment {
+    number: u64,
+    path: PathBuf,
+    file: Box<dyn WritableFile>,
+    /// File offset of the next byte to write.
+    write_pos: u64,
+    /// Page index where the current unsynced run began; `None` when
+    /// everything written is synced (the next write starts a new run on a
+    /// fresh page).
+    unsynced_run: Option<u32>,
+}
+
+/// A segment file fully written under its temporary name.
+#[derive(Debug)]
+struct PreparedSegment {
+    number: u64,
+    temp_path: PathBuf,
+    file: Box<dyn WritableFile>,
+}
+
+/// Prepares the next segment on a background thread, so that a writer
+/// switching segments only renames a finished file.
+#[derive(Debug)]
+struct Preparer {
+    handle: Option<JoinHandle<Result<PreparedSegment>>>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl WalWriter {
+    /// A writer that will put its first record in a new segment, numbered from
+    /// `file_numbers`. Preparation of that segment starts now in the background.
+    pub fn new(
+        fs: Arc<dyn FileSystem>,
+        config: WalConfig,
+        file_numbers: Arc<AtomicU64>,
+    ) -> WalWriter {
+        let mut writer = WalWriter {
+            fs,
+            config,
+            file_numbers,
+            active: None,
+            next: Preparer {
+                handle: None,
+                cancel: Arc::new(AtomicBool::new(false)),
+            },
+            frame_buffer: Vec::new(),
+        };
+        writer.start_preparing();
+        writer
+    }
+
+    /// Writes `records` (each given as parts to concatenate) as one group;
+    /// with `sync`, makes them and everything before durable.
+    ///
+    /// On error the WAL's state on disk is unknown: the caller must stop
+    /// writing (a retried fsync could report success for lost data).
+    pub fn append_group(&mut self, records: &[[&[u8]; 2]], sync: bool) -> Result<()> {
+        if self.active.is_none() {
+            self.switch_segment()?;
+        }
+        let mut buffer = std::mem::take(&mut self.frame_buffer);
+        let result = self.write_group(&mut buffer, records, sync);
+        buffer.clear();
+        self.frame_buffer = buffer;
+        result
+    }
+
+    fn write_group(
+        &mut self,
+        buffer: &mut Vec<u8>,
+        records: &[[&[u8]; 2]],
+        sync: bool,
+    ) -> Result<()> {
+        let start = self.frame_into(buffer, records)?;
+        let fits = start + buffer.len() as u64 <= self.config.segment_bytes;
+        let has_data = self.active_ref()?.write_pos > self.config.page_bytes as u64;
+        if !fits && has_data {
+            // A group never spans segments: finish this one, frame again at the
+            // start of the next (whose number is part of every checksum).
+            self.switch_segment()?;
+            buffer.clear();
+            self.frame_into(buffer, records)?;
+        }
+        let page = self.config.page_bytes as u64;
+        let active = self.active_mut()?;
+        let start = active.write_pos;
+        active
+            .file
+            .write_all_at(start, buffer)
+            .map_err(|e| Error::io("write", &active.path, e))?;
+        if active.unsynced_run.is_none() {
+            // A run begins at a page boundary; `frame_into` tagged it with this page.
+            active.unsynced_run = Some((start / page) as u32);
+        }
+        active.write_pos = start + buffer.len() as u64;
+        if sync {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Frames `records` into `buffer` for the active segment; returns the
+    /// file offset the buffer is to be written at.
+    fn frame_into(&mut self, buffer: &mut Vec<u8>, records: &[[&[u8]; 2]]) -> Result<u64> {
+        let page = self.config.page_bytes as u64;
+        let active = self.active_mut()?;
+        let start = active.write_pos;
+        // Page indexes fit in u32 for segments below 16 TiB at 4 KiB pages;
+        // larger offsets are refused rather than wrapped.
+        let run_page = match active.unsynced_run {
+            Some(run) => run,
+            None => u32::try_from(start / page).map_err(|_| Error::InvalidOptions {
+                reason: "WAL segment grew past 2^32 pages".into(),
+            })?,
+        };
+        let framer = Framer {
+            page_bytes: page as usize,
+            segment_number: active.number,
+        };
+        for parts in records {
+            framer.frame_record(buffer, start, run_page, parts);
+        }
+        Ok(start)
+    }
+
+    /// Makes everything written durable (`fdatasync`), then moves the write
+    /// position to the next page boundary: bytes covered by this fsync are
+    /// never written again, so a torn later write cannot damage them.
+    pub fn sync(&mut self) -> Result<()> {
+        let page = self.config.page_bytes as u64;
+        let Some(active) = self.active.as_mut() else {
+            return Ok(());
+        };
+        if active.unsynced_run.is_none() {
+            return Ok(());
+        }
+        active
+            .file
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync", &active.path, e))?;
+        active.unsynced_run = None;
+        active.write_pos = active.write_pos.div_ceil(page) * page;
+        Ok(())
+    }
+
+    /// Syncs, then cuts the active segment to the data it holds, so that a
+    /// closed database does not keep its preallocated zeros, and removes the
+    /// prepared next segment.
+    pub fn close(&mut self) -> Result<()> {
+        self.sync()?;
+        if let Some(active) = self.active.as_mut() {
+            active
+                .file
+                .set_len(active.write_pos)
+                .map_err(|e| Error::io("truncate", &active.path, e))?;
+            active
+                .file
+                .sync_all()
+                .map_err(|e| Error::io("fsync", &active.path, e))?;
+        }
+        self.discard_prepared()
+    }
+
+    /// Makes the prepared segment the active one and starts preparing the next.
+    fn switch_segment(&mut self) -> Result<()> {
+        // Everything in the old segment must be durable before the new one can
+        // hold records: recovery treats any damage before the last segment as
+        // corruption, never as a torn tail.
+        self.sync()?;
+        let prepared = match self.next.handle.take() {
+            Some(handle) => handle.join().unwrap_or_else(|_| {
+                Err(Error::io(
+                    "prepare WAL segment",
+                    &self.config.dir,
+                    std::io::Error::other("the preparing thread panicked"),
+                ))
+            })?,
+            None => prepare_segment(
+                &*self.fs,
+                &self.config,
+                &self.file_numbers,
+                &AtomicBool::new(false),
+            )?,
+        };
+        let path = self
+            .config
+            .dir
+            .join(files::wal_segment_name(prepared.number));
+        self.fs
+            .rename(&prepared.temp_path, &path)
+            .map_err(|e| Error::io("rename", &prepared.temp_path, e))?;
+        self.fs
+            .sync_dir(&self.config.dir)
+            .map_err(|e| Error::io("fsync directory", &self.config.dir, e))?;
+        self.active = Some(ActiveSegment {
+            number: prepared.number,
+            path,
+            file: prepared.file,
+            write_pos: self.config.page_bytes as u64,
+            unsynced_run: None,
+        });
+        self.start_preparing();
+        Ok(())
+    }
+
+    fn start_preparing(&mut self) {
+        let fs = self.fs.clone();
+        let config = self.config.clone();
+        let numbers = self.file_numbers.clone();
+        let cancel = self.next.cancel.clone();
+        self.next.handle = Some(std::thread::spawn(move || {
+            prepare_segment(&*fs, &config, &numbers, &cancel)
+        }));
+    }
+
+    /// Stops the preparation of the next segment and removes its file.
+    fn discard_prepared(&mut self) -> Result<()> {
+        self.next.cancel.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.next.handle.take() {
+            if let Ok(Ok(prepared)) = handle.join() {
+                drop(prepared.file);
+                self.fs
+                    .remove_file(&prepared.temp_path)
+                    .map_err(|e| Error::io("remove", &prepared.temp_path, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn active_ref(&self) -> Result<&ActiveSegment> {
+        self.active.as_ref().ok_or_else(no_active_segment)
+    }
+
+    fn active_mut(&mut self) -> Result<&mut ActiveSegment> {
+        self.active.as_mut().ok_or_else(no_active_segment)
+    }
+}
+
+impl Drop for WalWriter {
+    fn drop(&mut self) {
+        // Best effort: a leftover temporary file is removed at the next open.
+        let _ = self.discard_prepared();
+    }
+}
+
+fn no_active_segment() -> Error {
+    Error::WritesStopped {
+        cause: "no active WAL segment".into(),
+    }
+}
+
+/// Writes a new segment under a temporary name: the header page, then zeros
+/// up to the segment size, then fsync. Writing real zeros (not `fallocate`)
+/// means later writes overwrite allocated blocks and `fdatasync` has no
+/// extent or size metadata to flush.
+fn prepare_segment(
+    fs: &dyn FileSystem,
+    config: &WalConfig,
+    file_numbers: &AtomicU64,
+    cancel: &AtomicBool,
+) -> Result<PreparedSegment> {
+    let number = file_numbers.fetch_add(1, Ordering::SeqCst);
+    let temp_path = config
+        .dir
+        .join(files::temp_name(&files::wal_segment_name(number)));
+    let mut file = fs
+        .create_new(&temp_path)
+        .map_err(|e| Error::io("create", &temp_path, e))?;
+    let header = SegmentHeader {
+        format_version: WAL_FORMAT_VERSION,
+        page_bytes: config.page_bytes as u32,
+        segment_number: number,
+    };
+    let result = (|| {
+        let mut first_page = vec![0u8; config.page_bytes];
+        first_page[..super::format::SEGMENT_HEADER_BYTES].copy_from_slice(&header.encode());
+        file.write_all_at(0, &first_page)?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut offset = config.page_bytes as u64;
+        while offset < config.segment_bytes && !cancel.load(Ordering::Relaxed) {
+            let len = (config.segment_bytes - offset).min(zeros.len() as u64) as usize;
+            file.write_all_at(offset, &zeros[..len])?;
+            offset += len as u64;
+        }
+        file.sync_all()
+    })();
+    match result {
+        Ok(()) => Ok(PreparedSegment {
+            number,
+            temp_path,
+            file,
+        }),
+        Err(error) => {
+            drop(file);
+            let _ = fs.remove_file(&temp_path);
+            Err(Error::io("prepare WAL segment", temp_path, error))
+        }
+    }
+}
+
+/// Reads a whole segment file.
+pub fn read_segment(fs: &dyn FileSystem, path: &Path) -> Result<Vec<u8>> {
+    fs.read(path).map_err(|e| Error::io("read", path, e))
+}
