@@ -1,0 +1,66 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use mapstore::{Durability, Options};
+
+/// A small deterministic random number generator (SplitMix64), so that every
+/// randomized test is reproducible from its seed.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn bytes(&mut self, max_len: usize) -> Vec<u8> {
+        let len = self.below(max_len as u64 + 1) as usize;
+        (0..len).map(|_| self.next_u64() as u8).collect()
+    }
+}
+
+/// A seed from the environment variable `name`, or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Options for tests: small WAL segments so that rotation happens, and the
+/// given durability.
+pub fn small_options(durability: Durability) -> Options {
+    Options::default()
+        .durability(durability)
+        .wal_segment_bytes(64 * 1024)
+}
+
+/// Every entry of an iterator, panicking on errors.
+pub fn collect(iter: impl Iterator<Item = mapstore::Result<(mapstore::Slice, mapstore::Slice)>>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    iter.map(|entry| {
+        let (key, value) = entry.expect("iteration failed");
+        (key.to_vec(), value.to_vec())
+    })
+    .collect()
+}
+
+/// The model's entries in order.
+pub fn model_entries(model: &BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    model.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}

@@ -1,0 +1,170 @@
+//! The engine against a `BTreeMap` model: long random sequences of inserts,
+//! removals, batches, snapshots, scans and reopens must give the same answers.
+//!
+//! Seeded and reproducible: `MAPSTORE_MODEL_SEED` picks the first seed,
+//! `MAPSTORE_MODEL_SEEDS` how many seeds run, `MAPSTORE_MODEL_OPS` the
+//! operations per seed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use common::{Rng, collect, env_u64, model_entries, small_options};
+use mapstore::{Db, Durability, Snapshot, WriteBatch};
+
+type Model = BTreeMap<Vec<u8>, Vec<u8>>;
+
+fn random_key(rng: &mut Rng) -> Vec<u8> {
+    // A small key space so that keys are overwritten and removed often; the
+    // empty key and keys that are prefixes of others are included.
+    let n = rng.below(40);
+    match n {
+        0 => Vec::new(),
+        1..=5 => vec![b'k'; n as usize],
+        _ => format!("key{:02}", n).into_bytes(),
+    }
+}
+
+fn random_bound(rng: &mut Rng) -> Bound<Vec<u8>> {
+    match rng.below(3) {
+        0 => Bound::Unbounded,
+        1 => Bound::Included(random_key(rng)),
+        _ => Bound::Excluded(random_key(rng)),
+    }
+}
+
+fn check_range(db_snapshot: &Snapshot, model: &Model, rng: &mut Rng, context: &str) {
+    let lower = random_bound(rng);
+    let upper = random_bound(rng);
+    let valid = match (&lower, &upper) {
+        (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) => {
+            a < b || (a == b && matches!((&lower, &upper), (Bound::Included(_), Bound::Included(_))))
+        }
+        _ => true,
+    };
+    if !valid {
+        return; // BTreeMap::range panics on inverted ranges
+    }
+    let expected: Vec<_> = model
+        .range::<Vec<u8>, _>((lower.clone(), upper.clone()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let forward = collect(db_snapshot.range::<Vec<u8>, _>((lower.clone(), upper.clone())));
+    assert_eq!(forward, expected, "{context}: forward range {lower:?}..{upper:?}");
+    let mut backward = collect(db_snapshot.range::<Vec<u8>, _>((lower.clone(), upper.clone())).rev());
+    backward.reverse();
+    assert_eq!(backward, expected, "{context}: reverse range {lower:?}..{upper:?}");
+    // Alternate ends: both must meet in the middle without repeating or skipping.
+    let mut iter = db_snapshot.range::<Vec<u8>, _>((lower.clone(), upper.clone()));
+    let (mut front, mut back) = (Vec::new(), Vec::new());
+    loop {
+        let item = if rng.chance(50) { iter.next().map(|e| (true, e)) } else { iter.next_back().map(|e| (false, e)) };
+        match item {
+            Some((true, entry)) => front.push(entry.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap()),
+            Some((false, entry)) => back.push(entry.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap()),
+            None => break,
+        }
+    }
+    back.reverse();
+    front.extend(back);
+    assert_eq!(front, expected, "{context}: alternating ends {lower:?}..{upper:?}");
+}
+
+fn run_seed(seed: u64, ops: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let mut rng = Rng::new(seed);
+    let durability = if rng.chance(50) { Durability::Buffered } else { Durability::Sync };
+    let options = small_options(durability).wal_page_bytes(512);
+    let mut db = Db::open_with(&path, options.clone()).unwrap();
+    let mut model = Model::new();
+    let mut snapshots: Vec<(Snapshot, Model)> = Vec::new();
+    let mut last_seq = 0;
+    for step in 0..ops {
+        let context = format!("seed {seed} step {step}");
+        match rng.below(100) {
+            0..=39 => {
+                let (key, value) = (random_key(&mut rng), rng.bytes(40));
+                let seq = db.insert(&key, &value).unwrap();
+                assert!(seq > last_seq, "{context}: sequence numbers must grow");
+                last_seq = seq;
+                model.insert(key, value);
+            }
+            40..=54 => {
+                let key = random_key(&mut rng);
+                last_seq = db.remove(&key).unwrap();
+                model.remove(&key);
+            }
+            55..=69 => {
+                let mut batch = WriteBatch::new();
+                for _ in 0..rng.below(8) {
+                    let key = random_key(&mut rng);
+                    if rng.chance(70) {
+                        let value = rng.bytes(300);
+                        batch.insert(&key, &value);
+                        model.insert(key, value);
+                    } else {
+                        batch.remove(&key);
+                        model.remove(&key);
+                    }
+                }
+                let seq = db.write(batch).unwrap();
+                assert!(seq >= last_seq, "{context}: sequence numbers must not go back");
+                last_seq = seq;
+            }
+            70..=79 => {
+                let key = random_key(&mut rng);
+                assert_eq!(db.get(&key).unwrap().map(|v| v.to_vec()), model.get(&key).cloned(), "{context}: get {key:?}");
+                assert_eq!(db.contains_key(&key).unwrap(), model.contains_key(&key));
+            }
+            80..=87 => check_range(&db.snapshot(), &model, &mut rng, &context),
+            88..=92 => {
+                if snapshots.len() > 8 {
+                    snapshots.remove(rng.below(snapshots.len() as u64) as usize);
+                }
+                snapshots.push((db.snapshot(), model.clone()));
+            }
+            93..=95 => {
+                if let Some((snapshot, old_model)) = snapshots.get(rng.below(snapshots.len().max(1) as u64) as usize) {
+                    assert_eq!(collect(snapshot.iter()), model_entries(old_model), "{context}: old snapshot changed");
+                    check_range(snapshot, old_model, &mut rng, &context);
+                }
+            }
+            96..=97 => {
+                let prefix = random_key(&mut rng);
+                let prefix = &prefix[..prefix.len().min(rng.below(4) as usize)];
+                let expected: Vec<_> = model
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                assert_eq!(collect(db.prefix(prefix)), expected, "{context}: prefix {prefix:?}");
+            }
+            _ => {
+                // Reopen: a clean close, or a drop without close.
+                if rng.chance(50) {
+                    db.close().unwrap();
+                }
+                drop(db);
+                db = Db::open_with(&path, options.clone()).unwrap();
+                assert_eq!(collect(db.iter()), model_entries(&model), "{context}: after reopen");
+                assert_eq!(db.snapshot().seq(), last_seq, "{context}: sequence number after reopen");
+            }
+        }
+    }
+    assert_eq!(collect(db.iter()), model_entries(&model), "seed {seed}: final state");
+    for (snapshot, old_model) in &snapshots {
+        assert_eq!(collect(snapshot.iter()), model_entries(old_model), "seed {seed}: snapshot at the end");
+    }
+}
+
+#[test]
+fn engine_matches_btreemap_model() {
+    let first = env_u64("MAPSTORE_MODEL_SEED", 1);
+    let seeds = env_u64("MAPSTORE_MODEL_SEEDS", 6);
+    let ops = env_u64("MAPSTORE_MODEL_OPS", 1500);
+    for seed in first..first + seeds {
+        run_seed(seed, ops);
+    }
+}
