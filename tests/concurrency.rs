@@ -27,17 +27,39 @@ fn snapshots_see_whole_batches_under_concurrent_writers() {
                 let mut last_seq = 0;
                 while !done.load(Ordering::Acquire) {
                     let snapshot = db.snapshot();
-                    assert!(snapshot.seq() >= last_seq, "snapshot sequence numbers went back");
+                    assert!(
+                        snapshot.seq() >= last_seq,
+                        "snapshot sequence numbers went back"
+                    );
                     last_seq = snapshot.seq();
                     // Every batch sets all 10 keys to the same counter value, so a
                     // snapshot that saw part of a batch would see unequal values.
                     let values: Vec<_> = snapshot.iter().map(|e| e.unwrap().1.to_vec()).collect();
-                    assert!(values.is_empty() || values.len() == KEYS, "saw {} keys", values.len());
-                    assert!(values.windows(2).all(|w| w[0] == w[1]), "torn batch in a scan: {values:?}");
-                    let reversed: Vec<_> = snapshot.iter().rev().map(|e| e.unwrap().1.to_vec()).collect();
-                    assert!(reversed.windows(2).all(|w| w[0] == w[1]), "torn batch in a reverse scan");
-                    let gets: Vec<_> = (0..KEYS).map(|k| snapshot.get(format!("counter-{k}")).unwrap()).collect();
-                    assert!(gets.windows(2).all(|w| w[0] == w[1]), "torn batch in gets: {gets:?}");
+                    assert!(
+                        values.is_empty() || values.len() == KEYS,
+                        "saw {} keys",
+                        values.len()
+                    );
+                    assert!(
+                        values.windows(2).all(|w| w[0] == w[1]),
+                        "torn batch in a scan: {values:?}"
+                    );
+                    let reversed: Vec<_> = snapshot
+                        .iter()
+                        .rev()
+                        .map(|e| e.unwrap().1.to_vec())
+                        .collect();
+                    assert!(
+                        reversed.windows(2).all(|w| w[0] == w[1]),
+                        "torn batch in a reverse scan"
+                    );
+                    let gets: Vec<_> = (0..KEYS)
+                        .map(|k| snapshot.get(format!("counter-{k}")).unwrap())
+                        .collect();
+                    assert!(
+                        gets.windows(2).all(|w| w[0] == w[1]),
+                        "torn batch in gets: {gets:?}"
+                    );
                     snapshots += 1;
                 }
                 snapshots
@@ -73,8 +95,18 @@ fn snapshots_see_whole_batches_under_concurrent_writers() {
     let total = WRITERS as u64 * batches_per_writer;
     let stats = db.commit_stats();
     assert_eq!(stats.commits, total);
-    assert_eq!(db.snapshot().seq(), total * KEYS as u64, "one sequence number per operation");
+    assert_eq!(
+        db.snapshot().seq(),
+        total * KEYS as u64,
+        "one sequence number per operation"
+    );
     // Group commit: with 8 writers some fsyncs must carry several commits.
-    assert!(stats.wal_syncs < total, "no group commit happened: {stats:?}");
-    eprintln!("{} commits, {} fsyncs, {snapshots} snapshots checked", stats.commits, stats.wal_syncs);
+    assert!(
+        stats.wal_syncs < total,
+        "no group commit happened: {stats:?}"
+    );
+    eprintln!(
+        "{} commits, {} fsyncs, {snapshots} snapshots checked",
+        stats.commits, stats.wal_syncs
+    );
 }

@@ -37,7 +37,10 @@ fn child_main(dir: &Path, first_batch: u64) -> ! {
                     let mut batch = WriteBatch::new();
                     for k in 0..KEYS_PER_BATCH {
                         // Values of a few hundred bytes so records span pages.
-                        batch.insert(format!("b{batch_id:012}-{k}"), format!("{batch_id}").repeat(40));
+                        batch.insert(
+                            format!("b{batch_id:012}-{k}"),
+                            format!("{batch_id}").repeat(40),
+                        );
                     }
                     if n % 7 == 3 {
                         batch.remove(format!("b{:012}-0", batch_id.saturating_sub(1000)));
@@ -76,7 +79,11 @@ fn sigkill_at_random_moments_loses_no_acknowledged_batch() {
         }
         let first_batch = iteration * 10_000_000;
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["sigkill_at_random_moments_loses_no_acknowledged_batch", "--exact", "--nocapture"])
+            .args([
+                "sigkill_at_random_moments_loses_no_acknowledged_batch",
+                "--exact",
+                "--nocapture",
+            ])
             .env(CHILD_DIR, &path)
             .env(CHILD_FIRST_BATCH, first_batch.to_string())
             .stdout(Stdio::piped())
@@ -99,7 +106,10 @@ fn sigkill_at_random_moments_loses_no_acknowledged_batch() {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = lines.1.recv_timeout(left).expect("child did not report ready");
+            let line = lines
+                .1
+                .recv_timeout(left)
+                .expect("child did not report ready");
             if line.contains("ready ") {
                 break;
             }
@@ -118,8 +128,12 @@ fn sigkill_at_random_moments_loses_no_acknowledged_batch() {
             if parts.next() != Some("ack") {
                 continue;
             }
-            let (Some(batch), Some(seq)) = (parts.next(), parts.next()) else { continue };
-            let (Ok(batch), Ok(seq)) = (batch.parse::<u64>(), seq.parse::<u64>()) else { continue };
+            let (Some(batch), Some(seq)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let (Ok(batch), Ok(seq)) = (batch.parse::<u64>(), seq.parse::<u64>()) else {
+                continue;
+            };
             acknowledged.insert(batch, seq);
             max_acked_seq = max_acked_seq.max(seq);
         }
@@ -129,7 +143,10 @@ fn sigkill_at_random_moments_loses_no_acknowledged_batch() {
         if db.recovery_report().torn_tail.is_some() {
             torn_tails += 1;
         }
-        assert!(db.snapshot().seq() >= max_acked_seq, "iteration {iteration}: sequence number went back");
+        assert!(
+            db.snapshot().seq() >= max_acked_seq,
+            "iteration {iteration}: sequence number went back"
+        );
         // Count the keys of each batch present: all of them or none.
         let mut present: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
         for entry in db.iter() {
@@ -143,15 +160,30 @@ fn sigkill_at_random_moments_loses_no_acknowledged_batch() {
         for (&batch, &seq) in &acknowledged {
             let keys = present.get(&batch).map_or(0, |k| k.len());
             // Key 0 of old batches may have been removed by a later batch.
-            assert!(keys >= KEYS_PER_BATCH as usize - 1, "iteration {iteration}: acknowledged batch {batch} (seq {seq}) has {keys} keys");
+            assert!(
+                keys >= KEYS_PER_BATCH as usize - 1,
+                "iteration {iteration}: acknowledged batch {batch} (seq {seq}) has {keys} keys"
+            );
         }
         for (&batch, keys) in &present {
-            let expected_at_least = if keys.contains(&0) { KEYS_PER_BATCH } else { KEYS_PER_BATCH - 1 };
-            assert!(keys.len() as u64 >= expected_at_least, "iteration {iteration}: batch {batch} is partial: {keys:?}");
+            let expected_at_least = if keys.contains(&0) {
+                KEYS_PER_BATCH
+            } else {
+                KEYS_PER_BATCH - 1
+            };
+            assert!(
+                keys.len() as u64 >= expected_at_least,
+                "iteration {iteration}: batch {batch} is partial: {keys:?}"
+            );
         }
         db.close().unwrap();
     }
     total_acknowledged += acknowledged.len();
-    eprintln!("{iterations} kills, {total_acknowledged} acknowledged batches checked, {torn_tails} torn tails cut");
-    assert!(total_acknowledged > 0, "the child never acknowledged a write");
+    eprintln!(
+        "{iterations} kills, {total_acknowledged} acknowledged batches checked, {torn_tails} torn tails cut"
+    );
+    assert!(
+        total_acknowledged > 0,
+        "the child never acknowledged a write"
+    );
 }

@@ -39,7 +39,8 @@ fn check_range(db_snapshot: &Snapshot, model: &Model, rng: &mut Rng, context: &s
     let upper = random_bound(rng);
     let valid = match (&lower, &upper) {
         (Bound::Included(a) | Bound::Excluded(a), Bound::Included(b) | Bound::Excluded(b)) => {
-            a < b || (a == b && matches!((&lower, &upper), (Bound::Included(_), Bound::Included(_))))
+            a < b
+                || (a == b && matches!((&lower, &upper), (Bound::Included(_), Bound::Included(_))))
         }
         _ => true,
     };
@@ -51,31 +52,56 @@ fn check_range(db_snapshot: &Snapshot, model: &Model, rng: &mut Rng, context: &s
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let forward = collect(db_snapshot.range::<Vec<u8>, _>((lower.clone(), upper.clone())));
-    assert_eq!(forward, expected, "{context}: forward range {lower:?}..{upper:?}");
-    let mut backward = collect(db_snapshot.range::<Vec<u8>, _>((lower.clone(), upper.clone())).rev());
+    assert_eq!(
+        forward, expected,
+        "{context}: forward range {lower:?}..{upper:?}"
+    );
+    let mut backward = collect(
+        db_snapshot
+            .range::<Vec<u8>, _>((lower.clone(), upper.clone()))
+            .rev(),
+    );
     backward.reverse();
-    assert_eq!(backward, expected, "{context}: reverse range {lower:?}..{upper:?}");
+    assert_eq!(
+        backward, expected,
+        "{context}: reverse range {lower:?}..{upper:?}"
+    );
     // Alternate ends: both must meet in the middle without repeating or skipping.
     let mut iter = db_snapshot.range::<Vec<u8>, _>((lower.clone(), upper.clone()));
     let (mut front, mut back) = (Vec::new(), Vec::new());
     loop {
-        let item = if rng.chance(50) { iter.next().map(|e| (true, e)) } else { iter.next_back().map(|e| (false, e)) };
+        let item = if rng.chance(50) {
+            iter.next().map(|e| (true, e))
+        } else {
+            iter.next_back().map(|e| (false, e))
+        };
         match item {
-            Some((true, entry)) => front.push(entry.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap()),
-            Some((false, entry)) => back.push(entry.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap()),
+            Some((true, entry)) => {
+                front.push(entry.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
+            }
+            Some((false, entry)) => {
+                back.push(entry.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
+            }
             None => break,
         }
     }
     back.reverse();
     front.extend(back);
-    assert_eq!(front, expected, "{context}: alternating ends {lower:?}..{upper:?}");
+    assert_eq!(
+        front, expected,
+        "{context}: alternating ends {lower:?}..{upper:?}"
+    );
 }
 
 fn run_seed(seed: u64, ops: u64) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     let mut rng = Rng::new(seed);
-    let durability = if rng.chance(50) { Durability::Buffered } else { Durability::Sync };
+    let durability = if rng.chance(50) {
+        Durability::Buffered
+    } else {
+        Durability::Sync
+    };
     let options = small_options(durability).wal_page_bytes(512);
     let mut db = Db::open_with(&path, options.clone()).unwrap();
     let mut model = Model::new();
@@ -110,12 +136,19 @@ fn run_seed(seed: u64, ops: u64) {
                     }
                 }
                 let seq = db.write(batch).unwrap();
-                assert!(seq >= last_seq, "{context}: sequence numbers must not go back");
+                assert!(
+                    seq >= last_seq,
+                    "{context}: sequence numbers must not go back"
+                );
                 last_seq = seq;
             }
             70..=79 => {
                 let key = random_key(&mut rng);
-                assert_eq!(db.get(&key).unwrap().map(|v| v.to_vec()), model.get(&key).cloned(), "{context}: get {key:?}");
+                assert_eq!(
+                    db.get(&key).unwrap().map(|v| v.to_vec()),
+                    model.get(&key).cloned(),
+                    "{context}: get {key:?}"
+                );
                 assert_eq!(db.contains_key(&key).unwrap(), model.contains_key(&key));
             }
             80..=87 => check_range(&db.snapshot(), &model, &mut rng, &context),
@@ -126,8 +159,14 @@ fn run_seed(seed: u64, ops: u64) {
                 snapshots.push((db.snapshot(), model.clone()));
             }
             93..=95 => {
-                if let Some((snapshot, old_model)) = snapshots.get(rng.below(snapshots.len().max(1) as u64) as usize) {
-                    assert_eq!(collect(snapshot.iter()), model_entries(old_model), "{context}: old snapshot changed");
+                if let Some((snapshot, old_model)) =
+                    snapshots.get(rng.below(snapshots.len().max(1) as u64) as usize)
+                {
+                    assert_eq!(
+                        collect(snapshot.iter()),
+                        model_entries(old_model),
+                        "{context}: old snapshot changed"
+                    );
                     check_range(snapshot, old_model, &mut rng, &context);
                 }
             }
@@ -139,7 +178,11 @@ fn run_seed(seed: u64, ops: u64) {
                     .filter(|(k, _)| k.starts_with(prefix))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
-                assert_eq!(collect(db.prefix(prefix)), expected, "{context}: prefix {prefix:?}");
+                assert_eq!(
+                    collect(db.prefix(prefix)),
+                    expected,
+                    "{context}: prefix {prefix:?}"
+                );
             }
             _ => {
                 // Reopen: a clean close, or a drop without close.
@@ -148,14 +191,30 @@ fn run_seed(seed: u64, ops: u64) {
                 }
                 drop(db);
                 db = Db::open_with(&path, options.clone()).unwrap();
-                assert_eq!(collect(db.iter()), model_entries(&model), "{context}: after reopen");
-                assert_eq!(db.snapshot().seq(), last_seq, "{context}: sequence number after reopen");
+                assert_eq!(
+                    collect(db.iter()),
+                    model_entries(&model),
+                    "{context}: after reopen"
+                );
+                assert_eq!(
+                    db.snapshot().seq(),
+                    last_seq,
+                    "{context}: sequence number after reopen"
+                );
             }
         }
     }
-    assert_eq!(collect(db.iter()), model_entries(&model), "seed {seed}: final state");
+    assert_eq!(
+        collect(db.iter()),
+        model_entries(&model),
+        "seed {seed}: final state"
+    );
     for (snapshot, old_model) in &snapshots {
-        assert_eq!(collect(snapshot.iter()), model_entries(old_model), "seed {seed}: snapshot at the end");
+        assert_eq!(
+            collect(snapshot.iter()),
+            model_entries(old_model),
+            "seed {seed}: snapshot at the end"
+        );
     }
 }
 

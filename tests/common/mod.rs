@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
 
 use mapstore::{Durability, Options};
 
@@ -40,7 +42,10 @@ impl Rng {
 
 /// A seed from the environment variable `name`, or `default`.
 pub fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Options for tests: small WAL segments so that rotation happens, and the
@@ -52,7 +57,9 @@ pub fn small_options(durability: Durability) -> Options {
 }
 
 /// Every entry of an iterator, panicking on errors.
-pub fn collect(iter: impl Iterator<Item = mapstore::Result<(mapstore::Slice, mapstore::Slice)>>) -> Vec<(Vec<u8>, Vec<u8>)> {
+pub fn collect(
+    iter: impl Iterator<Item = mapstore::Result<(mapstore::Slice, mapstore::Slice)>>,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
     iter.map(|entry| {
         let (key, value) = entry.expect("iteration failed");
         (key.to_vec(), value.to_vec())
@@ -63,4 +70,20 @@ pub fn collect(iter: impl Iterator<Item = mapstore::Result<(mapstore::Slice, map
 /// The model's entries in order.
 pub fn model_entries(model: &BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<(Vec<u8>, Vec<u8>)> {
     model.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// Every file in `dir` with its contents, sorted by name: two listings are
+/// equal only if nothing in the directory changed.
+pub fn directory_listing(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut listing: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            // A subdirectory lists as empty contents.
+            let contents = fs::read(entry.path()).unwrap_or_default();
+            (entry.file_name().to_string_lossy().into_owned(), contents)
+        })
+        .collect();
+    listing.sort();
+    listing
 }
