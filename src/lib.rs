@@ -81,6 +81,15 @@ pub mod fuzzing {
         }
     }
 
+    /// The segment number a segment header claims (bytes 16..24), or 1 if
+    /// `data` is too short: lets a fuzzer reach the code past the header's
+    /// segment-number check without guessing it.
+    pub fn segment_number_in_header(data: &[u8]) -> u64 {
+        data.get(16..24)
+            .and_then(|field| field.try_into().ok())
+            .map_or(1, u64::from_le_bytes)
+    }
+
     /// Decodes `data` as a WAL record payload (a protobuf `BatchRecord`).
     pub fn record(data: &[u8]) -> bool {
         crate::batch::decode_record(bytes::Bytes::copy_from_slice(data)).is_ok()
@@ -91,3 +100,8 @@ pub mod fuzzing {
         crate::manifest::decode(data).is_ok()
     }
 }
+
+// Compiles the README's example as a doctest, so it cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExample;

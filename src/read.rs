@@ -369,8 +369,8 @@ impl Iter {
             }
             // Stop where the other end has already been.
             let crossed = match direction {
-                Direction::Forward => self.back_last.as_ref().is_some_and(|b| &key >= b),
-                Direction::Backward => self.front_last.as_ref().is_some_and(|f| &key <= f),
+                Direction::Forward => self.back_last.as_ref().is_some_and(|b| key >= *b),
+                Direction::Backward => self.front_last.as_ref().is_some_and(|f| key <= *f),
             };
             if crossed {
                 self.finished = true;
