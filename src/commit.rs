@@ -18,8 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::batch::{SealedBatch, encode_seq_prefix};
+use crate::checkpoint::{FrozenMemtable, Storage};
 use crate::error::{Error, Result};
-use crate::read::ReadState;
+use crate::memtable::Memtable;
+use crate::read::{ReadState, ReadView, Source};
 use crate::wal::writer::WalWriter;
 
 /// Counters of the commit pipeline.
@@ -56,6 +58,13 @@ struct LeaderState {
     next_seq: u64,
 }
 
+/// When the active memtable is frozen for a checkpoint.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FreezeLimits {
+    pub memtable_bytes: usize,
+    pub wal_bytes: u64,
+}
+
 /// Orders commits, writes them to the WAL and applies them.
 #[derive(Debug)]
 pub(crate) struct CommitPipeline {
@@ -63,6 +72,8 @@ pub(crate) struct CommitPipeline {
     wake: Condvar,
     leader: Mutex<LeaderState>,
     read_state: Arc<ReadState>,
+    storage: Arc<Storage>,
+    limits: FreezeLimits,
     commits: AtomicU64,
     groups: AtomicU64,
     wal_syncs: AtomicU64,
@@ -79,12 +90,20 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl CommitPipeline {
     /// A pipeline whose first commit gets sequence number `next_seq`.
-    pub fn new(wal: WalWriter, next_seq: u64, read_state: Arc<ReadState>) -> CommitPipeline {
+    pub fn new(
+        wal: WalWriter,
+        next_seq: u64,
+        read_state: Arc<ReadState>,
+        storage: Arc<Storage>,
+        limits: FreezeLimits,
+    ) -> CommitPipeline {
         CommitPipeline {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             leader: Mutex::new(LeaderState { wal, next_seq }),
             read_state,
+            storage,
+            limits,
             commits: AtomicU64::new(0),
             groups: AtomicU64::new(0),
             wal_syncs: AtomicU64::new(0),
@@ -94,6 +113,7 @@ impl CommitPipeline {
     /// Commits one batch; returns the sequence number of its last operation.
     pub fn commit(&self, batch: SealedBatch, sync: bool) -> Result<u64> {
         let slot = Arc::new(Mutex::new(None));
+        self.storage.check_healthy()?;
         let mut queue = lock(&self.queue);
         check_open(&queue)?;
         if batch.ops.is_empty() {
@@ -125,9 +145,14 @@ impl CommitPipeline {
                 queue = lock(&self.queue);
                 queue.leader_active = false;
                 match outcome {
-                    Ok(seqs) => {
+                    Ok((seqs, freeze_failure)) => {
                         for (pending, seq) in group.iter().zip(seqs) {
                             *lock(&pending.slot) = Some(Ok(seq));
+                        }
+                        // The group is durable and applied; only later writes
+                        // are refused.
+                        if let Some(error) = freeze_failure {
+                            queue.stopped = Some(error.to_string());
                         }
                     }
                     Err(error) => {
@@ -159,8 +184,9 @@ impl CommitPipeline {
     }
 
     /// Writes, syncs and applies one group; returns each batch's last
-    /// sequence number.
-    fn lead(&self, group: &[Pending]) -> Result<Vec<u64>> {
+    /// sequence number, and the error of a freeze that failed after the
+    /// group was committed.
+    fn lead(&self, group: &[Pending]) -> Result<(Vec<u64>, Option<Error>)> {
         let mut leader = lock(&self.leader);
         let mut next_seq = leader.next_seq;
         let mut firsts = Vec::with_capacity(group.len());
@@ -193,11 +219,68 @@ impl CommitPipeline {
         }
         // Every batch of the group is applied: readers may see them now.
         self.read_state.publish(next_seq - 1);
-        Ok(firsts
+        let seqs = firsts
             .iter()
             .zip(group)
             .map(|(first, pending)| first + pending.batch.ops.len() as u64 - 1)
-            .collect())
+            .collect();
+        let full = memtable.approximate_bytes() >= self.limits.memtable_bytes
+            || leader.wal.bytes_since_rotation() >= self.limits.wal_bytes;
+        let freeze_failure = if full {
+            self.freeze(&mut leader, true).err()
+        } else {
+            None
+        };
+        Ok((seqs, freeze_failure))
+    }
+
+    /// Freezes the active memtable for a checkpoint: the WAL moves to a new
+    /// segment and a fresh memtable takes the next commits. With
+    /// `backpressure`, first waits while too many frozen memtables are
+    /// waiting. Returns the last sequence number frozen (or already in
+    /// files, when the memtable was empty).
+    fn freeze(&self, leader: &mut LeaderState, backpressure: bool) -> Result<u64> {
+        let last_seq = leader.next_seq - 1;
+        let view = self.read_state.view();
+        let Some(active) = view.active_memtable().cloned() else {
+            return Err(Error::WritesStopped {
+                cause: "no active memtable".into(),
+            });
+        };
+        if active.is_empty() {
+            return Ok(last_seq);
+        }
+        if backpressure {
+            self.storage.wait_for_room()?;
+        }
+        let wal_start_segment = leader.wal.rotate()?;
+        let fresh = Arc::new(Memtable::new());
+        self.read_state.edit(|view| {
+            let mut sources = Vec::with_capacity(view.sources.len() + 1);
+            sources.push(Source::Memtable(fresh));
+            sources.extend(view.sources.iter().cloned());
+            ReadView { sources }
+        });
+        self.storage.push_frozen(FrozenMemtable {
+            memtable: active,
+            last_seq,
+            wal_start_segment,
+        });
+        Ok(last_seq)
+    }
+
+    /// Freezes the active memtable now (for an explicit checkpoint); returns
+    /// the sequence number the checkpoint must reach.
+    pub fn freeze_now(&self) -> Result<u64> {
+        check_open(&lock(&self.queue))?;
+        let mut leader = lock(&self.leader);
+        match self.freeze(&mut leader, false) {
+            Ok(seq) => Ok(seq),
+            Err(error) => {
+                lock(&self.queue).stopped = Some(error.to_string());
+                Err(error)
+            }
+        }
     }
 
     /// Makes every committed batch durable.

@@ -8,7 +8,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use crate::batch::WriteBatch;
-use crate::commit::{CommitPipeline, CommitStats};
+use crate::checkpoint::{CheckpointStats, Storage, StorageConfig};
+use crate::commit::{CommitPipeline, CommitStats, FreezeLimits};
 use crate::error::{Error, Result};
 use crate::files;
 use crate::io::{FileLock, FileSystem};
@@ -52,6 +53,7 @@ struct DbInner {
     options: Options,
     read_state: Arc<ReadState>,
     pipeline: CommitPipeline,
+    storage: Arc<Storage>,
     lock: Mutex<Option<Box<dyn FileLock>>>,
     report: RecoveryReport,
 }
@@ -96,14 +98,24 @@ impl Db {
                 io::ErrorKind::WouldBlock => Error::Locked { path: path.clone() },
                 _ => Error::io("lock", &lock_path, error),
             })?;
-        let recovered = recovery::recover(&*fs, &path, options.recovery_mode)?;
+        let recovered = recovery::recover(&fs, &path, options.recovery_mode)?;
         let memtable = Arc::new(recovered.memtable);
-        let read_state = Arc::new(ReadState::new(
-            ReadView {
-                sources: vec![Source::Memtable(memtable)],
+        let mut sources = vec![Source::Memtable(memtable)];
+        sources.extend(recovered.files.iter().cloned().map(Source::File));
+        let read_state = Arc::new(ReadState::new(ReadView { sources }, recovered.last_seq));
+        let file_numbers = Arc::new(AtomicU64::new(recovered.next_file_number));
+        let storage = Storage::start(
+            fs.clone(),
+            StorageConfig {
+                dir: path.clone(),
+                max_frozen_memtables: options.max_frozen_memtables,
+                max_snapshot_files: options.max_snapshot_files,
             },
-            recovered.last_seq,
-        ));
+            read_state.clone(),
+            file_numbers.clone(),
+            recovered.manifest,
+            recovered.files,
+        );
         let wal = WalWriter::new(
             fs,
             WalConfig {
@@ -111,15 +123,25 @@ impl Db {
                 page_bytes: options.wal_page_bytes,
                 segment_bytes: options.wal_segment_bytes,
             },
-            Arc::new(AtomicU64::new(recovered.next_file_number)),
+            file_numbers,
         );
-        let pipeline = CommitPipeline::new(wal, recovered.last_seq + 1, read_state.clone());
+        let pipeline = CommitPipeline::new(
+            wal,
+            recovered.last_seq + 1,
+            read_state.clone(),
+            storage.clone(),
+            FreezeLimits {
+                memtable_bytes: options.memtable_size,
+                wal_bytes: options.max_wal_bytes,
+            },
+        );
         Ok(Db {
             inner: Arc::new(DbInner {
                 path,
                 options,
                 read_state,
                 pipeline,
+                storage,
                 lock: Mutex::new(Some(lock)),
                 report: recovered.report,
             }),
@@ -169,7 +191,7 @@ impl Db {
     /// [`Error::Closed`]; [`Error::Corruption`] if a file holding it is damaged.
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Slice>> {
         self.check_open()?;
-        self.snapshot().get(key)
+        self.inner.read_state.unregistered_snapshot().get(key)
     }
 
     /// Whether `key` is present.
@@ -221,6 +243,35 @@ impl Db {
         self.inner.close()
     }
 
+    /// Writes everything committed so far to snapshot files and records them
+    /// in the MANIFEST, so that the WAL it covers can be deleted; returns once
+    /// that is durable. Checkpoints also run on their own in the background
+    /// when the memtable passes [`Options::memtable_size`].
+    ///
+    /// # Errors
+    /// [`Error::Io`] (writes then stop until reopen), [`Error::WritesStopped`]
+    /// if background work failed, [`Error::Closed`].
+    pub fn checkpoint(&self) -> Result<()> {
+        let seq = self.inner.pipeline.freeze_now()?;
+        self.inner.storage.wait_checkpointed(seq)
+    }
+
+    /// Checkpoints, then merges every snapshot file into one, dropping the
+    /// versions no live snapshot can see; returns once the result is durable.
+    /// Old files are deleted when the last snapshot reading them is dropped.
+    ///
+    /// # Errors
+    /// As [`checkpoint`](Db::checkpoint).
+    pub fn compact(&self) -> Result<()> {
+        self.checkpoint()?;
+        self.inner.storage.merge_and_wait()
+    }
+
+    /// Counters of checkpoints, merges and write backpressure.
+    pub fn checkpoint_stats(&self) -> CheckpointStats {
+        self.inner.storage.stats()
+    }
+
     /// What opening found and repaired.
     pub fn recovery_report(&self) -> &RecoveryReport {
         &self.inner.report
@@ -262,6 +313,7 @@ impl DbInner {
             return Err(Error::Closed);
         }
         let result = self.pipeline.close();
+        self.storage.shutdown();
         // Released even after a failure: the next open recovers from disk.
         *lock = None;
         result

@@ -35,6 +35,11 @@ pub fn wal_segment_name(number: u64) -> String {
     format!("{number:020}{WAL_SUFFIX}")
 }
 
+/// The name of snapshot file `number`.
+pub fn snapshot_file_name(number: u64) -> String {
+    format!("{number:020}{SNAPSHOT_SUFFIX}")
+}
+
 /// The temporary name a file is written under before it is renamed to `name`.
 pub fn temp_name(name: &str) -> String {
     format!("{name}{TEMP_SUFFIX}")

@@ -5,6 +5,7 @@
 //! The trait speaks `std::io::Result`; the engine adds the operation name and
 //! path when it turns a failure into [`Error::Io`](crate::Error::Io).
 
+use bytes::Bytes;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -51,6 +52,8 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
     /// Reads a whole file.
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Maps a whole immutable file (a snapshot file) read-only.
+    fn map(&self, path: &Path) -> io::Result<Bytes>;
     /// Creates a new, empty file; fails if it exists.
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WritableFile>>;
     /// Opens an existing file for writing.
@@ -126,6 +129,10 @@ impl FileSystem for RealFileSystem {
 
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         fs::read(path)
+    }
+
+    fn map(&self, path: &Path) -> io::Result<Bytes> {
+        crate::mmap::map_read_only(path)
     }
 
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {

@@ -27,9 +27,15 @@
 //! The modules follow the data: [`WriteBatch`] → `commit` (group commit) →
 //! `wal` (the log) → `memtable` → `read` ([`Snapshot`], [`Iter`]); `recovery`
 //! opens a directory, `manifest` records the database's state, and `io` is
-//! the file-system layer every file operation goes through.
+//! the file-system layer every file operation goes through. `checkpoint`
+//! writes frozen memtables to `snapshot_file`s in the background and
+//! `merge`s them; `mmap` is the one module with `unsafe` code.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
 
 mod batch;
+mod checkpoint;
 mod commit;
 mod db;
 mod error;
@@ -37,10 +43,14 @@ mod files;
 mod io;
 mod manifest;
 mod memtable;
+mod merge;
+#[allow(unsafe_code)]
+mod mmap;
 mod options;
 mod read;
 mod recovery;
 mod slice;
+mod snapshot_file;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod wal;
@@ -54,6 +64,7 @@ pub mod proto {
 }
 
 pub use batch::{MAX_BATCH_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, WriteBatch};
+pub use checkpoint::CheckpointStats;
 pub use commit::CommitStats;
 pub use db::Db;
 pub use error::{Error, Result};

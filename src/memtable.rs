@@ -111,6 +111,14 @@ pub(crate) struct Resolved {
     pub value: Option<Bytes>,
 }
 
+/// One version of a key, as stored (a `None` value is a removal).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Version {
+    pub key: Bytes,
+    pub seq: u64,
+    pub value: Option<Bytes>,
+}
+
 /// Which way an iteration goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Direction {
@@ -154,6 +162,21 @@ impl Memtable {
         }
         self.approximate_bytes
             .fetch_add(bytes, AtomicOrdering::Relaxed);
+    }
+
+    /// Whether the memtable holds no versions.
+    pub fn is_empty(&self) -> bool {
+        self.versions.is_empty()
+    }
+
+    /// Every version, in key order and newest first for each key: what a
+    /// checkpoint writes to a snapshot file.
+    pub fn versions(&self) -> impl Iterator<Item = Version> + '_ {
+        self.versions.iter().map(|entry| Version {
+            key: entry.key().user_key.clone(),
+            seq: entry.key().seq,
+            value: entry.value().clone(),
+        })
     }
 
     /// Approximate memory held by the entries, in bytes.

@@ -58,6 +58,10 @@ pub struct Options {
     pub(crate) recovery_mode: RecoveryMode,
     pub(crate) wal_page_bytes: usize,
     pub(crate) wal_segment_bytes: u64,
+    pub(crate) memtable_size: usize,
+    pub(crate) max_wal_bytes: u64,
+    pub(crate) max_frozen_memtables: usize,
+    pub(crate) max_snapshot_files: usize,
     pub(crate) file_system: Arc<dyn FileSystem>,
 }
 
@@ -68,6 +72,10 @@ impl Default for Options {
             recovery_mode: RecoveryMode::TolerateCorruptedTail,
             wal_page_bytes: 4096,
             wal_segment_bytes: 64 << 20,
+            memtable_size: 64 << 20,
+            max_wal_bytes: 256 << 20,
+            max_frozen_memtables: 2,
+            max_snapshot_files: 8,
             file_system: Arc::new(RealFileSystem),
         }
     }
@@ -80,6 +88,10 @@ impl fmt::Debug for Options {
             .field("recovery_mode", &self.recovery_mode)
             .field("wal_page_bytes", &self.wal_page_bytes)
             .field("wal_segment_bytes", &self.wal_segment_bytes)
+            .field("memtable_size", &self.memtable_size)
+            .field("max_wal_bytes", &self.max_wal_bytes)
+            .field("max_frozen_memtables", &self.max_frozen_memtables)
+            .field("max_snapshot_files", &self.max_snapshot_files)
             .finish_non_exhaustive()
     }
 }
@@ -115,6 +127,39 @@ impl Options {
         self
     }
 
+    /// Memory the active memtable may hold (approximately) before a
+    /// checkpoint freezes it and writes it to a snapshot file in the
+    /// background; 64 MiB by default, at least 1 byte.
+    pub fn memtable_size(mut self, bytes: usize) -> Self {
+        self.memtable_size = bytes;
+        self
+    }
+
+    /// WAL bytes written since the last checkpoint that trigger the next
+    /// one, whatever the memtable's size (bounds replay time at open);
+    /// 256 MiB by default.
+    pub fn max_wal_bytes(mut self, bytes: u64) -> Self {
+        self.max_wal_bytes = bytes;
+        self
+    }
+
+    /// Frozen memtables that may wait for the background checkpoint before
+    /// writers are held back (backpressure, counted in
+    /// [`CheckpointStats::write_stalls`](crate::CheckpointStats)); 2 by
+    /// default, at least 1.
+    pub fn max_frozen_memtables(mut self, count: usize) -> Self {
+        self.max_frozen_memtables = count;
+        self
+    }
+
+    /// Snapshot files beyond which the background merges them all into one;
+    /// 8 by default, at least 2. A point lookup reads at most the active and
+    /// frozen memtables and this many files.
+    pub fn max_snapshot_files(mut self, count: usize) -> Self {
+        self.max_snapshot_files = count;
+        self
+    }
+
     /// Route every file operation through `file_system` (for fault injection
     /// in tests; see [`testing`](crate::testing)).
     #[cfg(feature = "testing")]
@@ -140,6 +185,17 @@ impl Options {
                     self.wal_segment_bytes,
                     4 * page
                 ),
+            });
+        }
+        if self.memtable_size == 0 || self.max_wal_bytes == 0 {
+            return Err(Error::InvalidOptions {
+                reason: "memtable_size and max_wal_bytes must be at least 1".into(),
+            });
+        }
+        if self.max_frozen_memtables == 0 || self.max_snapshot_files < 2 {
+            return Err(Error::InvalidOptions {
+                reason: "max_frozen_memtables must be at least 1 and max_snapshot_files at least 2"
+                    .into(),
             });
         }
         Ok(())

@@ -7,27 +7,33 @@
 //! sources, the version with the highest sequence number, and drops keys
 //! whose newest visible version is a removal.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
 
 use crate::error::Result;
 use crate::memtable::{Direction, Memtable, Resolved};
 use crate::slice::Slice;
+use crate::snapshot_file::SnapshotFile;
 
 /// One sorted source of versions.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Source {
+    /// The active memtable (first in a view) or a frozen one.
     Memtable(Arc<Memtable>),
+    /// A snapshot file.
+    File(Arc<SnapshotFile>),
 }
 
 impl Source {
     fn get(&self, key: &[u8], seq: u64) -> Result<Option<Option<Bytes>>> {
         match self {
             Source::Memtable(table) => Ok(table.get(key, seq)),
+            Source::File(file) => file.get(key, seq),
         }
     }
 
@@ -42,12 +48,16 @@ impl Source {
     ) -> Result<bool> {
         match self {
             Source::Memtable(table) => Ok(table.scan_chunk(seq, direction, lower, upper, max, out)),
+            Source::File(file) => file.scan_chunk(seq, direction, lower, upper, max, out),
         }
     }
 }
 
-/// The sources that hold the database's data at one moment, newest first.
-#[derive(Debug)]
+/// The sources that hold the database's data at one moment, newest first:
+/// the active memtable, frozen memtables waiting for a checkpoint, then
+/// snapshot files. A view is never changed, only replaced; holding it keeps
+/// every memtable and file in it alive.
+#[derive(Debug, Clone)]
 pub(crate) struct ReadView {
     pub sources: Vec<Source>,
 }
@@ -68,6 +78,7 @@ impl ReadView {
 pub(crate) struct ReadState {
     view: RwLock<Arc<ReadView>>,
     visible_seq: AtomicU64,
+    pins: Arc<PinRegistry>,
 }
 
 impl ReadState {
@@ -75,7 +86,24 @@ impl ReadState {
         ReadState {
             view: RwLock::new(Arc::new(view)),
             visible_seq: AtomicU64::new(visible_seq),
+            pins: Arc::new(PinRegistry::default()),
         }
+    }
+
+    /// Replaces the view with `change(current)`, atomically with respect to
+    /// other edits (rotation, checkpoint and merge all edit the view).
+    pub fn edit(&self, change: impl FnOnce(&ReadView) -> ReadView) {
+        let mut guard = match self.view.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let next = change(&guard);
+        *guard = Arc::new(next);
+    }
+
+    /// The sequence number of the oldest snapshot the application holds, if any.
+    pub fn oldest_pinned_seq(&self) -> Option<u64> {
+        self.pins.oldest()
     }
 
     /// The current view. The lock is held only to clone a pointer.
@@ -97,13 +125,70 @@ impl ReadState {
         self.visible_seq.store(seq, Ordering::Release);
     }
 
+    /// A snapshot registered as live, so merges keep the versions it may need.
     pub fn snapshot(&self) -> Snapshot {
+        let mut snapshot = self.unregistered_snapshot();
+        snapshot._pin = Some(Arc::new(Pin::new(self.pins.clone(), snapshot.seq)));
+        snapshot
+    }
+
+    /// A snapshot for one read that ends before the caller returns (`get`);
+    /// it skips the registry, since the view it holds already keeps its
+    /// memtables and files alive.
+    pub fn unregistered_snapshot(&self) -> Snapshot {
         // Read the sequence number first: any view taken afterwards holds
         // every batch up to it (views only gain data).
         let seq = self.visible_seq();
         Snapshot {
             view: self.view(),
             seq,
+            _pin: None,
+        }
+    }
+}
+
+/// The sequence numbers of live snapshots, with how many hold each.
+#[derive(Debug, Default)]
+struct PinRegistry {
+    counts: Mutex<BTreeMap<u64, usize>>,
+}
+
+impl PinRegistry {
+    fn counts(&self) -> MutexGuard<'_, BTreeMap<u64, usize>> {
+        // The map is updated in single calls that cannot panic midway.
+        self.counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn oldest(&self) -> Option<u64> {
+        self.counts().keys().next().copied()
+    }
+}
+
+/// One registration in the [`PinRegistry`], shared by a snapshot's clones
+/// and removed when the last of them is dropped.
+#[derive(Debug)]
+struct Pin {
+    registry: Arc<PinRegistry>,
+    seq: u64,
+}
+
+impl Pin {
+    fn new(registry: Arc<PinRegistry>, seq: u64) -> Pin {
+        *registry.counts().entry(seq).or_insert(0) += 1;
+        Pin { registry, seq }
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut counts = self.registry.counts();
+        if let Some(count) = counts.get_mut(&self.seq) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.seq);
+            }
         }
     }
 }
@@ -130,6 +215,8 @@ impl ReadState {
 pub struct Snapshot {
     view: Arc<ReadView>,
     seq: u64,
+    // Held only to keep the registration alive until the last clone drops.
+    _pin: Option<Arc<Pin>>,
 }
 
 impl fmt::Debug for Snapshot {

@@ -8,6 +8,7 @@
 //! The second phase carries out the repairs, each in crash-safe order.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -19,6 +20,7 @@ use crate::manifest;
 use crate::memtable::Memtable;
 use crate::options::RecoveryMode;
 use crate::proto::Manifest;
+use crate::snapshot_file::SnapshotFile;
 use crate::wal::format::WAL_FORMAT_VERSION;
 use crate::wal::reader::{ScanError, SegmentEnd, scan_segment};
 use crate::wal::writer::read_segment;
@@ -40,6 +42,9 @@ pub struct RecoveryReport {
     pub moved_aside: Vec<PathBuf>,
     /// Temporary files of interrupted writes that were removed.
     pub temp_files_removed: usize,
+    /// Files a crash left behind that the MANIFEST no longer needs (snapshot
+    /// files it does not name, WAL segments a checkpoint covers), removed.
+    pub orphans_removed: usize,
     /// Whether the database was created by this open.
     pub created: bool,
 }
@@ -48,6 +53,10 @@ pub struct RecoveryReport {
 #[derive(Debug)]
 pub(crate) struct Recovered {
     pub memtable: Memtable,
+    /// The manifest as it is on disk after recovery.
+    pub manifest: Manifest,
+    /// Its snapshot files, open, newest first.
+    pub files: Vec<Arc<SnapshotFile>>,
     pub last_seq: u64,
     pub next_file_number: u64,
     pub report: RecoveryReport,
@@ -101,10 +110,16 @@ enum Repair {
 }
 
 /// Recovers the database in `dir`; the directory lock must be held.
-pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, mode: RecoveryMode) -> Result<Recovered> {
+pub(crate) fn recover(
+    shared_fs: &Arc<dyn FileSystem>,
+    dir: &Path,
+    mode: RecoveryMode,
+) -> Result<Recovered> {
+    let fs: &dyn FileSystem = &**shared_fs;
     let names = list(fs, dir)?;
     let mut segments = Vec::new();
     let mut temp_files = Vec::new();
+    let mut snapshot_files_present = Vec::new();
     let mut max_file_number = 0;
     let mut has_manifest = false;
     for name in &names {
@@ -114,7 +129,10 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, mode: RecoveryMode) -> Re
                 segments.push(number);
                 max_file_number = max_file_number.max(number);
             }
-            Some(FileKind::SnapshotFile(number)) => max_file_number = max_file_number.max(number),
+            Some(FileKind::SnapshotFile(number)) => {
+                snapshot_files_present.push(number);
+                max_file_number = max_file_number.max(number);
+            }
             Some(FileKind::Temp) => temp_files.push(dir.join(name)),
             _ => {}
         }
@@ -138,7 +156,51 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, mode: RecoveryMode) -> Re
         }
     };
 
-    // Phase 1: read and decide.
+    // Phase 1: read and decide. First the snapshot files the manifest names:
+    // each must be there and whole.
+    let mut files = Vec::with_capacity(manifest.snapshot_files.len());
+    for meta in &manifest.snapshot_files {
+        let path = dir.join(files::snapshot_file_name(meta.file_number));
+        if !snapshot_files_present.contains(&meta.file_number) {
+            return Err(Error::corruption(
+                &path,
+                0,
+                "the MANIFEST names this snapshot file but it is missing",
+            ));
+        }
+        let file = SnapshotFile::open(shared_fs.clone(), &path, meta.file_number)?;
+        if file.size() != meta.size_bytes {
+            return Err(Error::corruption(
+                &path,
+                file.size(),
+                format!(
+                    "file is {} bytes, the MANIFEST says {}",
+                    file.size(),
+                    meta.size_bytes
+                ),
+            ));
+        }
+        files.push(Arc::new(file));
+    }
+    // Files a crash left behind: snapshot files of an unfinished checkpoint
+    // or of a merge's inputs, and WAL segments a checkpoint already covers.
+    let orphans: Vec<PathBuf> = snapshot_files_present
+        .iter()
+        .filter(|number| {
+            !manifest
+                .snapshot_files
+                .iter()
+                .any(|meta| meta.file_number == **number)
+        })
+        .map(|number| dir.join(files::snapshot_file_name(*number)))
+        .chain(
+            segments
+                .iter()
+                .filter(|number| **number < manifest.wal_start_segment)
+                .map(|number| dir.join(files::wal_segment_name(*number))),
+        )
+        .collect();
+
     let memtable = Memtable::new();
     let mut report = RecoveryReport {
         created: !has_manifest,
@@ -256,17 +318,17 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, mode: RecoveryMode) -> Re
     }
 
     // Phase 2: repair, in crash-safe order.
+    for path in &orphans {
+        fs.remove_file(path)
+            .map_err(|e| Error::io("remove", path, e))?;
+    }
     for path in &temp_files {
         fs.remove_file(path)
             .map_err(|e| Error::io("remove", path, e))?;
         report.temp_files_removed += 1;
     }
     if !has_manifest {
-        let fresh = Manifest {
-            next_file_number: manifest.next_file_number.max(max_file_number + 1),
-            ..manifest.clone()
-        };
-        manifest::write(fs, dir, &fresh)?;
+        manifest::write(fs, dir, &fresh_manifest(&manifest, max_file_number))?;
     }
     // Later segments go aside first: if a crash interrupts, the damaged
     // segment is still whole and the next open finds the same damage.
@@ -296,12 +358,29 @@ pub(crate) fn recover(fs: &dyn FileSystem, dir: &Path, mode: RecoveryMode) -> Re
     }
 
     report.last_seq = last_seq;
+    report.orphans_removed = orphans.len();
+    let next_file_number = manifest.next_file_number.max(max_file_number + 1);
+    let manifest = if has_manifest {
+        manifest
+    } else {
+        fresh_manifest(&manifest, max_file_number)
+    };
     Ok(Recovered {
         memtable,
+        manifest,
+        files,
         last_seq,
-        next_file_number: manifest.next_file_number.max(max_file_number + 1),
+        next_file_number,
         report,
     })
+}
+
+/// The manifest a new database starts with.
+fn fresh_manifest(empty: &Manifest, max_file_number: u64) -> Manifest {
+    Manifest {
+        next_file_number: empty.next_file_number.max(max_file_number + 1),
+        ..empty.clone()
+    }
 }
 
 fn lost_path(segment: &Path, offset: u64) -> PathBuf {

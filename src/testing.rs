@@ -126,6 +126,9 @@ impl FileSystem for FaultyFileSystem {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         RealFileSystem.read(path)
     }
+    fn map(&self, path: &Path) -> io::Result<bytes::Bytes> {
+        RealFileSystem.map(path)
+    }
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
         let inner = RealFileSystem.create_new(path)?;
         Ok(Box::new(FaultyFile {

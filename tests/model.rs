@@ -93,7 +93,10 @@ fn check_range(db_snapshot: &Snapshot, model: &Model, rng: &mut Rng, context: &s
     );
 }
 
-fn run_seed(seed: u64, ops: u64) {
+/// Runs one seeded sequence. With `checkpoints`, the memtable limit is tiny,
+/// so background checkpoints and merges run many times, and the sequence
+/// also asks for them explicitly.
+fn run_seed(seed: u64, ops: u64, checkpoints: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     let mut rng = Rng::new(seed);
@@ -102,11 +105,19 @@ fn run_seed(seed: u64, ops: u64) {
     } else {
         Durability::Sync
     };
-    let options = small_options(durability).wal_page_bytes(512);
+    let mut options = small_options(durability).wal_page_bytes(512);
+    if checkpoints {
+        options = options
+            .memtable_size(2048)
+            .max_snapshot_files(3)
+            .max_frozen_memtables(1);
+    }
     let mut db = Db::open_with(&path, options.clone()).unwrap();
     let mut model = Model::new();
     let mut snapshots: Vec<(Snapshot, Model)> = Vec::new();
     let mut last_seq = 0;
+    // Background work done across reopens: (checkpoints, merges).
+    let mut work = (0, 0);
     for step in 0..ops {
         let context = format!("seed {seed} step {step}");
         match rng.below(100) {
@@ -184,8 +195,26 @@ fn run_seed(seed: u64, ops: u64) {
                     "{context}: prefix {prefix:?}"
                 );
             }
+            _ if checkpoints && rng.chance(60) => {
+                if rng.chance(50) {
+                    db.checkpoint().unwrap();
+                } else {
+                    db.compact().unwrap();
+                    assert!(
+                        db.checkpoint_stats().snapshot_files <= 1,
+                        "{context}: compact left several files"
+                    );
+                }
+                assert_eq!(
+                    collect(db.iter()),
+                    model_entries(&model),
+                    "{context}: after checkpoint"
+                );
+            }
             _ => {
                 // Reopen: a clean close, or a drop without close.
+                let stats = db.checkpoint_stats();
+                work = (work.0 + stats.checkpoints, work.1 + stats.merges);
                 if rng.chance(50) {
                     db.close().unwrap();
                 }
@@ -209,6 +238,14 @@ fn run_seed(seed: u64, ops: u64) {
         model_entries(&model),
         "seed {seed}: final state"
     );
+    if checkpoints {
+        let stats = db.checkpoint_stats();
+        work = (work.0 + stats.checkpoints, work.1 + stats.merges);
+        assert!(
+            work.0 >= 20 && work.1 >= 5,
+            "seed {seed}: too little background work: {work:?}"
+        );
+    }
     for (snapshot, old_model) in &snapshots {
         assert_eq!(
             collect(snapshot.iter()),
@@ -224,6 +261,16 @@ fn engine_matches_btreemap_model() {
     let seeds = env_u64("MAPSTORE_MODEL_SEEDS", 6);
     let ops = env_u64("MAPSTORE_MODEL_OPS", 1500);
     for seed in first..first + seeds {
-        run_seed(seed, ops);
+        run_seed(seed, ops, false);
+    }
+}
+
+#[test]
+fn engine_with_frequent_checkpoints_and_merges_matches_btreemap_model() {
+    let first = env_u64("MAPSTORE_MODEL_SEED", 1);
+    let seeds = env_u64("MAPSTORE_MODEL_SEEDS", 6);
+    let ops = env_u64("MAPSTORE_MODEL_OPS", 1500);
+    for seed in first..first + seeds {
+        run_seed(seed, ops, true);
     }
 }

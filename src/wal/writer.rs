@@ -34,6 +34,8 @@ pub struct WalWriter {
     next: Preparer,
     /// Reused buffer for framing a group.
     frame_buffer: Vec<u8>,
+    /// Bytes written since the last rotation (what a replay would read).
+    bytes_since_rotation: u64,
 }
 
 #[derive(Debug)]
@@ -83,6 +85,7 @@ impl WalWriter {
                 cancel: Arc::new(AtomicBool::new(false)),
             },
             frame_buffer: Vec::new(),
+            bytes_since_rotation: 0,
         };
         writer.start_preparing();
         writer
@@ -132,6 +135,7 @@ impl WalWriter {
             active.unsynced_run = Some((start / page) as u32);
         }
         active.write_pos = start + buffer.len() as u64;
+        self.bytes_since_rotation += buffer.len() as u64;
         if sync {
             self.sync()?;
         }
@@ -180,6 +184,21 @@ impl WalWriter {
         active.unsynced_run = None;
         active.write_pos = active.write_pos.div_ceil(page) * page;
         Ok(())
+    }
+
+    /// Bytes of records written since the last [`rotate`](Self::rotate).
+    pub fn bytes_since_rotation(&self) -> u64 {
+        self.bytes_since_rotation
+    }
+
+    /// Makes everything written so far durable and moves to a new segment;
+    /// returns the new segment's number. Every record written before is in
+    /// an older segment, every later one in this or a newer one: a checkpoint
+    /// of the memtable as of now lets recovery start at the returned segment.
+    pub fn rotate(&mut self) -> Result<u64> {
+        self.switch_segment()?;
+        self.bytes_since_rotation = 0;
+        self.active_ref().map(|active| active.number)
     }
 
     /// Syncs, then cuts the active segment to the data it holds, so that a

@@ -1,0 +1,542 @@
+//! Checkpoints and merges: the background side of the engine.
+//!
+//! When the active memtable grows past its limit, the commit leader
+//! *freezes* it (see `commit.rs`): the WAL moves to a new segment, a fresh
+//! memtable takes new writes, and the frozen one is handed to [`Storage`].
+//! A background thread then
+//!
+//! 1. writes the frozen memtable to a new snapshot file (temporary name,
+//!    fsync, rename, directory fsync),
+//! 2. writes a new MANIFEST naming that file, the sequence number it covers
+//!    and the WAL segment where replay now starts,
+//! 3. swaps the frozen memtable for the file in the read view, and
+//! 4. deletes the WAL segments the checkpoint covers.
+//!
+//! When there are more than `max_snapshot_files` files (or on
+//! [`Db::compact`](crate::Db::compact)), it merges all of them into one,
+//! dropping versions no reader can see. Files leave the manifest first and
+//! the disk only when the last snapshot holding them is dropped.
+//!
+//! The manifest and the file list change only on this thread, one job at a
+//! time, so no two jobs race to install a manifest.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::error::{Error, Result};
+use crate::files::{self, FileKind};
+use crate::io::FileSystem;
+use crate::manifest;
+use crate::memtable::{Memtable, Version};
+use crate::merge::{MergeIter, VersionGc};
+use crate::proto::{Manifest, SnapshotFileMeta};
+use crate::read::{ReadState, ReadView, Source};
+use crate::snapshot_file::writer::FileSummary;
+use crate::snapshot_file::{SnapshotFile, SnapshotFileWriter};
+
+/// A memtable that no longer takes writes, waiting to be checkpointed.
+#[derive(Debug, Clone)]
+pub(crate) struct FrozenMemtable {
+    pub memtable: Arc<Memtable>,
+    /// The last sequence number in it (every earlier one is in it or in files).
+    pub last_seq: u64,
+    /// The WAL segment that holds the first commit after it.
+    pub wal_start_segment: u64,
+}
+
+/// Counters of the background work and of write backpressure.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CheckpointStats {
+    /// Memtables written to snapshot files since open.
+    pub checkpoints: u64,
+    /// Merges of snapshot files since open.
+    pub merges: u64,
+    /// Versions dropped by checkpoints and merges (no reader could see them).
+    pub versions_dropped: u64,
+    /// Times a writer waited because `max_frozen_memtables` memtables were
+    /// already waiting for a checkpoint.
+    pub write_stalls: u64,
+    /// Total time writers spent in those waits, in microseconds.
+    pub write_stall_micros: u64,
+    /// Memtables frozen and not yet checkpointed.
+    pub frozen_memtables: usize,
+    /// Snapshot files in the current manifest.
+    pub snapshot_files: usize,
+    /// Their total size in bytes.
+    pub snapshot_file_bytes: u64,
+}
+
+/// Settings the background work needs.
+#[derive(Debug, Clone)]
+pub(crate) struct StorageConfig {
+    pub dir: PathBuf,
+    pub max_frozen_memtables: usize,
+    pub max_snapshot_files: usize,
+}
+
+struct State {
+    /// Oldest first.
+    frozen: VecDeque<FrozenMemtable>,
+    manifest: Manifest,
+    /// The files of `manifest`, in the same order (newest first).
+    files: Vec<Arc<SnapshotFile>>,
+    merges_requested: u64,
+    merges_done: u64,
+    failure: Option<String>,
+    shutdown: bool,
+}
+
+/// The checkpoint and merge machinery shared by the commit path (which
+/// hands over frozen memtables) and the background thread.
+pub(crate) struct Storage {
+    fs: Arc<dyn FileSystem>,
+    config: StorageConfig,
+    read_state: Arc<ReadState>,
+    file_numbers: Arc<AtomicU64>,
+    state: Mutex<State>,
+    changed: Condvar,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    /// Set together with `State::failure`.
+    failed: AtomicBool,
+    checkpoints: AtomicU64,
+    merges: AtomicU64,
+    versions_dropped: AtomicU64,
+    write_stalls: AtomicU64,
+    write_stall_micros: AtomicU64,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage")
+            .field("dir", &self.config.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Storage {
+    /// Starts the background thread for a database whose state on disk is
+    /// `manifest` with `files` open.
+    pub fn start(
+        fs: Arc<dyn FileSystem>,
+        config: StorageConfig,
+        read_state: Arc<ReadState>,
+        file_numbers: Arc<AtomicU64>,
+        manifest: Manifest,
+        files: Vec<Arc<SnapshotFile>>,
+    ) -> Arc<Storage> {
+        let storage = Arc::new(Storage {
+            fs,
+            config,
+            read_state,
+            file_numbers,
+            state: Mutex::new(State {
+                frozen: VecDeque::new(),
+                manifest,
+                files,
+                merges_requested: 0,
+                merges_done: 0,
+                failure: None,
+                shutdown: false,
+            }),
+            changed: Condvar::new(),
+            thread: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            checkpoints: AtomicU64::new(0),
+            merges: AtomicU64::new(0),
+            versions_dropped: AtomicU64::new(0),
+            write_stalls: AtomicU64::new(0),
+            write_stall_micros: AtomicU64::new(0),
+        });
+        let worker = storage.clone();
+        let handle = std::thread::Builder::new()
+            .name("mapstore-checkpoint".into())
+            .spawn(move || worker.run());
+        match handle {
+            Ok(handle) => *lock(&storage.thread) = Some(handle),
+            // Without a thread nothing is checkpointed; writes stop at the
+            // first freeze with this cause instead of failing open.
+            Err(error) => {
+                storage.record_failure(format!("cannot start the checkpoint thread: {error}"))
+            }
+        }
+        storage
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed
+            .wait(guard)
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn failure_error(cause: &str) -> Error {
+        Error::WritesStopped {
+            cause: format!("background checkpoint failed: {cause}"),
+        }
+    }
+
+    /// Waits until fewer than `max_frozen_memtables` memtables wait for a
+    /// checkpoint (backpressure on the commit path).
+    pub fn wait_for_room(&self) -> Result<()> {
+        let mut state = self.state();
+        if state.frozen.len() < self.config.max_frozen_memtables {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.write_stalls.fetch_add(1, Ordering::Relaxed);
+        while state.frozen.len() >= self.config.max_frozen_memtables {
+            if let Some(cause) = &state.failure {
+                return Err(Self::failure_error(cause));
+            }
+            if state.shutdown {
+                return Err(Error::Closed);
+            }
+            state = self.wait(state);
+        }
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.write_stall_micros.fetch_add(micros, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Takes a frozen memtable to checkpoint in the background.
+    pub fn push_frozen(&self, frozen: FrozenMemtable) {
+        self.state().frozen.push_back(frozen);
+        self.changed.notify_all();
+    }
+
+    /// Waits until every commit up to `seq` is in snapshot files named by a
+    /// durable manifest.
+    pub fn wait_checkpointed(&self, seq: u64) -> Result<()> {
+        let mut state = self.state();
+        loop {
+            if state.manifest.checkpoint_seq >= seq {
+                return Ok(());
+            }
+            if let Some(cause) = &state.failure {
+                return Err(Self::failure_error(cause));
+            }
+            if state.shutdown {
+                return Err(Error::Closed);
+            }
+            state = self.wait(state);
+        }
+    }
+
+    /// Asks for a merge of every file and waits until it is durable.
+    pub fn merge_and_wait(&self) -> Result<()> {
+        let mut state = self.state();
+        state.merges_requested += 1;
+        let target = state.merges_requested;
+        self.changed.notify_all();
+        loop {
+            if state.merges_done >= target {
+                return Ok(());
+            }
+            if let Some(cause) = &state.failure {
+                return Err(Self::failure_error(cause));
+            }
+            if state.shutdown {
+                return Err(Error::Closed);
+            }
+            state = self.wait(state);
+        }
+    }
+
+    /// The error to refuse writes with once background work has failed
+    /// (checked on every commit, so the common case is one atomic load).
+    pub fn check_healthy(&self) -> Result<()> {
+        if !self.failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match &self.state().failure {
+            Some(cause) => Err(Self::failure_error(cause)),
+            None => Ok(()),
+        }
+    }
+
+    fn record_failure(&self, cause: String) {
+        self.state().failure = Some(cause);
+        self.failed.store(true, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    pub fn stats(&self) -> CheckpointStats {
+        let state = self.state();
+        CheckpointStats {
+            checkpoints: self.checkpoints.load(Ordering::Relaxed),
+            merges: self.merges.load(Ordering::Relaxed),
+            versions_dropped: self.versions_dropped.load(Ordering::Relaxed),
+            write_stalls: self.write_stalls.load(Ordering::Relaxed),
+            write_stall_micros: self.write_stall_micros.load(Ordering::Relaxed),
+            frozen_memtables: state.frozen.len(),
+            snapshot_files: state.files.len(),
+            snapshot_file_bytes: state.files.iter().map(|file| file.size()).sum(),
+        }
+    }
+
+    /// Stops the background thread after the job in progress. Frozen
+    /// memtables not yet written stay covered by the WAL.
+    pub fn shutdown(&self) {
+        self.state().shutdown = true;
+        self.changed.notify_all();
+        if let Some(handle) = lock(&self.thread).take() {
+            let _ = handle.join();
+        }
+    }
+
+    /// The background loop: checkpoints first (they free memory and unblock
+    /// writers), then merges.
+    fn run(&self) {
+        loop {
+            let job = {
+                let mut state = self.state();
+                loop {
+                    if state.shutdown || state.failure.is_some() {
+                        return;
+                    }
+                    if let Some(frozen) = state.frozen.front() {
+                        break Job::Checkpoint(frozen.clone());
+                    }
+                    if state.merges_requested > state.merges_done {
+                        break Job::Merge {
+                            requested: state.merges_requested,
+                        };
+                    }
+                    if state.files.len() > self.config.max_snapshot_files {
+                        break Job::Merge {
+                            requested: state.merges_done,
+                        };
+                    }
+                    state = self.wait(state);
+                }
+            };
+            let result = match &job {
+                Job::Checkpoint(frozen) => self.checkpoint(frozen),
+                Job::Merge { requested } => self.merge(*requested),
+            };
+            if let Err(error) = result {
+                self.record_failure(error.to_string());
+                return;
+            }
+        }
+    }
+
+    /// The oldest sequence number a reader may still ask for.
+    fn horizon(&self) -> u64 {
+        let visible = self.read_state.visible_seq();
+        self.read_state
+            .oldest_pinned_seq()
+            .map_or(visible, |pinned| pinned.min(visible))
+    }
+
+    fn new_file_path(&self) -> (u64, PathBuf) {
+        let number = self.file_numbers.fetch_add(1, Ordering::SeqCst);
+        (
+            number,
+            self.config.dir.join(files::snapshot_file_name(number)),
+        )
+    }
+
+    /// Writes `versions` (sorted) to a new snapshot file, keeping what `gc`
+    /// keeps; returns the open file and what it holds, or `None` if nothing
+    /// survived.
+    fn write_file(
+        &self,
+        versions: impl Iterator<Item = Result<Version>>,
+        gc: &mut VersionGc,
+    ) -> Result<Option<(Arc<SnapshotFile>, FileSummary)>> {
+        let (number, path) = self.new_file_path();
+        let mut writer = SnapshotFileWriter::create(&*self.fs, &self.config.dir, path.clone())?;
+        let mut written = 0u64;
+        for version in versions {
+            let version = match version {
+                Ok(version) => version,
+                Err(error) => {
+                    writer.abandon();
+                    return Err(error);
+                }
+            };
+            if gc.keep(&version) {
+                if let Err(error) = writer.add(&version.key, version.seq, version.value.as_deref())
+                {
+                    writer.abandon();
+                    return Err(error);
+                }
+                written += 1;
+            }
+        }
+        self.versions_dropped
+            .fetch_add(gc.dropped, Ordering::Relaxed);
+        if written == 0 {
+            writer.abandon();
+            return Ok(None);
+        }
+        let summary = writer.finish()?;
+        let file = Arc::new(SnapshotFile::open(self.fs.clone(), &path, number)?);
+        Ok(Some((file, summary)))
+    }
+
+    fn checkpoint(&self, frozen: &FrozenMemtable) -> Result<()> {
+        // Tombstones stay: older versions of their keys may be in files.
+        let mut gc = VersionGc::new(self.horizon(), false);
+        let versions = frozen.memtable.versions().map(Ok);
+        let written = self.write_file(versions, &mut gc)?;
+
+        let (old_manifest, old_files) = {
+            let state = self.state();
+            (state.manifest.clone(), state.files.clone())
+        };
+        let mut manifest = Manifest {
+            checkpoint_seq: frozen.last_seq,
+            wal_start_segment: frozen.wal_start_segment,
+            next_file_number: self.file_numbers.load(Ordering::SeqCst),
+            snapshot_files: old_manifest.snapshot_files.clone(),
+        };
+        let mut files = old_files;
+        if let Some((file, summary)) = &written {
+            manifest
+                .snapshot_files
+                .insert(0, file_meta(file.number(), summary));
+            files.insert(0, file.clone());
+        }
+        manifest::write(&*self.fs, &self.config.dir, &manifest)?;
+
+        // The manifest is durable: readers switch to the file, and the WAL
+        // before `wal_start_segment` is no longer needed.
+        self.read_state.edit(|view| {
+            let mut sources = Vec::with_capacity(view.sources.len());
+            for source in &view.sources {
+                match source {
+                    Source::Memtable(table) if Arc::ptr_eq(table, &frozen.memtable) => {
+                        if let Some((file, _)) = &written {
+                            sources.push(Source::File(file.clone()));
+                        }
+                    }
+                    other => sources.push(other.clone()),
+                }
+            }
+            ReadView { sources }
+        });
+        {
+            let mut state = self.state();
+            state.manifest = manifest;
+            state.files = files;
+            state.frozen.pop_front();
+        }
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_all();
+        remove_wal_segments_before(&*self.fs, &self.config.dir, frozen.wal_start_segment)
+    }
+
+    fn merge(&self, requested: u64) -> Result<()> {
+        let (old_manifest, old_files) = {
+            let state = self.state();
+            (state.manifest.clone(), state.files.clone())
+        };
+        // Every file takes part, so nothing older can hide under a dropped
+        // tombstone.
+        let mut gc = VersionGc::new(self.horizon(), true);
+        let streams: Vec<_> = old_files.iter().map(|file| file.versions()).collect();
+        let written = if old_files.is_empty() {
+            None
+        } else {
+            self.write_file(MergeIter::new(streams), &mut gc)?
+        };
+        let manifest = Manifest {
+            next_file_number: self.file_numbers.load(Ordering::SeqCst),
+            snapshot_files: written
+                .iter()
+                .map(|(file, summary)| file_meta(file.number(), summary))
+                .collect(),
+            ..old_manifest
+        };
+        manifest::write(&*self.fs, &self.config.dir, &manifest)?;
+
+        self.read_state.edit(|view| {
+            let mut sources: Vec<Source> = view
+                .sources
+                .iter()
+                .filter(|source| match source {
+                    Source::File(file) => !old_files.iter().any(|old| Arc::ptr_eq(old, file)),
+                    Source::Memtable(_) => true,
+                })
+                .cloned()
+                .collect();
+            if let Some((file, _)) = &written {
+                sources.push(Source::File(file.clone()));
+            }
+            ReadView { sources }
+        });
+        // Out of the manifest: each old file goes when its last reader does.
+        for file in &old_files {
+            file.mark_obsolete();
+        }
+        {
+            let mut state = self.state();
+            state.manifest = manifest;
+            state.files = written.into_iter().map(|(file, _)| file).collect();
+            state.merges_done = state.merges_done.max(requested);
+        }
+        self.merges.fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_all();
+        Ok(())
+    }
+}
+
+enum Job {
+    Checkpoint(FrozenMemtable),
+    Merge { requested: u64 },
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section here only moves values in and out; a panic in
+    // one cannot leave the state half-changed.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn file_meta(number: u64, summary: &FileSummary) -> SnapshotFileMeta {
+    SnapshotFileMeta {
+        file_number: number,
+        size_bytes: summary.size_bytes,
+        level: 0,
+        smallest_key: Bytes::copy_from_slice(&summary.smallest_key),
+        largest_key: Bytes::copy_from_slice(&summary.largest_key),
+        smallest_seq: summary.smallest_seq,
+        largest_seq: summary.largest_seq,
+        entry_count: summary.entry_count,
+    }
+}
+
+/// Removes the WAL segments numbered below `first_kept` (a checkpoint covers
+/// them). A crash midway leaves some behind; recovery ignores and removes them.
+pub(crate) fn remove_wal_segments_before(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    first_kept: u64,
+) -> Result<()> {
+    let names = fs
+        .list_dir(dir)
+        .map_err(|e| Error::io("list directory", dir, e))?;
+    for name in names {
+        if let Some(FileKind::WalSegment(number)) = files::classify(&name) {
+            if number < first_kept {
+                let path = dir.join(&name);
+                fs.remove_file(&path)
+                    .map_err(|e| Error::io("remove", &path, e))?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,437 @@
+//! The byte layout of a snapshot file (`format/snapshot.md`): data blocks
+//! of entries, the block index, the bloom filter and the footer. Pure
+//! encoding and decoding; no I/O.
+//!
+//! Every decoder here takes untrusted bytes: each length and offset is
+//! checked against the input before use and decoding returns an error
+//! string, never panics.
+
+use std::ops::Range;
+
+/// First 8 bytes of the footer (the last 64 bytes of the file).
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"mapstSNP";
+/// The snapshot file format version this build writes and reads.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+/// Data blocks start at multiples of this.
+pub const BLOCK_ALIGN: usize = 4096;
+/// A block is closed once its entries reach this many bytes (a single
+/// larger entry makes a larger block).
+pub const BLOCK_TARGET_BYTES: usize = BLOCK_ALIGN - 8;
+/// Bytes of the footer at the end of the file.
+pub const FOOTER_BYTES: usize = 64;
+
+/// Entry kind byte: a value.
+pub const KIND_VALUE: u8 = 1;
+/// Entry kind byte: a removal (tombstone).
+pub const KIND_TOMBSTONE: u8 = 2;
+
+/// Appends `value` as a LEB128 varint.
+pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+/// Reads a LEB128 varint at `*pos`, advancing it.
+pub fn get_varint(data: &[u8], pos: &mut usize) -> Result<u64, String> {
+    let mut value: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let byte = *data.get(*pos).ok_or("varint runs past the end")?;
+        *pos += 1;
+        let bits = u64::from(byte & 0x7f);
+        if shift == 63 && bits > 1 {
+            return Err("varint overflows 64 bits".into());
+        }
+        value |= bits << shift;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err("varint longer than 10 bytes".into())
+}
+
+fn get_u32(data: &[u8], pos: &mut usize) -> Result<u32, String> {
+    let bytes = data.get(*pos..*pos + 4).ok_or("u32 runs past the end")?;
+    *pos += 4;
+    Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+}
+
+fn get_u64(data: &[u8], pos: &mut usize) -> Result<u64, String> {
+    let bytes = data.get(*pos..*pos + 8).ok_or("u64 runs past the end")?;
+    *pos += 8;
+    let mut array = [0u8; 8];
+    array.copy_from_slice(bytes);
+    Ok(u64::from_le_bytes(array))
+}
+
+/// A length read from the file as a `usize` slice end, checked against `limit`.
+fn checked_end(start: usize, len: u64, limit: usize) -> Result<usize, String> {
+    usize::try_from(len)
+        .ok()
+        .and_then(|len| start.checked_add(len))
+        .filter(|&end| end <= limit)
+        .ok_or_else(|| format!("length {len} at byte {start} runs past the end"))
+}
+
+/// Encodes one entry onto a block being built.
+pub fn encode_entry(out: &mut Vec<u8>, key: &[u8], seq: u64, value: Option<&[u8]>) {
+    out.push(if value.is_some() {
+        KIND_VALUE
+    } else {
+        KIND_TOMBSTONE
+    });
+    out.extend_from_slice(&seq.to_le_bytes());
+    put_varint(out, key.len() as u64);
+    if let Some(value) = value {
+        put_varint(out, value.len() as u64);
+    }
+    out.extend_from_slice(key);
+    if let Some(value) = value {
+        out.extend_from_slice(value);
+    }
+}
+
+/// One decoded entry: ranges into the block's bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryRef {
+    pub seq: u64,
+    pub key: Range<usize>,
+    /// `None` for a tombstone.
+    pub value: Option<Range<usize>>,
+}
+
+/// Seals a block: `entry count u32 | entries | CRC32 of both`.
+pub fn seal_block(entry_count: u32, entries: &[u8]) -> Vec<u8> {
+    let mut block = Vec::with_capacity(entries.len() + 8);
+    block.extend_from_slice(&entry_count.to_le_bytes());
+    block.extend_from_slice(entries);
+    let crc = crc32fast::hash(&block);
+    block.extend_from_slice(&crc.to_le_bytes());
+    block
+}
+
+/// Checks a block's CRC and decodes its entries, with ranges relative to
+/// `block`. Entries must be sorted by key ascending, then sequence number
+/// descending.
+pub fn decode_block(block: &[u8]) -> Result<Vec<EntryRef>, String> {
+    if block.len() < 8 {
+        return Err(format!("block of {} bytes is too short", block.len()));
+    }
+    let body_end = block.len() - 4;
+    let mut pos = body_end;
+    let stored_crc = get_u32(block, &mut pos)?;
+    if crc32fast::hash(&block[..body_end]) != stored_crc {
+        return Err("block checksum mismatch".into());
+    }
+    let mut pos = 0;
+    let count = get_u32(block, &mut pos)? as usize;
+    // Each entry takes at least 10 bytes, which bounds the allocation.
+    if count > body_end / 10 {
+        return Err(format!("block claims {count} entries"));
+    }
+    let mut entries = Vec::with_capacity(count);
+    for _ in 0..count {
+        let kind = *block.get(pos).ok_or("entry runs past the block")?;
+        pos += 1;
+        let seq = get_u64(&block[..body_end], &mut pos)?;
+        let key_len = get_varint(&block[..body_end], &mut pos)?;
+        let value_len = match kind {
+            KIND_VALUE => Some(get_varint(&block[..body_end], &mut pos)?),
+            KIND_TOMBSTONE => None,
+            other => return Err(format!("unknown entry kind {other}")),
+        };
+        let key_end = checked_end(pos, key_len, body_end)?;
+        let key = pos..key_end;
+        pos = key_end;
+        let value = match value_len {
+            Some(len) => {
+                let end = checked_end(pos, len, body_end)?;
+                let range = pos..end;
+                pos = end;
+                Some(range)
+            }
+            None => None,
+        };
+        if let Some(previous) = entries.last() {
+            let previous: &EntryRef = previous;
+            let order = block[previous.key.clone()].cmp(&block[key.clone()]);
+            if order.is_gt() || (order.is_eq() && previous.seq <= seq) {
+                return Err("entries out of order".into());
+            }
+        }
+        entries.push(EntryRef { seq, key, value });
+    }
+    if pos != body_end {
+        return Err("bytes left after the last entry".into());
+    }
+    Ok(entries)
+}
+
+/// Where a data block is, and the last key in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub offset: u64,
+    pub len: u32,
+    pub last_key: Range<usize>,
+}
+
+/// Encodes the index: `block count u32 | per block: offset u64, len u32,
+/// last key length varint, last key | CRC32 of all before it`.
+pub fn encode_index(blocks: &[(u64, u32, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
+    for (offset, len, last_key) in blocks {
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        put_varint(&mut out, last_key.len() as u64);
+        out.extend_from_slice(last_key);
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Decodes and checks the index; `data_end` is where the data blocks end.
+/// Key ranges are relative to `index`.
+pub fn decode_index(index: &[u8], data_end: u64) -> Result<Vec<IndexEntry>, String> {
+    if index.len() < 8 {
+        return Err("index too short".into());
+    }
+    let body_end = index.len() - 4;
+    let mut pos = body_end;
+    if crc32fast::hash(&index[..body_end]) != get_u32(index, &mut pos)? {
+        return Err("index checksum mismatch".into());
+    }
+    let body = &index[..body_end];
+    let mut pos = 0;
+    let count = get_u32(body, &mut pos)? as usize;
+    if count > body_end / 13 {
+        return Err(format!("index claims {count} blocks"));
+    }
+    let mut entries: Vec<IndexEntry> = Vec::with_capacity(count);
+    let mut next_free = 0u64;
+    for _ in 0..count {
+        let offset = get_u64(body, &mut pos)?;
+        let len = get_u32(body, &mut pos)?;
+        let key_len = get_varint(body, &mut pos)?;
+        let key_end = checked_end(pos, key_len, body_end)?;
+        let last_key = pos..key_end;
+        pos = key_end;
+        let block_end = offset.checked_add(u64::from(len));
+        if offset % BLOCK_ALIGN as u64 != 0
+            || offset < next_free
+            || len < 8
+            || block_end.is_none_or(|end| end > data_end)
+        {
+            return Err(format!("block at {offset} of {len} bytes is out of place"));
+        }
+        if let Some(previous) = entries.last() {
+            if body[previous.last_key.clone()] > body[last_key.clone()] {
+                return Err("index keys out of order".into());
+            }
+        }
+        next_free = offset + u64::from(len);
+        entries.push(IndexEntry {
+            offset,
+            len,
+            last_key,
+        });
+    }
+    if pos != body_end {
+        return Err("bytes left after the last index entry".into());
+    }
+    Ok(entries)
+}
+
+/// Encodes the bloom section: `probe count u8 | filter bits | CRC32`.
+pub fn encode_bloom(probes: u8, bits: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bits.len() + 5);
+    out.push(probes);
+    out.extend_from_slice(bits);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Checks the bloom section; returns the probe count and the range of the
+/// filter bits within `section`.
+pub fn decode_bloom(section: &[u8]) -> Result<(u8, Range<usize>), String> {
+    if section.len() < 5 {
+        return Err("bloom filter too short".into());
+    }
+    let body_end = section.len() - 4;
+    let mut pos = body_end;
+    if crc32fast::hash(&section[..body_end]) != get_u32(section, &mut pos)? {
+        return Err("bloom filter checksum mismatch".into());
+    }
+    let probes = section[0];
+    if probes == 0 || probes > 30 {
+        return Err(format!("bloom filter with {probes} probes"));
+    }
+    Ok((probes, 1..body_end))
+}
+
+/// The fixed-size trailer of a snapshot file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Footer {
+    pub index_offset: u64,
+    pub index_len: u64,
+    pub bloom_offset: u64,
+    pub bloom_len: u64,
+    pub entry_count: u64,
+}
+
+/// Why a footer was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FooterError {
+    Corrupt(String),
+    UnsupportedVersion(u32),
+}
+
+impl Footer {
+    /// `magic | version u32 | flags u32 (0) | index offset, index length,
+    /// bloom offset, bloom length, entry count (u64 each) | 4 zero bytes |
+    /// CRC32 of the 60 bytes before it`.
+    pub fn encode(&self) -> [u8; FOOTER_BYTES] {
+        let mut out = [0u8; FOOTER_BYTES];
+        out[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
+        out[8..12].copy_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
+        out[16..24].copy_from_slice(&self.index_offset.to_le_bytes());
+        out[24..32].copy_from_slice(&self.index_len.to_le_bytes());
+        out[32..40].copy_from_slice(&self.bloom_offset.to_le_bytes());
+        out[40..48].copy_from_slice(&self.bloom_len.to_le_bytes());
+        out[48..56].copy_from_slice(&self.entry_count.to_le_bytes());
+        let crc = crc32fast::hash(&out[..60]);
+        out[60..64].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes the footer at the end of `file` and checks that the sections
+    /// it points at lie inside the file, in order.
+    pub fn decode(file: &[u8]) -> Result<Footer, FooterError> {
+        let corrupt = |reason: &str| FooterError::Corrupt(reason.to_string());
+        if file.len() < FOOTER_BYTES {
+            return Err(corrupt("file shorter than its footer"));
+        }
+        let footer = &file[file.len() - FOOTER_BYTES..];
+        let mut pos = 60;
+        let crc = get_u32(footer, &mut pos).map_err(|e| corrupt(&e))?;
+        if footer[0..8] != SNAPSHOT_MAGIC {
+            return Err(corrupt("wrong magic number in the footer"));
+        }
+        if crc32fast::hash(&footer[..60]) != crc {
+            return Err(corrupt("footer checksum mismatch"));
+        }
+        let mut pos = 8;
+        let read_u32 = |pos: &mut usize| get_u32(footer, pos).map_err(|e| corrupt(&e));
+        let version = read_u32(&mut pos)?;
+        if version != SNAPSHOT_FORMAT_VERSION {
+            return Err(FooterError::UnsupportedVersion(version));
+        }
+        if read_u32(&mut pos)? != 0 || footer[56..60] != [0; 4] {
+            return Err(corrupt("unknown flags in the footer"));
+        }
+        let mut fields = [0u64; 5];
+        for field in &mut fields {
+            *field = get_u64(footer, &mut pos).map_err(|e| corrupt(&e))?;
+        }
+        let [
+            index_offset,
+            index_len,
+            bloom_offset,
+            bloom_len,
+            entry_count,
+        ] = fields;
+        let body_end = (file.len() - FOOTER_BYTES) as u64;
+        let index_end = index_offset.checked_add(index_len);
+        let bloom_end = bloom_offset.checked_add(bloom_len);
+        if index_end != Some(bloom_offset) || bloom_end != Some(body_end) {
+            return Err(corrupt("footer sections do not tile the file"));
+        }
+        Ok(Footer {
+            index_offset,
+            index_len,
+            bloom_offset,
+            bloom_len,
+            entry_count,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_round_trip_and_reject_overflow() {
+        for value in [0, 1, 127, 128, 300, u64::from(u32::MAX), u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, value);
+            let mut pos = 0;
+            assert_eq!(get_varint(&out, &mut pos), Ok(value));
+            assert_eq!(pos, out.len());
+        }
+        let mut pos = 0;
+        assert!(get_varint(&[0xff; 11], &mut pos).is_err());
+        let mut pos = 0;
+        assert!(
+            get_varint(
+                &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02],
+                &mut pos
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn blocks_round_trip_and_every_flip_is_caught() {
+        let mut entries = Vec::new();
+        encode_entry(&mut entries, b"a", 9, Some(b"new"));
+        encode_entry(&mut entries, b"a", 3, None);
+        encode_entry(&mut entries, b"b", 4, Some(b""));
+        let block = seal_block(3, &entries);
+        let decoded = decode_block(&block).unwrap();
+        assert_eq!(decoded.len(), 3);
+        assert_eq!(&block[decoded[0].key.clone()], b"a");
+        assert_eq!(
+            decoded[0].value.clone().map(|r| &block[r]),
+            Some(&b"new"[..])
+        );
+        assert_eq!(decoded[1].value, None);
+        assert_eq!(decoded[2].value.clone().map(|r| &block[r]), Some(&b""[..]));
+        for i in 0..block.len() {
+            let mut damaged = block.clone();
+            damaged[i] ^= 0x10;
+            assert!(decode_block(&damaged).is_err(), "flip at {i} accepted");
+        }
+    }
+
+    #[test]
+    fn out_of_order_entries_are_refused_even_with_a_valid_crc() {
+        let mut entries = Vec::new();
+        encode_entry(&mut entries, b"b", 1, Some(b"x"));
+        encode_entry(&mut entries, b"a", 2, Some(b"y"));
+        assert!(decode_block(&seal_block(2, &entries)).is_err());
+    }
+
+    #[test]
+    fn footer_round_trips_and_checks_its_sections() {
+        let footer = Footer {
+            index_offset: 4096,
+            index_len: 20,
+            bloom_offset: 4116,
+            bloom_len: 13,
+            entry_count: 5,
+        };
+        let mut file = vec![0u8; 4129];
+        file.extend_from_slice(&footer.encode());
+        assert_eq!(Footer::decode(&file), Ok(footer));
+        file.insert(0, 0); // the sections no longer tile the file
+        assert!(matches!(
+            Footer::decode(&file),
+            Err(FooterError::Corrupt(_))
+        ));
+    }
+}

@@ -1,0 +1,193 @@
+//! Building a snapshot file from versions in sorted order, streamed to disk
+//! block by block, and installed durably (temporary name, fsync, rename,
+//! directory fsync).
+
+use std::path::{Path, PathBuf};
+
+use super::bloom;
+use super::format::{
+    BLOCK_ALIGN, BLOCK_TARGET_BYTES, Footer, encode_bloom, encode_entry, encode_index, seal_block,
+};
+use crate::error::{Error, Result};
+use crate::files;
+use crate::io::{FileSystem, WritableFile};
+
+/// What a finished snapshot file holds (recorded in the manifest).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FileSummary {
+    pub size_bytes: u64,
+    pub entry_count: u64,
+    pub smallest_key: Vec<u8>,
+    pub largest_key: Vec<u8>,
+    pub smallest_seq: u64,
+    pub largest_seq: u64,
+}
+
+/// Writes one snapshot file. Versions must be added in key order, and for
+/// one key newest (highest sequence number) first.
+pub(crate) struct SnapshotFileWriter<'a> {
+    fs: &'a dyn FileSystem,
+    dir: PathBuf,
+    final_path: PathBuf,
+    temp_path: PathBuf,
+    file: Box<dyn WritableFile>,
+    /// Entries of the block being built, and how many.
+    block: Vec<u8>,
+    block_entries: u32,
+    /// File offset where the next block goes (a multiple of `BLOCK_ALIGN`).
+    next_offset: u64,
+    /// (offset, length, last key) of each written block.
+    index: Vec<(u64, u32, Vec<u8>)>,
+    key_hashes: Vec<u64>,
+    last: Option<(Vec<u8>, u64)>,
+    summary: FileSummary,
+}
+
+impl<'a> SnapshotFileWriter<'a> {
+    /// Starts writing `path` (under its temporary name).
+    pub fn create(fs: &'a dyn FileSystem, dir: &Path, path: PathBuf) -> Result<Self> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp_path = dir.join(files::temp_name(&name));
+        let file = fs
+            .create_new(&temp_path)
+            .map_err(|e| Error::io("create", &temp_path, e))?;
+        Ok(SnapshotFileWriter {
+            fs,
+            dir: dir.to_path_buf(),
+            final_path: path,
+            temp_path,
+            file,
+            block: Vec::with_capacity(BLOCK_ALIGN),
+            block_entries: 0,
+            next_offset: 0,
+            index: Vec::new(),
+            key_hashes: Vec::new(),
+            last: None,
+            summary: FileSummary {
+                smallest_seq: u64::MAX,
+                ..FileSummary::default()
+            },
+        })
+    }
+
+    /// Adds one version (`None` is a tombstone).
+    pub fn add(&mut self, key: &[u8], seq: u64, value: Option<&[u8]>) -> Result<()> {
+        let new_key = match &self.last {
+            Some((last_key, last_seq)) => {
+                let order = last_key.as_slice().cmp(key);
+                if order.is_gt() || (order.is_eq() && *last_seq <= seq) {
+                    return Err(Error::corruption(
+                        &self.temp_path,
+                        self.next_offset,
+                        "versions given out of order while writing a snapshot file",
+                    ));
+                }
+                order.is_lt()
+            }
+            None => true,
+        };
+        if new_key {
+            self.key_hashes.push(bloom::key_hash(key));
+        }
+        // Close the block before this entry if the entry would overflow it.
+        // A key's versions may end up in two blocks; readers handle that.
+        let entry_start = self.block.len();
+        encode_entry(&mut self.block, key, seq, value);
+        if self.block_entries > 0 && self.block.len() > BLOCK_TARGET_BYTES {
+            let entry = self.block.split_off(entry_start);
+            self.flush_block()?;
+            self.block = entry;
+        }
+        self.block_entries += 1;
+        if self.summary.entry_count == 0 {
+            self.summary.smallest_key = key.to_vec();
+        }
+        self.summary.entry_count += 1;
+        self.summary.smallest_seq = self.summary.smallest_seq.min(seq);
+        self.summary.largest_seq = self.summary.largest_seq.max(seq);
+        self.last = Some((key.to_vec(), seq));
+        Ok(())
+    }
+
+    /// Seals the current block and writes it at the next aligned offset.
+    fn flush_block(&mut self) -> Result<()> {
+        if self.block_entries == 0 {
+            return Ok(());
+        }
+        let Some((last_key, _)) = self.last.clone() else {
+            return Ok(());
+        };
+        let sealed = seal_block(self.block_entries, &self.block);
+        self.file
+            .write_all_at(self.next_offset, &sealed)
+            .map_err(|e| Error::io("write", &self.temp_path, e))?;
+        // A block is at most one entry over the target; entries are bounded
+        // by the key and value limits, far below 4 GiB.
+        let len = u32::try_from(sealed.len()).map_err(|_| Error::InvalidOptions {
+            reason: "snapshot file block over 4 GiB".into(),
+        })?;
+        self.index.push((self.next_offset, len, last_key));
+        self.next_offset = (self.next_offset + sealed.len() as u64).div_ceil(BLOCK_ALIGN as u64)
+            * BLOCK_ALIGN as u64;
+        self.block.clear();
+        self.block_entries = 0;
+        Ok(())
+    }
+
+    /// Writes the index, filter and footer, makes the file durable and
+    /// renames it into place; returns what it holds.
+    pub fn finish(mut self) -> Result<FileSummary> {
+        self.flush_block()?;
+        let index = encode_index(&self.index);
+        let bloom_section = encode_bloom(bloom::PROBES, &bloom::build(&self.key_hashes));
+        // The index follows the last block directly; padding to the block
+        // alignment would only waste space.
+        let index_offset = match self.index.last() {
+            Some((offset, len, _)) => offset + u64::from(*len),
+            None => 0,
+        };
+        let footer = Footer {
+            index_offset,
+            index_len: index.len() as u64,
+            bloom_offset: index_offset + index.len() as u64,
+            bloom_len: bloom_section.len() as u64,
+            entry_count: self.summary.entry_count,
+        };
+        let mut tail = index;
+        tail.extend_from_slice(&bloom_section);
+        tail.extend_from_slice(&footer.encode());
+        self.file
+            .write_all_at(index_offset, &tail)
+            .map_err(|e| Error::io("write", &self.temp_path, e))?;
+        // Zero padding written after the last block is not part of the file.
+        let size = index_offset + tail.len() as u64;
+        self.file
+            .set_len(size)
+            .map_err(|e| Error::io("truncate", &self.temp_path, e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("fsync", &self.temp_path, e))?;
+        self.fs
+            .rename(&self.temp_path, &self.final_path)
+            .map_err(|e| Error::io("rename", &self.temp_path, e))?;
+        self.fs
+            .sync_dir(&self.dir)
+            .map_err(|e| Error::io("fsync directory", &self.dir, e))?;
+        self.summary.size_bytes = size;
+        if let Some((key, _)) = self.last.take() {
+            self.summary.largest_key = key;
+        }
+        if self.summary.entry_count == 0 {
+            self.summary.smallest_seq = 0;
+        }
+        Ok(self.summary)
+    }
+
+    /// Gives up on the file and removes its temporary.
+    pub fn abandon(self) {
+        let _ = self.fs.remove_file(&self.temp_path);
+    }
+}
