@@ -331,12 +331,12 @@ impl Storage {
         }
     }
 
-    /// The oldest sequence number a reader may still ask for.
-    fn horizon(&self) -> u64 {
-        let visible = self.read_state.visible_seq();
-        self.read_state
-            .oldest_pinned_seq()
-            .map_or(visible, |pinned| pinned.min(visible))
+    /// The sequence numbers readers may still read at: live snapshots and
+    /// the newest commit.
+    fn live_seqs(&self) -> Vec<u64> {
+        let mut seqs = self.read_state.pinned_seqs();
+        seqs.push(self.read_state.visible_seq());
+        seqs
     }
 
     fn new_file_path(&self) -> (u64, PathBuf) {
@@ -388,7 +388,7 @@ impl Storage {
 
     fn checkpoint(&self, frozen: &FrozenMemtable) -> Result<()> {
         // Tombstones stay: older versions of their keys may be in files.
-        let mut gc = VersionGc::new(self.horizon(), false);
+        let mut gc = VersionGc::new(self.live_seqs(), false);
         let versions = frozen.memtable.versions().map(Ok);
         let written = self.write_file(versions, &mut gc)?;
 
@@ -427,6 +427,7 @@ impl Storage {
             }
             ReadView { sources }
         });
+        remove_wal_segments_before(&*self.fs, &self.config.dir, frozen.wal_start_segment)?;
         {
             let mut state = self.state();
             state.manifest = manifest;
@@ -435,7 +436,7 @@ impl Storage {
         }
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.changed.notify_all();
-        remove_wal_segments_before(&*self.fs, &self.config.dir, frozen.wal_start_segment)
+        Ok(())
     }
 
     fn merge(&self, requested: u64) -> Result<()> {
@@ -445,7 +446,7 @@ impl Storage {
         };
         // Every file takes part, so nothing older can hide under a dropped
         // tombstone.
-        let mut gc = VersionGc::new(self.horizon(), true);
+        let mut gc = VersionGc::new(self.live_seqs(), true);
         let streams: Vec<_> = old_files.iter().map(|file| file.versions()).collect();
         let written = if old_files.is_empty() {
             None
@@ -478,9 +479,12 @@ impl Storage {
             ReadView { sources }
         });
         // Out of the manifest: each old file goes when its last reader does.
+        // Let go of them here before reporting the merge done, so that a
+        // caller dropping its last snapshot sees the files go at once.
         for file in &old_files {
             file.mark_obsolete();
         }
+        drop(old_files);
         {
             let mut state = self.state();
             state.manifest = manifest;

@@ -88,28 +88,35 @@ impl<I: Iterator<Item = Result<Version>>> Iterator for MergeIter<I> {
 
 /// Decides, version by version (in merge order), what survives a rewrite.
 ///
-/// `horizon` is the oldest sequence number any reader may still ask for:
-/// every version above it survives, and of the versions at or below it only
-/// the newest, which is what a reader at the horizon sees. A removal at or
-/// below the horizon is dropped too when `drop_tombstones` is set, which is
-/// safe only when the rewrite includes the oldest data (nothing older can
-/// resurface from a file left out).
+/// `snapshots` are the sequence numbers readers may still read at: every
+/// live snapshot, and the newest committed sequence number. A version is
+/// kept if some snapshot sees it, that is, if a snapshot lies at or above
+/// it and below the next newer version of its key; the newest version of a
+/// key is always kept. A removal is dropped too when `drop_tombstones` is
+/// set and every snapshot is at or above it: then nothing older survives
+/// beneath it, so no reader can tell it is gone. That is safe only when the
+/// rewrite includes the oldest data (nothing older can resurface from a file
+/// left out).
 pub(crate) struct VersionGc {
-    horizon: u64,
+    /// Ascending, without duplicates.
+    snapshots: Vec<u64>,
     drop_tombstones: bool,
     key: Option<bytes::Bytes>,
-    seen_at_horizon: bool,
+    /// Sequence number of the previous (newer) version of the current key.
+    newer: Option<u64>,
     /// Versions dropped so far.
     pub dropped: u64,
 }
 
 impl VersionGc {
-    pub fn new(horizon: u64, drop_tombstones: bool) -> VersionGc {
+    pub fn new(mut snapshots: Vec<u64>, drop_tombstones: bool) -> VersionGc {
+        snapshots.sort_unstable();
+        snapshots.dedup();
         VersionGc {
-            horizon,
+            snapshots,
             drop_tombstones,
             key: None,
-            seen_at_horizon: false,
+            newer: None,
             dropped: 0,
         }
     }
@@ -118,16 +125,21 @@ impl VersionGc {
     pub fn keep(&mut self, version: &Version) -> bool {
         if self.key.as_ref() != Some(&version.key) {
             self.key = Some(version.key.clone());
-            self.seen_at_horizon = false;
+            self.newer = None;
         }
-        let keep = if version.seq > self.horizon {
-            true
-        } else if !self.seen_at_horizon {
-            self.seen_at_horizon = true;
-            !(self.drop_tombstones && version.value.is_none())
-        } else {
-            false
+        let seen = match self.newer {
+            None => true,
+            Some(newer) => {
+                let first_at_or_above = self.snapshots.partition_point(|&s| s < version.seq);
+                self.snapshots
+                    .get(first_at_or_above)
+                    .is_some_and(|&s| s < newer)
+            }
         };
+        let oldest = self.snapshots.first().copied().unwrap_or(u64::MAX);
+        let keep =
+            seen && !(self.drop_tombstones && version.value.is_none() && oldest >= version.seq);
+        self.newer = Some(version.seq);
         if !keep {
             self.dropped += 1;
         }
@@ -170,26 +182,32 @@ mod tests {
     }
 
     #[test]
-    fn gc_keeps_versions_above_the_horizon_and_the_newest_at_or_below_it() {
+    fn gc_keeps_exactly_the_versions_some_snapshot_sees() {
         let versions = [
             version("a", 9, Some("new")),
-            version("a", 6, Some("at horizon")),
+            version("a", 7, Some("seen by nobody")),
+            version("a", 6, Some("seen at 6")),
             version("a", 4, Some("old")),
             version("b", 3, None),
             version("b", 2, Some("older")),
             version("c", 8, None),
+            version("c", 1, Some("under a tombstone")),
         ];
         let kept = |drop_tombstones| {
-            let mut gc = VersionGc::new(6, drop_tombstones);
+            // A snapshot at 6 and the current state at 10.
+            let mut gc = VersionGc::new(vec![10, 6], drop_tombstones);
             versions
                 .iter()
                 .filter(|v| gc.keep(v))
                 .map(|v| v.seq)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(kept(false), vec![9, 6, 3, 8]);
-        // The tombstone of b goes, and so does everything under it; the one
-        // of c is above the horizon and stays.
-        assert_eq!(kept(true), vec![9, 6, 8]);
+        // a@7 is hidden from 10 by a@9 and too new for 6; a@4 is hidden from
+        // 6 by a@6; b@2 is hidden from both by b@3. The snapshot at 6 still
+        // sees c@1 under the removal at 8.
+        assert_eq!(kept(false), vec![9, 6, 3, 8, 1]);
+        // b's removal is at or below every snapshot, so it goes; c's is
+        // above the snapshot at 6, which must not see c@1 come back.
+        assert_eq!(kept(true), vec![9, 6, 8, 1]);
     }
 }

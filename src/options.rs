@@ -71,7 +71,7 @@ impl Default for Options {
             durability: Durability::Sync,
             recovery_mode: RecoveryMode::TolerateCorruptedTail,
             wal_page_bytes: 4096,
-            wal_segment_bytes: 64 << 20,
+            wal_segment_bytes: 8 << 20,
             memtable_size: 64 << 20,
             max_wal_bytes: 256 << 20,
             max_frozen_memtables: 2,
@@ -120,7 +120,9 @@ impl Options {
 
     /// Size that each WAL segment file is preallocated to (filled with zeros,
     /// so that later writes overwrite blocks in place and `fdatasync` has no
-    /// file size to update); 64 MiB by default, at least 4 pages. A commit
+    /// file size to update); 8 MiB by default, at least 4 pages. The active
+    /// segment and the next one, prepared in the background, are on disk at
+    /// their full size while the database is open. A commit
     /// larger than a segment gets a segment of its own that grows past it.
     pub fn wal_segment_bytes(mut self, bytes: u64) -> Self {
         self.wal_segment_bytes = bytes;

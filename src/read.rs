@@ -101,9 +101,9 @@ impl ReadState {
         *guard = Arc::new(next);
     }
 
-    /// The sequence number of the oldest snapshot the application holds, if any.
-    pub fn oldest_pinned_seq(&self) -> Option<u64> {
-        self.pins.oldest()
+    /// The sequence numbers of the snapshots the application holds.
+    pub fn pinned_seqs(&self) -> Vec<u64> {
+        self.pins.counts().keys().copied().collect()
     }
 
     /// The current view. The lock is held only to clone a pointer.
@@ -159,10 +159,6 @@ impl PinRegistry {
         self.counts
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn oldest(&self) -> Option<u64> {
-        self.counts().keys().next().copied()
     }
 }
 
