@@ -294,8 +294,7 @@ impl Storage {
         }
     }
 
-    /// The background loop: checkpoints first (they free memory and unblock
-    /// writers), then merges.
+    /// The background loop.
     fn run(&self) {
         loop {
             let job = {
@@ -304,17 +303,20 @@ impl Storage {
                     if state.shutdown || state.failure.is_some() {
                         return;
                     }
+                    // Too many files come first, so that the bound on the
+                    // files a lookup reads holds even under a stream of
+                    // checkpoints (writers may then wait for the merge).
+                    if state.files.len() > self.config.max_snapshot_files {
+                        break Job::Merge {
+                            requested: state.merges_done,
+                        };
+                    }
                     if let Some(frozen) = state.frozen.front() {
                         break Job::Checkpoint(frozen.clone());
                     }
                     if state.merges_requested > state.merges_done {
                         break Job::Merge {
                             requested: state.merges_requested,
-                        };
-                    }
-                    if state.files.len() > self.config.max_snapshot_files {
-                        break Job::Merge {
-                            requested: state.merges_done,
                         };
                     }
                     state = self.wait(state);

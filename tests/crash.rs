@@ -3,9 +3,14 @@
 //! moment, reopens the database, and checks that every acknowledged batch is
 //! there whole and no batch is partial.
 //!
-//! The same directory is reused across iterations, so recovery also runs on
+//! The second test runs the child with a tiny memtable and explicit
+//! checkpoints and compactions, so kills land inside checkpoints and merges
+//! too; after each reopen no temporary file is left and every file the
+//! MANIFEST names opened (recovery refuses a missing one).
+//!
+//! A directory is reused for ten kills in a row, so recovery also runs on
 //! logs that earlier recoveries repaired. `MAPSTORE_CRASH_ITERATIONS` sets the
-//! number of kills (50 by default), `MAPSTORE_CRASH_SEED` the seed.
+//! number of kills per test (50 by default), `MAPSTORE_CRASH_SEED` the seed.
 
 mod common;
 
@@ -15,20 +20,42 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mapstore::{Db, Durability, WriteBatch};
+use mapstore::{Db, Durability, Options, WriteBatch};
 
 const CHILD_DIR: &str = "MAPSTORE_CRASH_CHILD_DIR";
 const CHILD_FIRST_BATCH: &str = "MAPSTORE_CRASH_CHILD_FIRST_BATCH";
+const CHILD_CHECKPOINTS: &str = "MAPSTORE_CRASH_CHILD_CHECKPOINTS";
+
+fn options(checkpoints: bool) -> Options {
+    let options = common::small_options(Durability::Sync);
+    if checkpoints {
+        options.memtable_size(16 * 1024).max_snapshot_files(3)
+    } else {
+        options
+    }
+}
 const KEYS_PER_BATCH: u64 = 10;
 const WRITER_THREADS: u64 = 4;
 
 /// The child's work: writers commit batches until killed, printing
 /// "ack <batch> <seq>" after each acknowledged commit.
-fn child_main(dir: &Path, first_batch: u64) -> ! {
-    let options = common::small_options(Durability::Sync);
-    let db = Db::open_with(dir, options).expect("child: open failed");
+fn child_main(dir: &Path, first_batch: u64, checkpoints: bool) -> ! {
+    let db = Db::open_with(dir, options(checkpoints)).expect("child: open failed");
     println!("ready {}", db.snapshot().seq());
     std::thread::scope(|scope| {
+        if checkpoints {
+            let db = db.clone();
+            scope.spawn(move || {
+                for n in 0u64.. {
+                    std::thread::sleep(std::time::Duration::from_millis(3));
+                    if n % 4 == 0 {
+                        db.compact().expect("child: compact failed");
+                    } else {
+                        db.checkpoint().expect("child: checkpoint failed");
+                    }
+                }
+            });
+        }
         for thread in 0..WRITER_THREADS {
             let db = db.clone();
             scope.spawn(move || {
@@ -56,9 +83,28 @@ fn child_main(dir: &Path, first_batch: u64) -> ! {
 
 #[test]
 fn sigkill_at_random_moments_loses_no_acknowledged_batch() {
+    kill_and_check(
+        "sigkill_at_random_moments_loses_no_acknowledged_batch",
+        false,
+    );
+}
+
+#[test]
+fn sigkill_during_checkpoints_and_merges_loses_no_acknowledged_batch() {
+    kill_and_check(
+        "sigkill_during_checkpoints_and_merges_loses_no_acknowledged_batch",
+        true,
+    );
+}
+
+/// Runs the kill loop; `test_name` is the test the child re-runs.
+fn kill_and_check(test_name: &str, checkpoints: bool) {
     if let Ok(dir) = std::env::var(CHILD_DIR) {
+        if std::env::var_os(CHILD_CHECKPOINTS).is_some() != checkpoints {
+            return; // the child of the other test
+        }
         let first = std::env::var(CHILD_FIRST_BATCH).unwrap().parse().unwrap();
-        child_main(Path::new(&dir), first);
+        child_main(Path::new(&dir), first, checkpoints);
     }
     let iterations = common::env_u64("MAPSTORE_CRASH_ITERATIONS", 50);
     let mut rng = common::Rng::new(common::env_u64("MAPSTORE_CRASH_SEED", 7));
@@ -68,6 +114,7 @@ fn sigkill_at_random_moments_loses_no_acknowledged_batch() {
     let mut max_acked_seq = 0;
     let mut torn_tails = 0;
     let mut total_acknowledged = 0;
+    let mut files_after_crash = 0;
     for iteration in 0..iterations {
         if iteration % 10 == 0 {
             // A fresh database every 10 kills keeps the log (which only grows
@@ -78,18 +125,17 @@ fn sigkill_at_random_moments_loses_no_acknowledged_batch() {
             max_acked_seq = 0;
         }
         let first_batch = iteration * 10_000_000;
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "sigkill_at_random_moments_loses_no_acknowledged_batch",
-                "--exact",
-                "--nocapture",
-            ])
+        let mut command = Command::new(std::env::current_exe().unwrap());
+        command
+            .args([test_name, "--exact", "--nocapture"])
             .env(CHILD_DIR, &path)
             .env(CHILD_FIRST_BATCH, first_batch.to_string())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::inherit());
+        if checkpoints {
+            command.env(CHILD_CHECKPOINTS, "1");
+        }
+        let mut child = command.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let lines = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
@@ -138,11 +184,12 @@ fn sigkill_at_random_moments_loses_no_acknowledged_batch() {
             max_acked_seq = max_acked_seq.max(seq);
         }
 
-        let db = Db::open_with(&path, common::small_options(Durability::Sync))
+        let db = Db::open_with(&path, options(checkpoints))
             .unwrap_or_else(|e| panic!("iteration {iteration}: reopen failed: {e}"));
         if db.recovery_report().torn_tail.is_some() {
             torn_tails += 1;
         }
+        files_after_crash += db.checkpoint_stats().snapshot_files;
         assert!(
             db.snapshot().seq() >= max_acked_seq,
             "iteration {iteration}: sequence number went back"
@@ -177,11 +224,28 @@ fn sigkill_at_random_moments_loses_no_acknowledged_batch() {
             );
         }
         db.close().unwrap();
+        // Open removed what the crash left; a merge the reopen started (too
+        // many files) finished before close returned.
+        let leftovers: Vec<_> = std::fs::read_dir(&path)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".tmp"))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "iteration {iteration}: temporary files left: {leftovers:?}"
+        );
     }
     total_acknowledged += acknowledged.len();
     eprintln!(
-        "{iterations} kills, {total_acknowledged} acknowledged batches checked, {torn_tails} torn tails cut"
+        "{iterations} kills, {total_acknowledged} acknowledged batches checked, {torn_tails} torn tails cut, {files_after_crash} snapshot files reopened"
     );
+    if checkpoints {
+        assert!(
+            files_after_crash > 0,
+            "no checkpoint ever completed before a kill"
+        );
+    }
     assert!(
         total_acknowledged > 0,
         "the child never acknowledged a write"
