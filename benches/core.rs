@@ -1,7 +1,8 @@
 //! Core benchmarks: synced writes (1, 4 and 8 threads, and batches of 1,000),
-//! random point reads and a full scan, beside the machine's own fdatasync
-//! rates measured in the same run (the baselines the write figures are
-//! compared with).
+//! beside the machine's own fdatasync rates measured in the same run (the
+//! baselines the write figures are compared with); random and absent point
+//! reads and a full scan, served by the memtable and by a snapshot file; and
+//! reopening after a checkpoint against replaying the same data from the WAL.
 //!
 //! `cargo bench --bench core`; `MAPSTORE_BENCH_KEYS` sets the number of keys
 //! for the read benchmarks (1,000,000 by default).
@@ -174,14 +175,8 @@ fn report_stats(name: &str, db: &Db) {
     );
 }
 
-fn bench_reads(c: &mut Criterion) {
-    let n = keys_for_reads();
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::open_with(
-        dir.path(),
-        Options::default().durability(Durability::Buffered),
-    )
-    .unwrap();
+/// Writes keys `0..n` in batches of 10,000 without fsyncs.
+fn load(db: &Db, n: u64) {
     for start in (0..n).step_by(10_000) {
         let mut batch = WriteBatch::new();
         for i in start..(start + 10_000).min(n) {
@@ -189,7 +184,19 @@ fn bench_reads(c: &mut Criterion) {
         }
         db.write(batch).unwrap();
     }
-    let mut group = c.benchmark_group("reads");
+}
+
+/// Options that keep every write in the memtable (no checkpoint runs).
+fn memtable_only() -> Options {
+    Options::default()
+        .durability(Durability::Buffered)
+        .memtable_size(usize::MAX)
+        .max_wal_bytes(u64::MAX)
+}
+
+/// Random get, absent get and full scan over `db`, holding keys `0..n`.
+fn read_benches(c: &mut Criterion, group_name: &str, db: &Db, n: u64) {
+    let mut group = c.benchmark_group(group_name);
     group.throughput(Throughput::Elements(1));
     let mut state = 1u64;
     group.bench_function(format!("random_get_{n}_keys"), |b| {
@@ -225,9 +232,63 @@ fn bench_reads(c: &mut Criterion) {
     group.finish();
 }
 
+/// Reads served by the memtable.
+fn bench_reads(c: &mut Criterion) {
+    let n = keys_for_reads();
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_with(dir.path(), memtable_only()).unwrap();
+    load(&db, n);
+    read_benches(c, "reads", &db, n);
+}
+
+/// The same reads served by one snapshot file (after a compaction the
+/// memtable is empty).
+fn bench_file_reads(c: &mut Criterion) {
+    let n = keys_for_reads();
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_with(dir.path(), memtable_only()).unwrap();
+    load(&db, n);
+    db.compact().unwrap();
+    assert_eq!(db.memtable_bytes(), 0);
+    assert_eq!(db.checkpoint_stats().snapshot_files, 1);
+    read_benches(c, "file_reads", &db, n);
+}
+
+/// Opening a database whose data is in a snapshot file, against opening
+/// one that replays the same data from the WAL.
+fn bench_reopen(c: &mut Criterion) {
+    let n = keys_for_reads();
+    let checkpointed = tempfile::tempdir().unwrap();
+    let db = Db::open_with(checkpointed.path(), memtable_only()).unwrap();
+    load(&db, n);
+    db.checkpoint().unwrap();
+    db.close().unwrap();
+    let logged = tempfile::tempdir().unwrap();
+    let db = Db::open_with(logged.path(), memtable_only()).unwrap();
+    load(&db, n);
+    db.close().unwrap();
+
+    let mut group = c.benchmark_group("reopen");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    for (name, dir) in [
+        ("after_checkpoint", &checkpointed),
+        ("replaying_wal", &logged),
+    ] {
+        group.bench_function(format!("{name}_{n}_keys"), |b| {
+            b.iter(|| {
+                let db = Db::open_with(dir.path(), memtable_only()).unwrap();
+                black_box(db.get(key(n / 2)).unwrap().unwrap());
+                db.close().unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
-    targets = bench_fdatasync_baselines, bench_synced_writes, bench_reads
+    targets = bench_fdatasync_baselines, bench_synced_writes, bench_reads, bench_file_reads, bench_reopen
 }
 criterion_main!(benches);
