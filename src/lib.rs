@@ -110,6 +110,44 @@ pub mod fuzzing {
     pub fn manifest(data: &[u8]) -> bool {
         crate::manifest::decode(data).is_ok()
     }
+
+    /// Reads `data` as a snapshot file: opens it, then looks up a few keys,
+    /// scans it both ways and reads every version. Returns how many versions
+    /// were read before the first error.
+    pub fn snapshot_file(data: &[u8]) -> usize {
+        use crate::memtable::Direction;
+        use std::ops::Bound;
+        let fs: std::sync::Arc<dyn crate::io::FileSystem> =
+            std::sync::Arc::new(crate::io::RealFileSystem);
+        let path = std::path::Path::new("fuzz-input.snap");
+        let Ok(file) = crate::snapshot_file::SnapshotFile::from_bytes(
+            fs,
+            path,
+            1,
+            bytes::Bytes::copy_from_slice(data),
+        ) else {
+            return 0;
+        };
+        let file = std::sync::Arc::new(file);
+        for key in [&b""[..], b"a", b"key", b"\xff"] {
+            let _ = file.get(key, u64::MAX);
+            let _ = file.get(key, 1);
+        }
+        for direction in [Direction::Forward, Direction::Backward] {
+            let mut out = Vec::new();
+            let _ = file.scan_chunk(
+                u64::MAX,
+                direction,
+                Bound::Unbounded,
+                Bound::Unbounded,
+                64,
+                &mut out,
+            );
+        }
+        file.versions()
+            .take_while(|version| version.is_ok())
+            .count()
+    }
 }
 
 // Compiles the README's example as a doctest, so it cannot drift from the API.

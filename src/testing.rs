@@ -4,6 +4,9 @@
 //! [`FaultyFileSystem`] wraps the real file system and, on command, makes
 //! fsyncs fail with `EIO` or writes fail with `ENOSPC`, so a test can check
 //! what an application does when the disk misbehaves.
+//! [`PowerCutFileSystem`] is an in-memory file system that stops at any
+//! chosen operation and restarts with only what a power cut would leave:
+//! unsynced data lost, torn writes, directory changes undone.
 //!
 //! ```
 //! # fn main() -> Result<(), mapstore::Error> {
@@ -28,6 +31,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 pub use crate::io::{EntryKind, FileLock, FileSystem, RealFileSystem, WritableFile};
+pub use power_cut::{PowerCut, PowerCutFileSystem};
+
+mod power_cut;
 
 /// A file system that forwards to the real one and injects failures on command.
 #[derive(Debug, Default)]

@@ -346,3 +346,27 @@ fn a_failed_checkpoint_stops_writes_and_loses_nothing() {
     db.checkpoint().unwrap();
     db.close().unwrap();
 }
+
+#[test]
+fn writers_wait_when_frozen_memtables_pile_up_and_lose_nothing() {
+    // Every commit fills the memtable, and only one frozen memtable may wait:
+    // the writer must wait for the background checkpoint (a few fsyncs)
+    // nearly every time.
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options::default()
+        .durability(Durability::Buffered)
+        .memtable_size(1)
+        .max_frozen_memtables(1);
+    let db = Db::open_with(dir.path(), options.clone()).unwrap();
+    for i in 0..50 {
+        db.insert(key(i), "v").unwrap();
+    }
+    let stats = db.checkpoint_stats();
+    assert!(stats.write_stalls > 0, "{stats:?}");
+    assert!(stats.write_stall_micros > 0, "{stats:?}");
+    assert!(stats.frozen_memtables <= 1, "{stats:?}");
+    assert_eq!(db.iter().count(), 50);
+    db.close().unwrap();
+    let db = Db::open_with(dir.path(), options).unwrap();
+    assert_eq!(db.iter().count(), 50);
+}

@@ -73,6 +73,17 @@ fn manifest_decoder_corpus() {
     }
 }
 
+#[test]
+fn snapshot_file_corpus() {
+    write_seeds_if_asked();
+    for (name, data) in inputs("snapshot_file") {
+        let versions = fuzzing::snapshot_file(&data);
+        if name.starts_with("valid-") {
+            assert!(versions > 0, "{name}: no versions read");
+        }
+    }
+}
+
 /// Writes the `valid-*` seeds when `MAPSTORE_WRITE_FUZZ_SEEDS` is set (once
 /// per test process).
 fn write_seeds_if_asked() {
@@ -89,7 +100,7 @@ fn write_seeds() {
         .durability(Durability::Buffered)
         .wal_page_bytes(512)
         .wal_segment_bytes(64 * 1024);
-    let db = Db::open_with(temp.path(), options).unwrap();
+    let db = Db::open_with(temp.path(), options.clone()).unwrap();
     db.insert("alpha", "1").unwrap();
     db.insert("", "empty key").unwrap();
     db.insert("empty value", "").unwrap();
@@ -102,18 +113,29 @@ fn write_seeds() {
     db.remove("gamma").unwrap();
     db.close().unwrap();
 
-    for target in ["wal_decoder", "record_decoder", "manifest_decoder"] {
+    for target in [
+        "wal_decoder",
+        "record_decoder",
+        "manifest_decoder",
+        "snapshot_file",
+    ] {
         fs::create_dir_all(corpus_dir(target)).unwrap();
     }
-    for entry in fs::read_dir(temp.path()).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name.ends_with(".wal") {
-            fs::copy(&path, corpus_dir("wal_decoder").join("valid-segment")).unwrap();
-        } else if name == "MANIFEST" {
-            fs::copy(&path, corpus_dir("manifest_decoder").join("valid-manifest")).unwrap();
+    let copy_seed = |extension: &str, target: &str, seed: &str| {
+        for entry in fs::read_dir(temp.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.to_string_lossy().ends_with(extension) {
+                fs::copy(&path, corpus_dir(target).join(seed)).unwrap();
+            }
         }
-    }
+    };
+    copy_seed(".wal", "wal_decoder", "valid-segment");
+    // A checkpoint turns the log into a snapshot file and a manifest naming it.
+    let db = Db::open_with(temp.path(), options).unwrap();
+    db.checkpoint().unwrap();
+    db.close().unwrap();
+    copy_seed(".snap", "snapshot_file", "valid-snapshot");
+    copy_seed("MANIFEST", "manifest_decoder", "valid-manifest");
 
     use mapstore::proto::{BatchRecord, OpKind, Operation};
     let op = |kind: OpKind, key: &str, value: &str| Operation {

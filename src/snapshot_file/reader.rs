@@ -66,6 +66,17 @@ impl SnapshotFile {
     /// Maps and checks the file `path`.
     pub fn open(fs: Arc<dyn FileSystem>, path: &Path, number: u64) -> Result<SnapshotFile> {
         let data = fs.map(path).map_err(|e| Error::io("map", path, e))?;
+        SnapshotFile::from_bytes(fs, path, number, data)
+    }
+
+    /// Checks the file whose bytes are `data` (what [`open`](Self::open)
+    /// mapped; the fuzzer passes arbitrary bytes).
+    pub fn from_bytes(
+        fs: Arc<dyn FileSystem>,
+        path: &Path,
+        number: u64,
+        data: Bytes,
+    ) -> Result<SnapshotFile> {
         let corrupt = |offset: u64, reason: String| Error::corruption(path, offset, reason);
         let footer_at = data.len().saturating_sub(FOOTER_BYTES) as u64;
         let footer = Footer::decode(&data).map_err(|error| match error {

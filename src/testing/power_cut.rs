@@ -1,0 +1,454 @@
+//! An in-memory file system that simulates power cuts.
+//!
+//! It keeps two states of everything: what the program sees (every write,
+//! create, rename and removal) and what is *durable* (file contents as of
+//! their last fsync, directory entries as of the directory's last fsync).
+//! [`PowerCutFileSystem::crash_at`] makes the N-th mutating operation fail
+//! and every operation after it fail too, as if the machine stopped there;
+//! [`PowerCutFileSystem::restart`] then builds the state a restarted machine
+//! could find, in one of several [`PowerCut`] modes, and lets a new `Db` open
+//! on it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use crate::io::{EntryKind, FileLock, FileSystem, WritableFile};
+
+/// What survives a power cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PowerCut {
+    /// Only what was fsynced: file contents as of their last fsync, and
+    /// directory entries as of their directory's last fsync.
+    LoseUnsynced,
+    /// Directory changes survive even without a directory fsync, but file
+    /// contents not fsynced are lost (a rename reaching disk before the data
+    /// of the renamed file).
+    KeepDirectoryChanges,
+    /// Unsynced file contents survive, but directory changes not fsynced are
+    /// undone.
+    KeepFileContents,
+    /// Directory changes survive, and each file keeps its unsynced writes up
+    /// to a point: the first `writes` of them whole, and `torn_bytes` bytes of
+    /// the next one (a torn write).
+    TornWrite {
+        /// Unsynced writes kept whole, in the order they were made.
+        writes: usize,
+        /// Bytes kept of the write after them.
+        torn_bytes: usize,
+    },
+}
+
+type FileId = u64;
+
+/// A change to a file not yet covered by an fsync.
+#[derive(Clone, Debug)]
+enum Change {
+    Write { offset: u64, bytes: Vec<u8> },
+    SetLen(u64),
+}
+
+#[derive(Clone, Debug, Default)]
+struct SimFile {
+    /// Contents as of the last fsync.
+    durable: Vec<u8>,
+    /// Changes since, in order.
+    pending: Vec<Change>,
+}
+
+impl SimFile {
+    fn apply(contents: &mut Vec<u8>, change: &Change, limit: Option<usize>) {
+        match change {
+            Change::Write { offset, bytes } => {
+                let bytes = &bytes[..limit.unwrap_or(bytes.len()).min(bytes.len())];
+                let start = *offset as usize;
+                if contents.len() < start + bytes.len() {
+                    contents.resize(start + bytes.len(), 0);
+                }
+                contents[start..start + bytes.len()].copy_from_slice(bytes);
+            }
+            Change::SetLen(len) => {
+                if limit.is_none() {
+                    contents.resize(*len as usize, 0);
+                }
+            }
+        }
+    }
+
+    fn current(&self) -> Vec<u8> {
+        let mut contents = self.durable.clone();
+        for change in &self.pending {
+            SimFile::apply(&mut contents, change, None);
+        }
+        contents
+    }
+
+    fn sync(&mut self) {
+        self.durable = self.current();
+        self.pending.clear();
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct State {
+    dirs: BTreeSet<PathBuf>,
+    /// What the program sees.
+    entries: BTreeMap<PathBuf, FileId>,
+    /// What survives a power cut without help.
+    durable_entries: BTreeMap<PathBuf, FileId>,
+    files: BTreeMap<FileId, SimFile>,
+    next_id: FileId,
+    locks: BTreeSet<PathBuf>,
+    /// Mutating operations performed so far.
+    operations: u64,
+    crash_at: Option<u64>,
+    crashed: bool,
+}
+
+impl State {
+    /// Counts a mutating operation; fails it if the machine has stopped.
+    fn operation(&mut self) -> io::Result<()> {
+        if self.crashed {
+            return Err(stopped());
+        }
+        self.operations += 1;
+        if self.crash_at.is_some_and(|at| self.operations >= at) {
+            self.crashed = true;
+            return Err(stopped());
+        }
+        Ok(())
+    }
+
+    fn file_mut(&mut self, id: FileId) -> io::Result<&mut SimFile> {
+        self.files.get_mut(&id).ok_or_else(not_found)
+    }
+}
+
+fn stopped() -> io::Error {
+    io::Error::other("simulated power cut: the machine has stopped")
+}
+
+fn not_found() -> io::Error {
+    io::Error::from(io::ErrorKind::NotFound)
+}
+
+/// An in-memory file system with power-cut simulation; see the
+/// [module documentation](self).
+///
+/// ```
+/// # fn main() -> Result<(), mapstore::Error> {
+/// use std::sync::Arc;
+/// use mapstore::{Db, Options};
+/// use mapstore::testing::{PowerCut, PowerCutFileSystem};
+///
+/// let fs = Arc::new(PowerCutFileSystem::new());
+/// let options = || Options::default().file_system(fs.clone());
+/// let db = Db::open_with("/db", options())?;
+/// db.insert("acknowledged", "1")?;          // synced: survives any power cut
+/// fs.crash_at(fs.operations() + 1);         // the next write never happens
+/// assert!(db.insert("lost", "2").is_err());
+/// drop(db);
+///
+/// fs.restart(PowerCut::LoseUnsynced);
+/// let db = Db::open_with("/db", options())?;
+/// assert!(db.contains_key("acknowledged")?);
+/// assert!(!db.contains_key("lost")?);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Default, Clone)]
+pub struct PowerCutFileSystem {
+    state: Arc<Mutex<State>>,
+}
+
+impl PowerCutFileSystem {
+    /// An empty file system with only the root directory.
+    pub fn new() -> PowerCutFileSystem {
+        let fs = PowerCutFileSystem::default();
+        fs.state().dirs.insert(PathBuf::from("/"));
+        fs
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every operation leaves the state consistent before it can fail.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Mutating operations (create, write, truncate, fsync, rename, remove,
+    /// directory fsync) performed since the last restart.
+    pub fn operations(&self) -> u64 {
+        self.state().operations
+    }
+
+    /// Stops the machine at mutating operation number `n` (counted from 1
+    /// since the last restart): that operation and every later one fail.
+    pub fn crash_at(&self, n: u64) {
+        self.state().crash_at = Some(n);
+    }
+
+    /// Whether the machine has stopped.
+    pub fn crashed(&self) -> bool {
+        self.state().crashed
+    }
+
+    /// A copy of the whole file system, to restart from several times with
+    /// different power-cut modes.
+    pub fn fork(&self) -> PowerCutFileSystem {
+        PowerCutFileSystem {
+            state: Arc::new(Mutex::new(self.state().clone())),
+        }
+    }
+
+    /// Restarts the machine: what survives is decided by `cut`, every lock is
+    /// released, operation counting starts again and no crash is scheduled.
+    /// Every `Db` using this file system must have been dropped.
+    pub fn restart(&self, cut: PowerCut) {
+        let mut state = self.state();
+        let entries = match cut {
+            PowerCut::LoseUnsynced | PowerCut::KeepFileContents => state.durable_entries.clone(),
+            PowerCut::KeepDirectoryChanges | PowerCut::TornWrite { .. } => state.entries.clone(),
+        };
+        for file in state.files.values_mut() {
+            let contents = match cut {
+                PowerCut::LoseUnsynced | PowerCut::KeepDirectoryChanges => file.durable.clone(),
+                PowerCut::KeepFileContents => file.current(),
+                PowerCut::TornWrite { writes, torn_bytes } => {
+                    let mut contents = file.durable.clone();
+                    for (index, change) in file.pending.iter().enumerate() {
+                        if index < writes {
+                            SimFile::apply(&mut contents, change, None);
+                        } else if index == writes {
+                            SimFile::apply(&mut contents, change, Some(torn_bytes));
+                        }
+                    }
+                    contents
+                }
+            };
+            file.durable = contents;
+            file.pending.clear();
+        }
+        let live: BTreeSet<FileId> = entries.values().copied().collect();
+        state.files.retain(|id, _| live.contains(id));
+        state.entries = entries.clone();
+        state.durable_entries = entries;
+        state.locks.clear();
+        state.operations = 0;
+        state.crash_at = None;
+        state.crashed = false;
+    }
+
+    /// The current contents of a file (what a program would read).
+    pub fn read_file(&self, path: &Path) -> Option<Vec<u8>> {
+        let state = self.state();
+        let id = state.entries.get(path)?;
+        state.files.get(id).map(SimFile::current)
+    }
+
+    /// Replaces the contents of a file, durably (to plant damage).
+    pub fn write_file(&self, path: &Path, contents: &[u8]) {
+        let mut state = self.state();
+        let id = match state.entries.get(path) {
+            Some(id) => *id,
+            None => {
+                let id = state.next_id;
+                state.next_id += 1;
+                state.entries.insert(path.to_path_buf(), id);
+                state.durable_entries.insert(path.to_path_buf(), id);
+                id
+            }
+        };
+        state.files.insert(
+            id,
+            SimFile {
+                durable: contents.to_vec(),
+                pending: Vec::new(),
+            },
+        );
+    }
+
+    /// The names of the files in `dir`, sorted.
+    pub fn file_names(&self, dir: &Path) -> Vec<String> {
+        let state = self.state();
+        state
+            .entries
+            .keys()
+            .filter(|path| path.parent() == Some(dir))
+            .filter_map(|path| path.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect()
+    }
+}
+
+#[derive(Debug)]
+struct SimWritable {
+    fs: PowerCutFileSystem,
+    id: FileId,
+}
+
+impl WritableFile for SimWritable {
+    fn write_all_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        let mut state = self.fs.state();
+        state.operation()?;
+        state.file_mut(self.id)?.pending.push(Change::Write {
+            offset,
+            bytes: bytes.to_vec(),
+        });
+        Ok(())
+    }
+
+    fn sync_data(&mut self) -> io::Result<()> {
+        let mut state = self.fs.state();
+        state.operation()?;
+        state.file_mut(self.id)?.sync();
+        Ok(())
+    }
+
+    fn sync_all(&mut self) -> io::Result<()> {
+        self.sync_data()
+    }
+
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        let mut state = self.fs.state();
+        state.operation()?;
+        state.file_mut(self.id)?.pending.push(Change::SetLen(len));
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct SimLock {
+    fs: PowerCutFileSystem,
+    path: PathBuf,
+}
+
+impl FileLock for SimLock {}
+
+impl Drop for SimLock {
+    fn drop(&mut self) {
+        self.fs.state().locks.remove(&self.path);
+    }
+}
+
+impl FileSystem for PowerCutFileSystem {
+    fn entry_kind(&self, path: &Path) -> io::Result<Option<EntryKind>> {
+        let state = self.state();
+        if state.dirs.contains(path) {
+            Ok(Some(EntryKind::Directory))
+        } else if state.entries.contains_key(path) {
+            Ok(Some(EntryKind::File))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        // Directories are durable at once: the engine creates only the
+        // database directory, before anything in it.
+        let mut state = self.state();
+        for ancestor in path.ancestors() {
+            state.dirs.insert(ancestor.to_path_buf());
+        }
+        Ok(())
+    }
+
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        if !self.state().dirs.contains(path) {
+            return Err(not_found());
+        }
+        Ok(self.file_names(path))
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        self.read_file(path).ok_or_else(not_found)
+    }
+
+    fn map(&self, path: &Path) -> io::Result<Bytes> {
+        self.read(path).map(Bytes::from)
+    }
+
+    fn create_new(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
+        let mut state = self.state();
+        if state.entries.contains_key(path) {
+            return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+        }
+        if !path.parent().is_some_and(|dir| state.dirs.contains(dir)) {
+            return Err(not_found());
+        }
+        state.operation()?;
+        let id = state.next_id;
+        state.next_id += 1;
+        state.files.insert(id, SimFile::default());
+        state.entries.insert(path.to_path_buf(), id);
+        Ok(Box::new(SimWritable {
+            fs: self.clone(),
+            id,
+        }))
+    }
+
+    fn open_writable(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
+        let id = *self.state().entries.get(path).ok_or_else(not_found)?;
+        Ok(Box::new(SimWritable {
+            fs: self.clone(),
+            id,
+        }))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut state = self.state();
+        let id = *state.entries.get(from).ok_or_else(not_found)?;
+        state.operation()?;
+        state.entries.remove(from);
+        state.entries.insert(to.to_path_buf(), id);
+        Ok(())
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.state();
+        if !state.entries.contains_key(path) {
+            return Err(not_found());
+        }
+        state.operation()?;
+        state.entries.remove(path);
+        Ok(())
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        let mut state = self.state();
+        state.operation()?;
+        let in_dir = |p: &PathBuf| p.parent() == Some(path);
+        let current: Vec<(PathBuf, FileId)> = state
+            .entries
+            .iter()
+            .filter(|(p, _)| in_dir(p))
+            .map(|(p, id)| (p.clone(), *id))
+            .collect();
+        state.durable_entries.retain(|p, _| !in_dir(p));
+        state.durable_entries.extend(current);
+        Ok(())
+    }
+
+    fn try_lock(&self, path: &Path) -> io::Result<Box<dyn FileLock>> {
+        let mut state = self.state();
+        if state.crashed {
+            return Err(stopped());
+        }
+        if !state.locks.insert(path.to_path_buf()) {
+            return Err(io::Error::from(io::ErrorKind::WouldBlock));
+        }
+        if !state.entries.contains_key(path) {
+            // The lock file itself is empty and needs no durability.
+            let id = state.next_id;
+            state.next_id += 1;
+            state.files.insert(id, SimFile::default());
+            state.entries.insert(path.to_path_buf(), id);
+            state.durable_entries.insert(path.to_path_buf(), id);
+        }
+        Ok(Box::new(SimLock {
+            fs: self.clone(),
+            path: path.to_path_buf(),
+        }))
+    }
+}
