@@ -31,6 +31,14 @@ pub enum PowerCut {
     /// Unsynced file contents survive, but directory changes not fsynced are
     /// undone.
     KeepFileContents,
+    /// File contents as of their last fsync, and every directory change made
+    /// since its directory's last fsync except the `index`-th one (counted
+    /// from 0, in the order they were made): a file system that reorders
+    /// metadata updates.
+    DropDirectoryChange {
+        /// Which unsynced directory change is lost.
+        index: usize,
+    },
     /// Directory changes survive, and each file keeps its unsynced writes up
     /// to a point: the first `writes` of them whole, and `torn_bytes` bytes of
     /// the next one (a torn write).
@@ -92,8 +100,42 @@ impl SimFile {
     }
 }
 
+/// A directory change not yet covered by a directory fsync.
+#[derive(Clone, Debug)]
+enum DirChange {
+    Create(PathBuf, FileId),
+    Rename(PathBuf, PathBuf, FileId),
+    Remove(PathBuf),
+}
+
+impl DirChange {
+    fn dir(&self) -> Option<&Path> {
+        match self {
+            DirChange::Create(path, _) | DirChange::Remove(path) => path.parent(),
+            DirChange::Rename(_, to, _) => to.parent(),
+        }
+    }
+
+    fn apply(&self, entries: &mut BTreeMap<PathBuf, FileId>) {
+        match self {
+            DirChange::Create(path, id) => {
+                entries.insert(path.clone(), *id);
+            }
+            DirChange::Rename(from, to, id) => {
+                entries.remove(from);
+                entries.insert(to.clone(), *id);
+            }
+            DirChange::Remove(path) => {
+                entries.remove(path);
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct State {
+    /// Directory changes since their directory's last fsync, in order.
+    unsynced_dir_changes: Vec<DirChange>,
     dirs: BTreeSet<PathBuf>,
     /// What the program sees.
     entries: BTreeMap<PathBuf, FileId>,
@@ -211,10 +253,21 @@ impl PowerCutFileSystem {
         let entries = match cut {
             PowerCut::LoseUnsynced | PowerCut::KeepFileContents => state.durable_entries.clone(),
             PowerCut::KeepDirectoryChanges | PowerCut::TornWrite { .. } => state.entries.clone(),
+            PowerCut::DropDirectoryChange { index } => {
+                let mut entries = state.durable_entries.clone();
+                for (i, change) in state.unsynced_dir_changes.iter().enumerate() {
+                    if i != index {
+                        change.apply(&mut entries);
+                    }
+                }
+                entries
+            }
         };
         for file in state.files.values_mut() {
             let contents = match cut {
-                PowerCut::LoseUnsynced | PowerCut::KeepDirectoryChanges => file.durable.clone(),
+                PowerCut::LoseUnsynced
+                | PowerCut::KeepDirectoryChanges
+                | PowerCut::DropDirectoryChange { .. } => file.durable.clone(),
                 PowerCut::KeepFileContents => file.current(),
                 PowerCut::TornWrite { writes, torn_bytes } => {
                     let mut contents = file.durable.clone();
@@ -235,6 +288,7 @@ impl PowerCutFileSystem {
         state.files.retain(|id, _| live.contains(id));
         state.entries = entries.clone();
         state.durable_entries = entries;
+        state.unsynced_dir_changes.clear();
         state.locks.clear();
         state.operations = 0;
         state.crash_at = None;
@@ -382,6 +436,9 @@ impl FileSystem for PowerCutFileSystem {
         state.next_id += 1;
         state.files.insert(id, SimFile::default());
         state.entries.insert(path.to_path_buf(), id);
+        state
+            .unsynced_dir_changes
+            .push(DirChange::Create(path.to_path_buf(), id));
         Ok(Box::new(SimWritable {
             fs: self.clone(),
             id,
@@ -402,6 +459,11 @@ impl FileSystem for PowerCutFileSystem {
         state.operation()?;
         state.entries.remove(from);
         state.entries.insert(to.to_path_buf(), id);
+        state.unsynced_dir_changes.push(DirChange::Rename(
+            from.to_path_buf(),
+            to.to_path_buf(),
+            id,
+        ));
         Ok(())
     }
 
@@ -412,6 +474,9 @@ impl FileSystem for PowerCutFileSystem {
         }
         state.operation()?;
         state.entries.remove(path);
+        state
+            .unsynced_dir_changes
+            .push(DirChange::Remove(path.to_path_buf()));
         Ok(())
     }
 
@@ -427,6 +492,9 @@ impl FileSystem for PowerCutFileSystem {
             .collect();
         state.durable_entries.retain(|p, _| !in_dir(p));
         state.durable_entries.extend(current);
+        state
+            .unsynced_dir_changes
+            .retain(|change| change.dir() != Some(path));
         Ok(())
     }
 
