@@ -76,7 +76,7 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, DecodeError> {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&bytes[8..16]);
     hasher.update(payload);
-    if hasher.finalize() != le_u32(&bytes[16..20]) {
+    if !crate::checksum::matches(le_u32(&bytes[16..20]), hasher.finalize()) {
         return Err(DecodeError::Corrupt(16, "checksum mismatch".into()));
     }
     // Checked after the checksum, which covers it: a flipped bit in the

@@ -84,6 +84,15 @@ fn snapshot_file_corpus() {
     }
 }
 
+#[test]
+fn round_trip_corpus() {
+    // Panics inside on any difference between what was framed and what was
+    // read back.
+    for (_name, data) in inputs("round_trip") {
+        fuzzing::round_trip(&data);
+    }
+}
+
 /// Writes the `valid-*` seeds when `MAPSTORE_WRITE_FUZZ_SEEDS` is set (once
 /// per test process).
 fn write_seeds_if_asked() {

@@ -122,7 +122,7 @@ pub fn decode_block(block: &[u8]) -> Result<Vec<EntryRef>, String> {
     let body_end = block.len() - 4;
     let mut pos = body_end;
     let stored_crc = get_u32(block, &mut pos)?;
-    if crc32fast::hash(&block[..body_end]) != stored_crc {
+    if !crate::checksum::matches(stored_crc, crc32fast::hash(&block[..body_end])) {
         return Err("block checksum mismatch".into());
     }
     let mut pos = 0;
@@ -201,7 +201,10 @@ pub fn decode_index(index: &[u8], data_end: u64) -> Result<Vec<IndexEntry>, Stri
     }
     let body_end = index.len() - 4;
     let mut pos = body_end;
-    if crc32fast::hash(&index[..body_end]) != get_u32(index, &mut pos)? {
+    if !crate::checksum::matches(
+        get_u32(index, &mut pos)?,
+        crc32fast::hash(&index[..body_end]),
+    ) {
         return Err("index checksum mismatch".into());
     }
     let body = &index[..body_end];
@@ -263,7 +266,10 @@ pub fn decode_bloom(section: &[u8]) -> Result<(u8, Range<usize>), String> {
     }
     let body_end = section.len() - 4;
     let mut pos = body_end;
-    if crc32fast::hash(&section[..body_end]) != get_u32(section, &mut pos)? {
+    if !crate::checksum::matches(
+        get_u32(section, &mut pos)?,
+        crc32fast::hash(&section[..body_end]),
+    ) {
         return Err("bloom filter checksum mismatch".into());
     }
     let probes = section[0];
@@ -321,7 +327,7 @@ impl Footer {
         if footer[0..8] != SNAPSHOT_MAGIC {
             return Err(corrupt("wrong magic number in the footer"));
         }
-        if crc32fast::hash(&footer[..60]) != crc {
+        if !crate::checksum::matches(crc, crc32fast::hash(&footer[..60])) {
             return Err(corrupt("footer checksum mismatch"));
         }
         let mut pos = 8;

@@ -82,7 +82,7 @@ impl SegmentHeader {
         if header[0..8] != WAL_MAGIC {
             return Err(HeaderError::Invalid("wrong magic number".into()));
         }
-        if crc32fast::hash(&header[0..24]) != le_u32(&header[24..28]) {
+        if !crate::checksum::matches(le_u32(&header[24..28]), crc32fast::hash(&header[0..24])) {
             return Err(HeaderError::Invalid(
                 "segment header checksum mismatch".into(),
             ));

@@ -338,7 +338,10 @@ impl<'a> Reader<'a> {
         if header.run_page as usize > pos / self.page {
             return Err("fragment tagged with a later page".into());
         }
-        if fragment_crc(self.segment_number, &header_bytes[4..], payload) != header.crc {
+        if !crate::checksum::matches(
+            header.crc,
+            fragment_crc(self.segment_number, &header_bytes[4..], payload),
+        ) {
             return Err("fragment checksum mismatch".into());
         }
         Ok(Fragment {
