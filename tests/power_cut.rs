@@ -16,6 +16,9 @@
 //!   `Strict` mode accepts what recovery left.
 //!
 //! `MAPSTORE_POWER_CUT_STRIDE` tests every n-th operation only (default 1).
+//! The randomized soak mode runs random workloads crashed at random
+//! operations in random power-cut states: `MAPSTORE_POWER_CUT_SEED` and
+//! `MAPSTORE_POWER_CUT_ITERATIONS` (default 4 workloads of 8 crashes each).
 
 mod common;
 
@@ -33,8 +36,8 @@ const DIR: &str = "/db";
 /// One step of a workload.
 #[derive(Clone, Debug)]
 enum Step {
-    Insert(&'static str, Vec<u8>),
-    Remove(&'static str),
+    Insert(String, Vec<u8>),
+    Remove(String),
     Batch(Vec<(String, Option<Vec<u8>>)>),
     Checkpoint,
     Compact,
@@ -260,11 +263,11 @@ fn single_inserts_and_removes_survive_every_power_cut() {
     crash_everywhere(
         "single inserts",
         &[
-            Step::Insert("a", b"1".to_vec()),
-            Step::Insert("b", vec![2; 300]),
-            Step::Remove("a"),
-            Step::Insert("c", vec![3; 1200]),
-            Step::Insert("b", b"overwritten".to_vec()),
+            Step::Insert("a".into(), b"1".to_vec()),
+            Step::Insert("b".into(), vec![2; 300]),
+            Step::Remove("a".into()),
+            Step::Insert("c".into(), vec![3; 1200]),
+            Step::Insert("b".into(), b"overwritten".to_vec()),
         ],
     );
 }
@@ -292,14 +295,67 @@ fn checkpoints_merges_and_reopens_survive_every_power_cut() {
         &[
             batch("a", 30, 120),
             Step::Checkpoint,
-            Step::Insert("b", vec![1; 400]),
+            Step::Insert("b".into(), vec![1; 400]),
             batch("a", 10, 60),
             Step::Checkpoint,
-            Step::Remove("a0003"),
+            Step::Remove("a0003".into()),
             Step::Compact,
             Step::Reopen,
-            Step::Insert("c", b"after reopen".to_vec()),
+            Step::Insert("c".into(), b"after reopen".to_vec()),
             batch("d", 20, 150),
         ],
     );
+}
+
+fn random_workload(rng: &mut common::Rng) -> Vec<Step> {
+    let key = |rng: &mut common::Rng| format!("k{:02}", rng.below(30));
+    (0..rng.below(20) + 5)
+        .map(|_| match rng.below(20) {
+            0..=7 => Step::Insert(key(rng), rng.bytes(600)),
+            8..=10 => Step::Remove(key(rng)),
+            11..=15 => Step::Batch(
+                (0..rng.below(12) + 1)
+                    .map(|_| {
+                        let value = rng.chance(75).then(|| rng.bytes(300));
+                        (key(rng), value)
+                    })
+                    .collect(),
+            ),
+            16 => Step::Checkpoint,
+            17 => Step::Compact,
+            _ => Step::Reopen,
+        })
+        .collect()
+}
+
+#[test]
+fn random_workloads_survive_random_power_cuts() {
+    let seed = common::env_u64("MAPSTORE_POWER_CUT_SEED", 11);
+    let iterations = common::env_u64("MAPSTORE_POWER_CUT_ITERATIONS", 4);
+    let mut rng = common::Rng::new(seed);
+    let cuts = power_cuts();
+    let mut checked = 0;
+    for iteration in 0..iterations {
+        let steps = random_workload(&mut rng);
+        let clean = PowerCutFileSystem::new();
+        assert!(run(&clean, &steps).with_in_flight.is_none());
+        let operations = clean.operations();
+        for _ in 0..8 {
+            let crash_at = rng.below(operations) + 1;
+            let fs = PowerCutFileSystem::new();
+            fs.crash_at(crash_at);
+            let outcome = run(&fs, &steps);
+            for _ in 0..3 {
+                let cut = cuts[rng.below(cuts.len() as u64) as usize];
+                let after = fs.fork();
+                after.restart(cut);
+                let context = format!(
+                    "seed {seed} iteration {iteration}: crash at {crash_at} of {operations}, {cut:?}, steps {steps:?}"
+                );
+                check_recovery(&after, &outcome, &context);
+                checked += 1;
+            }
+        }
+    }
+    eprintln!("random workloads: {checked} power-cut states checked (seed {seed})");
 }
