@@ -148,6 +148,10 @@ struct State {
     operations: u64,
     crash_at: Option<u64>,
     crashed: bool,
+    /// Reads fail with EIO.
+    fail_reads: bool,
+    /// Every read returns the data with one bit flipped at this offset.
+    flip_on_read: Option<u64>,
 }
 
 impl State {
@@ -230,6 +234,18 @@ impl PowerCutFileSystem {
     /// since the last restart): that operation and every later one fail.
     pub fn crash_at(&self, n: u64) {
         self.state().crash_at = Some(n);
+    }
+
+    /// While `on`, every read and map fails with `EIO`.
+    pub fn fail_reads(&self, on: bool) {
+        self.state().fail_reads = on;
+    }
+
+    /// While `Some(offset)`, every read and map of a file at least that long
+    /// returns its contents with the lowest bit of byte `offset` flipped (the
+    /// data on "disk" is unchanged): bit rot in the page cache or on the bus.
+    pub fn flip_bit_on_read(&self, offset: Option<u64>) {
+        self.state().flip_on_read = offset;
     }
 
     /// Whether the machine has stopped.
@@ -416,7 +432,18 @@ impl FileSystem for PowerCutFileSystem {
     }
 
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        self.read_file(path).ok_or_else(not_found)
+        let (fail, flip) = {
+            let state = self.state();
+            (state.fail_reads, state.flip_on_read)
+        };
+        if fail {
+            return Err(io::Error::from_raw_os_error(5)); // EIO
+        }
+        let mut contents = self.read_file(path).ok_or_else(not_found)?;
+        if let Some(byte) = flip.and_then(|offset| contents.get_mut(offset as usize)) {
+            *byte ^= 1;
+        }
+        Ok(contents)
     }
 
     fn map(&self, path: &Path) -> io::Result<Bytes> {
