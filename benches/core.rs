@@ -95,6 +95,62 @@ fn bench_fdatasync_baselines(c: &mut Criterion) {
     group.finish();
 }
 
+/// The cost of the `FileSystem` trait the engine routes every file
+/// operation through: 4 KiB writes in the page cache, and 4 KiB overwrite +
+/// fdatasync, each through `std::fs` directly and through the trait object.
+fn bench_io_layer(c: &mut Criterion) {
+    use mapstore::testing::{FileSystem, RealFileSystem};
+    let mut group = c.benchmark_group("io_layer");
+    group.throughput(Throughput::Elements(1));
+    let dir = tempfile::tempdir().unwrap();
+    let page = vec![0x5Au8; 4096];
+    let span = 16u64 << 20;
+
+    let direct = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(dir.path().join("direct"))
+        .unwrap();
+    let fs: Arc<dyn FileSystem> = Arc::new(RealFileSystem);
+    let mut via_trait = fs.create_new(&dir.path().join("trait")).unwrap();
+    for offset in (0..span).step_by(4096) {
+        direct.write_all_at(&page, offset).unwrap();
+        via_trait.write_all_at(offset, &page).unwrap();
+    }
+    direct.sync_all().unwrap();
+    via_trait.sync_all().unwrap();
+
+    let mut offset = 0u64;
+    group.bench_function("pwrite_4k_std", |b| {
+        b.iter(|| {
+            direct.write_all_at(&page, offset).unwrap();
+            offset = (offset + 4096) % span;
+        })
+    });
+    group.bench_function("pwrite_4k_trait", |b| {
+        b.iter(|| {
+            via_trait.write_all_at(offset, &page).unwrap();
+            offset = (offset + 4096) % span;
+        })
+    });
+    group.bench_function("overwrite_fdatasync_4k_std", |b| {
+        b.iter(|| {
+            direct.write_all_at(&page, offset).unwrap();
+            direct.sync_data().unwrap();
+            offset = (offset + 4096) % span;
+        })
+    });
+    group.bench_function("overwrite_fdatasync_4k_trait", |b| {
+        b.iter(|| {
+            via_trait.write_all_at(offset, &page).unwrap();
+            via_trait.sync_data().unwrap();
+            offset = (offset + 4096) % span;
+        })
+    });
+    group.finish();
+}
+
 fn open_db(dir: &std::path::Path) -> Db {
     Db::open_with(dir, Options::default().durability(Durability::Sync)).unwrap()
 }
@@ -289,6 +345,6 @@ fn bench_reopen(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
-    targets = bench_fdatasync_baselines, bench_synced_writes, bench_reads, bench_file_reads, bench_reopen
+    targets = bench_fdatasync_baselines, bench_io_layer, bench_synced_writes, bench_reads, bench_file_reads, bench_reopen
 }
 criterion_main!(benches);
