@@ -122,7 +122,13 @@ fn run(fs: &PowerCutFileSystem, steps: &[Step]) -> Outcome {
                 step.apply(&mut outcome.acknowledged);
                 outcome.last_seq = outcome.last_seq.max(seq);
             }
-            Err(_) => {
+            Err(error) => {
+                // No retry as if nothing happened: the database refuses
+                // writes until it is reopened.
+                assert!(
+                    db.insert("probe-after-failure", "x").is_err(),
+                    "a write was accepted after {step:?} failed with {error}"
+                );
                 let mut with = outcome.acknowledged.clone();
                 step.apply(&mut with);
                 outcome.with_in_flight = Some(with);
@@ -436,4 +442,39 @@ fn bit_flips_and_read_errors_never_give_wrong_data() {
         Err(mapstore::Error::Io { source, .. }) => assert_eq!(source.raw_os_error(), Some(5)),
         other => panic!("expected the read error, got {other:?}"),
     }
+}
+
+/// Fails each operation of a workload in turn (a write with ENOSPC, an
+/// fsync with EIO losing what it should have flushed, anything else with
+/// EIO) while the machine goes on. The failing step must report an error,
+/// later writes must be refused until reopen, and the reopened database must
+/// hold exactly the acknowledged writes, or those plus the failed one.
+#[test]
+fn a_failed_operation_is_never_reported_committed_and_reopen_recovers() {
+    let steps = [
+        Step::Insert("a".into(), vec![1; 100]),
+        batch("b", 20, 200),
+        Step::Checkpoint,
+        Step::Insert("c".into(), vec![3; 900]),
+        Step::Compact,
+        Step::Remove("a".into()),
+        batch("d", 5, 50),
+    ];
+    let clean = PowerCutFileSystem::new();
+    assert!(run(&clean, &steps).with_in_flight.is_none());
+    let operations = clean.operations();
+    let mut failed_steps = 0;
+    for fail_at in 1..=operations {
+        let fs = PowerCutFileSystem::new();
+        fs.fail_operation_at(fail_at);
+        let context = format!("operation {fail_at} of {operations} failed");
+        let outcome = run(&fs, &steps);
+        if outcome.with_in_flight.is_some() {
+            failed_steps += 1;
+        }
+        fs.restart(PowerCut::NoPowerLoss);
+        check_recovery(&fs, &outcome, &context);
+    }
+    eprintln!("failed operations: {operations} injected, {failed_steps} failed a step");
+    assert!(failed_steps > operations / 2, "most failures must surface");
 }

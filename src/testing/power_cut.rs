@@ -21,6 +21,9 @@ use crate::io::{EntryKind, FileLock, FileSystem, WritableFile};
 /// What survives a power cut.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PowerCut {
+    /// No power loss: only the process stopped (like SIGKILL); everything it
+    /// wrote survives, synced or not.
+    NoPowerLoss,
     /// Only what was fsynced: file contents as of their last fsync, and
     /// directory entries as of their directory's last fsync.
     LoseUnsynced,
@@ -148,6 +151,8 @@ struct State {
     operations: u64,
     crash_at: Option<u64>,
     crashed: bool,
+    /// The operation that fails without stopping the machine.
+    fail_at: Option<u64>,
     /// Reads fail with EIO.
     fail_reads: bool,
     /// Every read returns the data with one bit flipped at this offset.
@@ -168,6 +173,11 @@ impl State {
         Ok(())
     }
 
+    /// Whether the operation just counted is the one chosen to fail.
+    fn fails_now(&self) -> bool {
+        self.fail_at == Some(self.operations)
+    }
+
     fn file_mut(&mut self, id: FileId) -> io::Result<&mut SimFile> {
         self.files.get_mut(&id).ok_or_else(not_found)
     }
@@ -175,6 +185,10 @@ impl State {
 
 fn stopped() -> io::Error {
     io::Error::other("simulated power cut: the machine has stopped")
+}
+
+fn eio() -> io::Error {
+    io::Error::from_raw_os_error(5)
 }
 
 fn not_found() -> io::Error {
@@ -236,6 +250,14 @@ impl PowerCutFileSystem {
         self.state().crash_at = Some(n);
     }
 
+    /// Makes mutating operation number `n` fail while the machine goes on: a
+    /// write fails with `ENOSPC` and writes nothing; an fsync fails with
+    /// `EIO` and, as on Linux, the file's unsynced changes are lost; any other
+    /// operation fails with `EIO` and does nothing.
+    pub fn fail_operation_at(&self, n: u64) {
+        self.state().fail_at = Some(n);
+    }
+
     /// While `on`, every read and map fails with `EIO`.
     pub fn fail_reads(&self, on: bool) {
         self.state().fail_reads = on;
@@ -268,7 +290,9 @@ impl PowerCutFileSystem {
         let mut state = self.state();
         let entries = match cut {
             PowerCut::LoseUnsynced | PowerCut::KeepFileContents => state.durable_entries.clone(),
-            PowerCut::KeepDirectoryChanges | PowerCut::TornWrite { .. } => state.entries.clone(),
+            PowerCut::NoPowerLoss | PowerCut::KeepDirectoryChanges | PowerCut::TornWrite { .. } => {
+                state.entries.clone()
+            }
             PowerCut::DropDirectoryChange { index } => {
                 let mut entries = state.durable_entries.clone();
                 for (i, change) in state.unsynced_dir_changes.iter().enumerate() {
@@ -284,7 +308,7 @@ impl PowerCutFileSystem {
                 PowerCut::LoseUnsynced
                 | PowerCut::KeepDirectoryChanges
                 | PowerCut::DropDirectoryChange { .. } => file.durable.clone(),
-                PowerCut::KeepFileContents => file.current(),
+                PowerCut::NoPowerLoss | PowerCut::KeepFileContents => file.current(),
                 PowerCut::TornWrite { writes, torn_bytes } => {
                     let mut contents = file.durable.clone();
                     for (index, change) in file.pending.iter().enumerate() {
@@ -308,6 +332,7 @@ impl PowerCutFileSystem {
         state.locks.clear();
         state.operations = 0;
         state.crash_at = None;
+        state.fail_at = None;
         state.crashed = false;
     }
 
@@ -362,6 +387,9 @@ impl WritableFile for SimWritable {
     fn write_all_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
         let mut state = self.fs.state();
         state.operation()?;
+        if state.fails_now() {
+            return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+        }
         state.file_mut(self.id)?.pending.push(Change::Write {
             offset,
             bytes: bytes.to_vec(),
@@ -372,6 +400,10 @@ impl WritableFile for SimWritable {
     fn sync_data(&mut self) -> io::Result<()> {
         let mut state = self.fs.state();
         state.operation()?;
+        if state.fails_now() {
+            state.file_mut(self.id)?.pending.clear();
+            return Err(eio());
+        }
         state.file_mut(self.id)?.sync();
         Ok(())
     }
@@ -383,6 +415,9 @@ impl WritableFile for SimWritable {
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         let mut state = self.fs.state();
         state.operation()?;
+        if state.fails_now() {
+            return Err(eio());
+        }
         state.file_mut(self.id)?.pending.push(Change::SetLen(len));
         Ok(())
     }
@@ -437,7 +472,7 @@ impl FileSystem for PowerCutFileSystem {
             (state.fail_reads, state.flip_on_read)
         };
         if fail {
-            return Err(io::Error::from_raw_os_error(5)); // EIO
+            return Err(eio());
         }
         let mut contents = self.read_file(path).ok_or_else(not_found)?;
         if let Some(byte) = flip.and_then(|offset| contents.get_mut(offset as usize)) {
@@ -459,6 +494,9 @@ impl FileSystem for PowerCutFileSystem {
             return Err(not_found());
         }
         state.operation()?;
+        if state.fails_now() {
+            return Err(eio());
+        }
         let id = state.next_id;
         state.next_id += 1;
         state.files.insert(id, SimFile::default());
@@ -484,6 +522,9 @@ impl FileSystem for PowerCutFileSystem {
         let mut state = self.state();
         let id = *state.entries.get(from).ok_or_else(not_found)?;
         state.operation()?;
+        if state.fails_now() {
+            return Err(eio());
+        }
         state.entries.remove(from);
         state.entries.insert(to.to_path_buf(), id);
         state.unsynced_dir_changes.push(DirChange::Rename(
@@ -500,6 +541,9 @@ impl FileSystem for PowerCutFileSystem {
             return Err(not_found());
         }
         state.operation()?;
+        if state.fails_now() {
+            return Err(eio());
+        }
         state.entries.remove(path);
         state
             .unsynced_dir_changes
@@ -510,6 +554,9 @@ impl FileSystem for PowerCutFileSystem {
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         let mut state = self.state();
         state.operation()?;
+        if state.fails_now() {
+            return Err(eio());
+        }
         let in_dir = |p: &PathBuf| p.parent() == Some(path);
         let current: Vec<(PathBuf, FileId)> = state
             .entries
