@@ -436,12 +436,26 @@ fn bit_flips_and_read_errors_never_give_wrong_data() {
     eprintln!("bit flips on read: {outcomes:?}");
     assert!(outcomes.contains_key("Corruption"));
 
+    // An unreadable directory (listing fails) is an I/O error naming it.
     let trial = fs.fork();
     trial.fail_reads(true);
     match Db::open_with(DIR, options(&trial)) {
         Err(mapstore::Error::Io { source, .. }) => assert_eq!(source.raw_os_error(), Some(5)),
         other => panic!("expected the read error, got {other:?}"),
     }
+    let trial = fs.fork();
+    trial.fail_listing(true);
+    match Db::open_with(DIR, options(&trial)) {
+        Err(mapstore::Error::Io { path, source, .. }) => {
+            assert_eq!(path, Path::new(DIR));
+            assert_eq!(source.kind(), std::io::ErrorKind::PermissionDenied);
+        }
+        other => panic!("expected the listing error, got {other:?}"),
+    }
+    assert_eq!(
+        trial.file_names(Path::new(DIR)),
+        fs.file_names(Path::new(DIR))
+    );
 }
 
 /// Fails each operation of a workload in turn (a write with ENOSPC, an

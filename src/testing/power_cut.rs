@@ -155,6 +155,8 @@ struct State {
     fail_at: Option<u64>,
     /// Reads fail with EIO.
     fail_reads: bool,
+    /// Directory listings fail with "permission denied".
+    fail_listing: bool,
     /// Every read returns the data with one bit flipped at this offset.
     flip_on_read: Option<u64>,
 }
@@ -256,6 +258,12 @@ impl PowerCutFileSystem {
     /// operation fails with `EIO` and does nothing.
     pub fn fail_operation_at(&self, n: u64) {
         self.state().fail_at = Some(n);
+    }
+
+    /// While `on`, listing a directory fails with "permission denied" (an
+    /// unreadable directory).
+    pub fn fail_listing(&self, on: bool) {
+        self.state().fail_listing = on;
     }
 
     /// While `on`, every read and map fails with `EIO`.
@@ -460,6 +468,9 @@ impl FileSystem for PowerCutFileSystem {
     }
 
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        if self.state().fail_listing {
+            return Err(io::Error::from(io::ErrorKind::PermissionDenied));
+        }
         if !self.state().dirs.contains(path) {
             return Err(not_found());
         }
