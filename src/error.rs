@@ -83,9 +83,12 @@ pub enum Error {
         /// What is wrong there.
         reason: String,
     },
-    /// An earlier write or fsync of the write-ahead log failed, so the state of
-    /// the log on disk is unknown. The database refuses writes until it is
-    /// reopened (which recovers from what is durable); reads keep working.
+    /// An earlier write or fsync of the write-ahead log, or a background
+    /// checkpoint or merge, failed, so the state on disk is unknown. The
+    /// database refuses writes until it is reopened (which recovers from what
+    /// is durable); reads keep working. This holds for a full disk too
+    /// (`ENOSPC`): freeing space is not enough, reopen after it; nothing
+    /// acknowledged before the failure is lost.
     WritesStopped {
         /// The failure that stopped writes.
         cause: String,
