@@ -188,13 +188,30 @@ impl Storage {
     /// Waits until fewer than `max_frozen_memtables` memtables wait for a
     /// checkpoint (backpressure on the commit path).
     pub fn wait_for_room(&self) -> Result<()> {
-        let mut state = self.state();
+        let state = self.state();
         if state.frozen.len() < self.config.max_frozen_memtables {
             return Ok(());
         }
         let started = Instant::now();
         self.write_stalls.fetch_add(1, Ordering::Relaxed);
-        while state.frozen.len() >= self.config.max_frozen_memtables {
+        let max = self.config.max_frozen_memtables;
+        drop(self.wait_until(state, |state| state.frozen.len() < max)?);
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.write_stall_micros.fetch_add(micros, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Waits until `done` holds, or fails if background work failed or the
+    /// database is shutting down first.
+    fn wait_until<'a>(
+        &self,
+        mut state: MutexGuard<'a, State>,
+        done: impl Fn(&State) -> bool,
+    ) -> Result<MutexGuard<'a, State>> {
+        loop {
+            if done(&state) {
+                return Ok(state);
+            }
             if let Some(cause) = &state.failure {
                 return Err(Self::failure_error(cause));
             }
@@ -203,9 +220,6 @@ impl Storage {
             }
             state = self.wait(state);
         }
-        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.write_stall_micros.fetch_add(micros, Ordering::Relaxed);
-        Ok(())
     }
 
     /// Takes a frozen memtable to checkpoint in the background.
@@ -217,19 +231,8 @@ impl Storage {
     /// Waits until every commit up to `seq` is in snapshot files named by a
     /// durable manifest.
     pub fn wait_checkpointed(&self, seq: u64) -> Result<()> {
-        let mut state = self.state();
-        loop {
-            if state.manifest.checkpoint_seq >= seq {
-                return Ok(());
-            }
-            if let Some(cause) = &state.failure {
-                return Err(Self::failure_error(cause));
-            }
-            if state.shutdown {
-                return Err(Error::Closed);
-            }
-            state = self.wait(state);
-        }
+        self.wait_until(self.state(), |state| state.manifest.checkpoint_seq >= seq)
+            .map(drop)
     }
 
     /// Asks for a merge of every file and waits until it is durable.
@@ -238,18 +241,8 @@ impl Storage {
         state.merges_requested += 1;
         let target = state.merges_requested;
         self.changed.notify_all();
-        loop {
-            if state.merges_done >= target {
-                return Ok(());
-            }
-            if let Some(cause) = &state.failure {
-                return Err(Self::failure_error(cause));
-            }
-            if state.shutdown {
-                return Err(Error::Closed);
-            }
-            state = self.wait(state);
-        }
+        self.wait_until(state, |state| state.merges_done >= target)
+            .map(drop)
     }
 
     /// The error to refuse writes with once background work has failed

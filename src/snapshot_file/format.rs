@@ -66,6 +66,21 @@ fn get_u64(data: &[u8], pos: &mut usize) -> Result<u64, String> {
     Ok(u64::from_le_bytes(array))
 }
 
+/// Checks a section that ends with the CRC32 of everything before it;
+/// returns the part before the CRC. `min_len` includes the CRC.
+fn checked_body<'a>(section: &'a [u8], min_len: usize, what: &str) -> Result<&'a [u8], String> {
+    if section.len() < min_len {
+        return Err(format!("{what} of {} bytes is too short", section.len()));
+    }
+    let body_end = section.len() - 4;
+    let mut pos = body_end;
+    let stored = get_u32(section, &mut pos)?;
+    if !crate::checksum::matches(stored, crc32fast::hash(&section[..body_end])) {
+        return Err(format!("{what} checksum mismatch"));
+    }
+    Ok(&section[..body_end])
+}
+
 /// A length read from the file as a `usize` slice end, checked against `limit`.
 fn checked_end(start: usize, len: u64, limit: usize) -> Result<usize, String> {
     usize::try_from(len)
@@ -116,15 +131,8 @@ pub fn seal_block(entry_count: u32, entries: &[u8]) -> Vec<u8> {
 /// `block`. Entries must be sorted by key ascending, then sequence number
 /// descending.
 pub fn decode_block(block: &[u8]) -> Result<Vec<EntryRef>, String> {
-    if block.len() < 8 {
-        return Err(format!("block of {} bytes is too short", block.len()));
-    }
-    let body_end = block.len() - 4;
-    let mut pos = body_end;
-    let stored_crc = get_u32(block, &mut pos)?;
-    if !crate::checksum::matches(stored_crc, crc32fast::hash(&block[..body_end])) {
-        return Err("block checksum mismatch".into());
-    }
+    let body = checked_body(block, 8, "block")?;
+    let body_end = body.len();
     let mut pos = 0;
     let count = get_u32(block, &mut pos)? as usize;
     // Each entry takes at least 10 bytes, which bounds the allocation.
@@ -196,18 +204,8 @@ pub fn encode_index(blocks: &[(u64, u32, Vec<u8>)]) -> Vec<u8> {
 /// Decodes and checks the index; `data_end` is where the data blocks end.
 /// Key ranges are relative to `index`.
 pub fn decode_index(index: &[u8], data_end: u64) -> Result<Vec<IndexEntry>, String> {
-    if index.len() < 8 {
-        return Err("index too short".into());
-    }
-    let body_end = index.len() - 4;
-    let mut pos = body_end;
-    if !crate::checksum::matches(
-        get_u32(index, &mut pos)?,
-        crc32fast::hash(&index[..body_end]),
-    ) {
-        return Err("index checksum mismatch".into());
-    }
-    let body = &index[..body_end];
+    let body = checked_body(index, 8, "index")?;
+    let body_end = body.len();
     let mut pos = 0;
     let count = get_u32(body, &mut pos)? as usize;
     if count > body_end / 13 {
@@ -261,17 +259,8 @@ pub fn encode_bloom(probes: u8, bits: &[u8]) -> Vec<u8> {
 /// Checks the bloom section; returns the probe count and the range of the
 /// filter bits within `section`.
 pub fn decode_bloom(section: &[u8]) -> Result<(u8, Range<usize>), String> {
-    if section.len() < 5 {
-        return Err("bloom filter too short".into());
-    }
-    let body_end = section.len() - 4;
-    let mut pos = body_end;
-    if !crate::checksum::matches(
-        get_u32(section, &mut pos)?,
-        crc32fast::hash(&section[..body_end]),
-    ) {
-        return Err("bloom filter checksum mismatch".into());
-    }
+    let body = checked_body(section, 5, "bloom filter")?;
+    let body_end = body.len();
     let probes = section[0];
     if probes == 0 || probes > 30 {
         return Err(format!("bloom filter with {probes} probes"));
