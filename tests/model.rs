@@ -255,22 +255,23 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) {
     }
 }
 
-#[test]
-fn engine_matches_btreemap_model() {
+/// Runs the seeds chosen by the environment (`MAPSTORE_MODEL_SEED`,
+/// `MAPSTORE_MODEL_SEEDS`, `MAPSTORE_MODEL_OPS`).
+fn run_seeds(checkpoints: bool) {
     let first = env_u64("MAPSTORE_MODEL_SEED", 1);
     let seeds = env_u64("MAPSTORE_MODEL_SEEDS", 6);
     let ops = env_u64("MAPSTORE_MODEL_OPS", 1500);
     for seed in first..first + seeds {
-        run_seed(seed, ops, false);
+        run_seed(seed, ops, checkpoints);
     }
 }
 
 #[test]
+fn engine_matches_btreemap_model() {
+    run_seeds(false);
+}
+
+#[test]
 fn engine_with_frequent_checkpoints_and_merges_matches_btreemap_model() {
-    let first = env_u64("MAPSTORE_MODEL_SEED", 1);
-    let seeds = env_u64("MAPSTORE_MODEL_SEEDS", 6);
-    let ops = env_u64("MAPSTORE_MODEL_OPS", 1500);
-    for seed in first..first + seeds {
-        run_seed(seed, ops, true);
-    }
+    run_seeds(true);
 }
