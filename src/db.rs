@@ -180,9 +180,21 @@ impl Db {
     /// # Errors
     /// As [`insert`](Db::insert), and [`Error::BatchTooLarge`].
     pub fn write(&self, batch: WriteBatch) -> Result<u64> {
+        self.write_with_durability(batch, self.inner.options.durability)
+    }
+
+    /// Commits `batch` as [`write`](Db::write) does, but with `durability`
+    /// instead of the database's [`Options::durability`]: a bulk load can
+    /// write [`Durability::Buffered`] batches and call [`sync`](Db::sync) once
+    /// at the end, while other writers keep syncing each commit.
+    ///
+    /// # Errors
+    /// As [`write`](Db::write).
+    pub fn write_with_durability(&self, batch: WriteBatch, durability: Durability) -> Result<u64> {
         let sealed = batch.seal()?;
-        let sync = self.inner.options.durability == Durability::Sync;
-        self.inner.pipeline.commit(sealed, sync)
+        self.inner
+            .pipeline
+            .commit(sealed, durability == Durability::Sync)
     }
 
     /// The value of `key`, if present.

@@ -110,3 +110,34 @@ fn snapshots_see_whole_batches_under_concurrent_writers() {
         stats.commits, stats.wal_syncs
     );
 }
+
+/// A per-write durability overrides the database's: buffered batches cost no
+/// fsync, a synced one does, and after reopen every one of them is there.
+#[test]
+fn write_with_durability_overrides_the_database_setting() {
+    use mapstore::{Durability, WriteBatch};
+    let dir = tempfile::tempdir().unwrap();
+    let db = mapstore::Db::open(dir.path()).unwrap();
+    let syncs_before = db.commit_stats().wal_syncs;
+    for i in 0..10u32 {
+        let mut batch = WriteBatch::new();
+        batch.insert(i.to_be_bytes(), b"buffered");
+        db.write_with_durability(batch, Durability::Buffered)
+            .unwrap();
+    }
+    assert_eq!(db.commit_stats().wal_syncs, syncs_before);
+    let mut batch = WriteBatch::new();
+    batch.insert(b"last", b"synced");
+    db.write_with_durability(batch, Durability::Sync).unwrap();
+    assert_eq!(db.commit_stats().wal_syncs, syncs_before + 1);
+    db.close().unwrap();
+
+    let db = mapstore::Db::open(dir.path()).unwrap();
+    for i in 0..10u32 {
+        assert_eq!(
+            db.get(i.to_be_bytes()).unwrap().as_deref(),
+            Some(&b"buffered"[..])
+        );
+    }
+    assert_eq!(db.get(b"last").unwrap().as_deref(), Some(&b"synced"[..]));
+}

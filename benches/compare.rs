@@ -1,0 +1,1031 @@
+//! Side-by-side comparison of mapstore with redb, fjall and sled.
+//!
+//! ```text
+//! cargo bench --features compare --bench compare
+//! ```
+//!
+//! Every engine runs the same workloads on the same keys (16 bytes) and values
+//! (100 incompressible bytes), from a fixed seed, in temporary directories on
+//! the same file system. Each engine runs in its own child process, so that
+//! its peak resident memory is its own and one engine's background threads
+//! cannot slow the next. The run also measures the machine's own limits.
+//!
+//! Environment:
+//! - `MAPSTORE_COMPARE_KEYS`: keys in the fills (1,000,000 by default);
+//! - `MAPSTORE_COMPARE_SECONDS`: length of each timed workload (2 by default);
+//! - `MAPSTORE_COMPARE_ENGINES`: a comma-separated subset of
+//!   `mapstore,redb,fjall,sled`;
+//! - `MAPSTORE_COMPARE_OUT`: where `compare.md` and `compare.json` go
+//!   (`target/compare` by default). `benches/compare_chart.py` draws the chart.
+//!
+//! Synced workloads run each peer in its documented durable mode, written down
+//! beside each adapter below.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const KEY_BYTES: usize = 16;
+const VALUE_BYTES: usize = 100;
+const BATCH: usize = 1000;
+const ENGINES: [&str; 4] = ["mapstore", "redb", "fjall", "sled"];
+
+// ---------------------------------------------------------------------------
+// Keys and values
+
+/// The key of item `i`: a fixed permutation of `i` first, so that items in
+/// order `0, 1, 2, ...` arrive in random key order ("random fill").
+fn random_key(i: u64) -> [u8; KEY_BYTES] {
+    let mixed = splitmix(i);
+    let mut out = [0u8; KEY_BYTES];
+    out[..8].copy_from_slice(&mixed.to_be_bytes());
+    out[8..].copy_from_slice(&i.to_be_bytes());
+    out
+}
+
+/// Keys in ascending order of `i` ("sequential fill").
+fn sequential_key(i: u64) -> [u8; KEY_BYTES] {
+    let mut out = [0u8; KEY_BYTES];
+    out[8..].copy_from_slice(&i.to_be_bytes());
+    out
+}
+
+/// A key no fill ever writes: random keys end in `i < n`, these in `u64::MAX - i`.
+fn absent_key(i: u64) -> [u8; KEY_BYTES] {
+    random_key(u64::MAX - i)
+}
+
+/// 100 bytes of xorshift output seeded by `i` and `round`: incompressible, and
+/// different on each overwrite.
+fn value(i: u64, round: u64) -> [u8; VALUE_BYTES] {
+    let mut state = splitmix(i ^ (round << 48)) | 1;
+    let mut out = [0u8; VALUE_BYTES];
+    for chunk in out.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    out
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// A small fast random stream for picking keys to read.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(1);
+        splitmix(self.0) % n
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The engines
+
+/// What a workload needs from an engine. Every method panics on error: a
+/// failing engine ends the comparison rather than reporting a false figure.
+trait Engine: Send + Sync {
+    /// One key, durable when this returns.
+    fn insert_synced(&self, key: &[u8], value: &[u8]);
+    /// A batch committed atomically; durable when this returns if `synced`.
+    fn write_batch(&self, items: &[([u8; KEY_BYTES], [u8; VALUE_BYTES])], synced: bool);
+    /// The length of the value of `key`, if present.
+    fn get(&self, key: &[u8]) -> Option<usize>;
+    /// Visits every entry in key order (or reverse); returns how many.
+    fn scan(&self, reverse: bool) -> u64;
+    /// Moves what is held in memory to the engine's on-disk structure.
+    fn checkpoint(&self);
+    /// The engine's own call for reclaiming space, where it has one.
+    fn compact(&mut self);
+    /// Closes cleanly.
+    fn close(self: Box<Self>);
+}
+
+fn open_engine(name: &str, dir: &Path) -> Box<dyn Engine> {
+    std::fs::create_dir_all(dir).unwrap();
+    match name {
+        "mapstore" => Box::new(MapstoreEngine::open(dir)),
+        "redb" => Box::new(RedbEngine::open(dir)),
+        "fjall" => Box::new(FjallEngine::open(dir)),
+        "sled" => Box::new(SledEngine::open(dir)),
+        other => panic!("unknown engine {other}"),
+    }
+}
+
+/// mapstore with its default options: `Durability::Sync`, so every commit is
+/// fdatasynced before it returns (group commit shares one fsync).
+struct MapstoreEngine(mapstore::Db);
+
+impl MapstoreEngine {
+    fn open(dir: &Path) -> Self {
+        MapstoreEngine(mapstore::Db::open(dir).unwrap())
+    }
+}
+
+impl Engine for MapstoreEngine {
+    fn insert_synced(&self, key: &[u8], value: &[u8]) {
+        self.0.insert(key, value).unwrap();
+    }
+    fn write_batch(&self, items: &[([u8; KEY_BYTES], [u8; VALUE_BYTES])], synced: bool) {
+        let mut batch = mapstore::WriteBatch::new();
+        for (key, value) in items {
+            batch.insert(key, value);
+        }
+        let durability = if synced {
+            mapstore::Durability::Sync
+        } else {
+            mapstore::Durability::Buffered
+        };
+        self.0.write_with_durability(batch, durability).unwrap();
+    }
+    fn get(&self, key: &[u8]) -> Option<usize> {
+        self.0.get(key).unwrap().map(|v| v.len())
+    }
+    fn scan(&self, reverse: bool) -> u64 {
+        let mut count = 0;
+        let mut visit = |entry: mapstore::Result<(mapstore::Slice, mapstore::Slice)>| {
+            let (key, value) = entry.unwrap();
+            std::hint::black_box((key.len(), value.len()));
+            count += 1;
+        };
+        if reverse {
+            self.0.iter().rev().for_each(&mut visit);
+        } else {
+            self.0.iter().for_each(&mut visit);
+        }
+        count
+    }
+    fn checkpoint(&self) {
+        self.0.checkpoint().unwrap();
+    }
+    fn compact(&mut self) {
+        self.0.compact().unwrap();
+    }
+    fn close(self: Box<Self>) {
+        self.0.close().unwrap();
+    }
+}
+
+use redb::{ReadableDatabase as _, ReadableTable as _};
+
+/// One entry of a redb table iterator.
+type RedbEntry<'a> = Result<
+    (
+        redb::AccessGuard<'a, &'static [u8]>,
+        redb::AccessGuard<'a, &'static [u8]>,
+    ),
+    redb::StorageError,
+>;
+
+const REDB_TABLE: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("data");
+
+/// redb with its default `Durability::Immediate`: "guaranteed to be persistent
+/// as soon as `WriteTransaction::commit` returns". One write transaction per
+/// synced insert, one per batch.
+struct RedbEngine(redb::Database);
+
+impl RedbEngine {
+    fn open(dir: &Path) -> Self {
+        let db = redb::Database::create(dir.join("redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(REDB_TABLE).unwrap();
+        txn.commit().unwrap();
+        RedbEngine(db)
+    }
+}
+
+impl Engine for RedbEngine {
+    fn insert_synced(&self, key: &[u8], value: &[u8]) {
+        let txn = self.0.begin_write().unwrap();
+        txn.open_table(REDB_TABLE)
+            .unwrap()
+            .insert(key, value)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    fn write_batch(&self, items: &[([u8; KEY_BYTES], [u8; VALUE_BYTES])], synced: bool) {
+        let mut txn = self.0.begin_write().unwrap();
+        if !synced {
+            txn.set_durability(redb::Durability::None).unwrap();
+        }
+        {
+            let mut table = txn.open_table(REDB_TABLE).unwrap();
+            for (key, value) in items {
+                table.insert(&key[..], &value[..]).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    fn get(&self, key: &[u8]) -> Option<usize> {
+        let txn = self.0.begin_read().unwrap();
+        let table = txn.open_table(REDB_TABLE).unwrap();
+        table.get(key).unwrap().map(|v| v.value().len())
+    }
+    fn scan(&self, reverse: bool) -> u64 {
+        let txn = self.0.begin_read().unwrap();
+        let table = txn.open_table(REDB_TABLE).unwrap();
+        let mut count = 0;
+        let mut visit = |entry: RedbEntry| {
+            let (key, value) = entry.unwrap();
+            std::hint::black_box((key.value().len(), value.value().len()));
+            count += 1;
+        };
+        if reverse {
+            table.iter().unwrap().rev().for_each(&mut visit);
+        } else {
+            table.iter().unwrap().for_each(&mut visit);
+        }
+        count
+    }
+    fn checkpoint(&self) {
+        // A redb commit is already in its B-tree file.
+    }
+    fn compact(&mut self) {
+        // `compact` returns whether another call could reclaim more.
+        while self.0.compact().unwrap() {}
+    }
+    fn close(self: Box<Self>) {
+        drop(self.0);
+    }
+}
+
+/// fjall with `PersistMode::SyncData` after each synced insert, and batches
+/// committed with `durability(Some(PersistMode::SyncData))`: fjall's documented
+/// way to make a write durable (SyncData is the cheaper of its two durable
+/// modes).
+struct FjallEngine {
+    db: fjall::Database,
+    keyspace: fjall::Keyspace,
+}
+
+impl FjallEngine {
+    fn open(dir: &Path) -> Self {
+        let db = fjall::Database::builder(dir.join("fjall")).open().unwrap();
+        let keyspace = db
+            .keyspace("data", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        FjallEngine { db, keyspace }
+    }
+}
+
+impl Engine for FjallEngine {
+    fn insert_synced(&self, key: &[u8], value: &[u8]) {
+        self.keyspace.insert(key, value).unwrap();
+        self.db.persist(fjall::PersistMode::SyncData).unwrap();
+    }
+    fn write_batch(&self, items: &[([u8; KEY_BYTES], [u8; VALUE_BYTES])], synced: bool) {
+        let mode = synced.then_some(fjall::PersistMode::SyncData);
+        let mut batch = self.db.batch().durability(mode);
+        for (key, value) in items {
+            batch.insert(&self.keyspace, &key[..], &value[..]);
+        }
+        batch.commit().unwrap();
+    }
+    fn get(&self, key: &[u8]) -> Option<usize> {
+        self.keyspace.get(key).unwrap().map(|v| v.len())
+    }
+    fn scan(&self, reverse: bool) -> u64 {
+        let mut count = 0;
+        let mut visit = |guard: fjall::Guard| {
+            let (key, value) = guard.into_inner().unwrap();
+            std::hint::black_box((key.len(), value.len()));
+            count += 1;
+        };
+        if reverse {
+            self.keyspace.iter().rev().for_each(&mut visit);
+        } else {
+            self.keyspace.iter().for_each(&mut visit);
+        }
+        count
+    }
+    fn checkpoint(&self) {
+        self.keyspace.rotate_memtable_and_wait().unwrap();
+    }
+    fn compact(&mut self) {
+        self.keyspace.major_compact().unwrap();
+    }
+    fn close(self: Box<Self>) {
+        self.db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+}
+
+/// sled with `Db::flush()` after each synced insert and batch: sled's
+/// documented call for "ensure all previous writes are durable".
+struct SledEngine(sled::Db);
+
+impl SledEngine {
+    fn open(dir: &Path) -> Self {
+        SledEngine(sled::open(dir.join("sled")).unwrap())
+    }
+}
+
+impl Engine for SledEngine {
+    fn insert_synced(&self, key: &[u8], value: &[u8]) {
+        self.0.insert(key, value).unwrap();
+        self.0.flush().unwrap();
+    }
+    fn write_batch(&self, items: &[([u8; KEY_BYTES], [u8; VALUE_BYTES])], synced: bool) {
+        let mut batch = sled::Batch::default();
+        for (key, value) in items {
+            batch.insert(&key[..], &value[..]);
+        }
+        self.0.apply_batch(batch).unwrap();
+        if synced {
+            self.0.flush().unwrap();
+        }
+    }
+    fn get(&self, key: &[u8]) -> Option<usize> {
+        self.0.get(key).unwrap().map(|v| v.len())
+    }
+    fn scan(&self, reverse: bool) -> u64 {
+        let mut count = 0;
+        let mut visit = |entry: sled::Result<(sled::IVec, sled::IVec)>| {
+            let (key, value) = entry.unwrap();
+            std::hint::black_box((key.len(), value.len()));
+            count += 1;
+        };
+        if reverse {
+            self.0.iter().rev().for_each(&mut visit);
+        } else {
+            self.0.iter().for_each(&mut visit);
+        }
+        count
+    }
+    fn checkpoint(&self) {
+        self.0.flush().unwrap();
+    }
+    fn compact(&mut self) {
+        // sled has no compaction call; its log is rewritten in the background.
+    }
+    fn close(self: Box<Self>) {
+        self.0.flush().unwrap();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Workloads (run in the child process of one engine)
+
+struct Settings {
+    keys: u64,
+    seconds: f64,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let var = |name: &str| std::env::var(name).ok();
+        Settings {
+            keys: var("MAPSTORE_COMPARE_KEYS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1_000_000),
+            seconds: var("MAPSTORE_COMPARE_SECONDS")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2.0),
+        }
+    }
+    fn budget(&self) -> Duration {
+        Duration::from_secs_f64(self.seconds)
+    }
+}
+
+/// Prints one result for the parent to collect.
+fn report(metric: &str, value: f64) {
+    println!("RESULT {metric} {value}");
+    eprintln!("  {metric} = {value:.1}");
+}
+
+fn percentile(sorted: &[Duration], fraction: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
+    sorted[index].as_secs_f64() * 1e6
+}
+
+/// Synced single-key inserts from `threads` threads for the time budget.
+fn synced_writes(engine: &dyn Engine, threads: usize, settings: &Settings) {
+    let stop_at = Instant::now() + settings.budget();
+    let start = Instant::now();
+    let mut latencies: Vec<Duration> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads as u64)
+            .map(|thread| {
+                scope.spawn(move || {
+                    let mut latencies = Vec::new();
+                    let mut i = thread << 40;
+                    while Instant::now() < stop_at {
+                        let begun = Instant::now();
+                        engine.insert_synced(&random_key(i), &value(i, 0));
+                        latencies.push(begun.elapsed());
+                        i += 1;
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let elapsed = start.elapsed().as_secs_f64();
+    latencies.sort();
+    let name = format!("write_{threads}t");
+    report(&format!("{name}_ops"), latencies.len() as f64 / elapsed);
+    report(&format!("{name}_p50_us"), percentile(&latencies, 0.50));
+    report(&format!("{name}_p99_us"), percentile(&latencies, 0.99));
+}
+
+/// Writes `keys` items in batches of 1,000; returns keys per second.
+fn fill(engine: &dyn Engine, keys: u64, key_of: fn(u64) -> [u8; KEY_BYTES], round: u64) -> f64 {
+    let start = Instant::now();
+    let mut items = Vec::with_capacity(BATCH);
+    let mut i = 0;
+    while i < keys {
+        items.clear();
+        let end = (i + BATCH as u64).min(keys);
+        items.extend((i..end).map(|j| (key_of(j), value(j, round))));
+        engine.write_batch(&items, true);
+        i = end;
+    }
+    keys as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Random point reads from `threads` threads for the time budget; returns
+/// reads per second. `present` says whether the keys were written.
+fn point_reads(
+    engine: &dyn Engine,
+    threads: usize,
+    keys: u64,
+    present: bool,
+    settings: &Settings,
+) -> f64 {
+    let stop = AtomicBool::new(false);
+    let total = AtomicU64::new(0);
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for thread in 0..threads as u64 {
+            let (stop, total) = (&stop, &total);
+            scope.spawn(move || {
+                let mut rng = Rng(thread * 7919 + 1);
+                let mut done = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..256 {
+                        let i = rng.below(keys);
+                        let key = if present {
+                            random_key(i)
+                        } else {
+                            absent_key(i)
+                        };
+                        let found = engine.get(&key);
+                        assert_eq!(found.is_some(), present, "read of item {i}");
+                    }
+                    done += 256;
+                }
+                total.fetch_add(done, Ordering::Relaxed);
+            });
+        }
+        std::thread::sleep(settings.budget());
+        stop.store(true, Ordering::Relaxed);
+    });
+    total.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn disk_bytes(path: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                total += disk_bytes(&entry.path());
+            } else {
+                // Allocated blocks, so sparse or preallocated files count as
+                // what they really occupy.
+                use std::os::unix::fs::MetadataExt;
+                total += meta.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+/// The process's peak resident set (VmHWM), in bytes.
+fn peak_rss() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kib| kib * 1024.0)
+}
+
+/// Resets VmHWM to the current resident set (Linux 4.0 and later).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn run_engine(name: &str, settings: &Settings) {
+    let keys = settings.keys;
+    let scratch = tempfile::tempdir().unwrap();
+
+    // 3 and 9: the random fill, with its peak memory and footprint.
+    let dir = scratch.path().join("random");
+    reset_peak_rss();
+    let engine = open_engine(name, &dir);
+    report(
+        "fill_random_keys_per_s",
+        fill(&*engine, keys, random_key, 0),
+    );
+    report("peak_rss_fill_bytes", peak_rss());
+    report("disk_after_fill_bytes", disk_bytes(&dir) as f64);
+
+    // 4: reads as the fill left the engine (mostly from memory for mapstore).
+    report(
+        "get_after_fill_1t",
+        point_reads(&*engine, 1, keys, true, settings),
+    );
+    report(
+        "get_after_fill_2t",
+        point_reads(&*engine, 2, keys, true, settings),
+    );
+
+    // 8: reopen after a clean close, without an explicit checkpoint first.
+    let engine = reopen(engine, name, &dir, "reopen_clean_ms");
+
+    // 4, 5, 6: reads and scans after a checkpoint.
+    engine.checkpoint();
+    report(
+        "get_checkpointed_1t",
+        point_reads(&*engine, 1, keys, true, settings),
+    );
+    report(
+        "get_checkpointed_2t",
+        point_reads(&*engine, 2, keys, true, settings),
+    );
+    report(
+        "get_absent_1t",
+        point_reads(&*engine, 1, keys, false, settings),
+    );
+    for (metric, reverse) in [
+        ("scan_forward_keys_per_s", false),
+        ("scan_reverse_keys_per_s", true),
+    ] {
+        let start = Instant::now();
+        let seen = engine.scan(reverse);
+        assert_eq!(seen, keys, "{metric}");
+        report(metric, seen as f64 / start.elapsed().as_secs_f64());
+    }
+
+    // 8: reopen after an explicit checkpoint.
+    let mut engine = reopen(engine, name, &dir, "reopen_checkpointed_ms");
+
+    // 7: reads while one thread overwrites in unsynced batches.
+    let stop = AtomicBool::new(false);
+    let written = AtomicU64::new(0);
+    let reads = std::thread::scope(|scope| {
+        let writer = &*engine;
+        let (stop, written) = (&stop, &written);
+        scope.spawn(move || {
+            let mut rng = Rng(424_242);
+            let mut items = Vec::with_capacity(BATCH);
+            while !stop.load(Ordering::Relaxed) {
+                items.clear();
+                items.extend((0..BATCH).map(|_| {
+                    let i = rng.below(keys);
+                    (random_key(i), value(i, 1))
+                }));
+                writer.write_batch(&items, false);
+                written.fetch_add(BATCH as u64, Ordering::Relaxed);
+            }
+        });
+        let reads = point_reads(&*engine, 1, keys, true, settings);
+        stop.store(true, Ordering::Relaxed);
+        reads
+    });
+    report("get_while_writing_1t", reads);
+    report(
+        "writes_beside_reads_keys_per_s",
+        written.load(Ordering::Relaxed) as f64 / settings.seconds,
+    );
+
+    // 9: overwrite every key once, then the engine's own compaction.
+    fill(&*engine, keys, random_key, 2);
+    report("disk_after_overwrite_bytes", disk_bytes(&dir) as f64);
+    engine.checkpoint();
+    engine.compact();
+    report("disk_after_compact_bytes", disk_bytes(&dir) as f64);
+    drop(engine);
+
+    // 3: sequential fill into a fresh directory.
+    let dir = scratch.path().join("sequential");
+    let engine = open_engine(name, &dir);
+    report(
+        "fill_sequential_keys_per_s",
+        fill(&*engine, keys, sequential_key, 0),
+    );
+    engine.close();
+
+    // 1 and 2: synced single writes, each thread count on a fresh directory.
+    for threads in [1, 4, 16] {
+        let dir = scratch.path().join(format!("writes_{threads}"));
+        let engine = open_engine(name, &dir);
+        synced_writes(&*engine, threads, settings);
+        drop(engine);
+    }
+}
+
+/// Closes `engine` (it must be the last handle) and times opening it again
+/// plus its first read.
+fn reopen(engine: Box<dyn Engine>, name: &str, dir: &Path, metric: &str) -> Box<dyn Engine> {
+    engine.close();
+    let start = Instant::now();
+    let engine = open_engine(name, dir);
+    assert!(engine.get(&random_key(0)).is_some());
+    report(metric, start.elapsed().as_secs_f64() * 1e3);
+    engine
+}
+
+/// The child that "crashes": fills `dir` then exits without closing, as a
+/// kill -9 would (the OS keeps what was written; nothing else is flushed).
+fn crash_fill(name: &str, dir: &Path, settings: &Settings) {
+    let engine = open_engine(name, dir);
+    fill(&*engine, settings.keys, random_key, 0);
+    std::mem::forget(engine);
+    std::process::exit(0);
+}
+
+/// The child that opens the crashed directory.
+fn crash_reopen(name: &str, dir: &Path) {
+    let start = Instant::now();
+    let engine = open_engine(name, dir);
+    assert!(engine.get(&random_key(0)).is_some());
+    report("reopen_after_crash_ms", start.elapsed().as_secs_f64() * 1e3);
+    engine.close();
+}
+
+// ---------------------------------------------------------------------------
+// The machine's limits (parent process)
+
+fn machine_limits(settings: &Settings) -> BTreeMap<String, f64> {
+    let dir = tempfile::tempdir().unwrap();
+    let page = [0xA5u8; 4096];
+    let mut out = BTreeMap::new();
+    let open = |name: &str| {
+        OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(dir.path().join(name))
+            .unwrap()
+    };
+
+    // 4 KiB appends, each followed by fdatasync.
+    let file = open("append");
+    let mut latencies = Vec::new();
+    let stop_at = Instant::now() + settings.budget();
+    while Instant::now() < stop_at {
+        let begun = Instant::now();
+        file.write_all_at(&page, latencies.len() as u64 * 4096)
+            .unwrap();
+        file.sync_data().unwrap();
+        latencies.push(begun.elapsed());
+    }
+    latencies.sort();
+    out.insert(
+        "append_fdatasync_per_s".into(),
+        latencies.len() as f64 / settings.seconds,
+    );
+    out.insert(
+        "append_fdatasync_p50_us".into(),
+        percentile(&latencies, 0.5),
+    );
+
+    // 4 KiB in-place overwrites of a preallocated, synced file, each followed
+    // by fdatasync: what a preallocated WAL can reach.
+    let file = open("overwrite");
+    let size = 64u64 << 20;
+    let zeros = vec![0u8; 1 << 20];
+    for offset in (0..size).step_by(zeros.len()) {
+        file.write_all_at(&zeros, offset).unwrap();
+    }
+    file.sync_all().unwrap();
+    let mut done = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < settings.budget() {
+        file.write_all_at(&page, (done * 4096) % size).unwrap();
+        file.sync_data().unwrap();
+        done += 1;
+    }
+    out.insert(
+        "overwrite_fdatasync_per_s".into(),
+        done as f64 / start.elapsed().as_secs_f64(),
+    );
+
+    // Sequential bandwidth: 256 MiB in 1 MiB writes, one fdatasync at the end.
+    let file = open("sequential");
+    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| splitmix(i as u64) as u8).collect();
+    let start = Instant::now();
+    for offset in (0..256u64 << 20).step_by(chunk.len()) {
+        file.write_all_at(&chunk, offset).unwrap();
+    }
+    file.sync_data().unwrap();
+    out.insert(
+        "sequential_write_mb_per_s".into(),
+        256.0 / start.elapsed().as_secs_f64(),
+    );
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Parent: run each engine in a child, then write the table and the JSON.
+
+/// Runs this binary as a child with `args`; returns the results it printed.
+fn run_child(args: &[&str]) -> BTreeMap<String, f64> {
+    let exe = std::env::current_exe().unwrap();
+    let output = Command::new(exe)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "child {args:?} failed: {}",
+        output.status
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.strip_prefix("RESULT ")?.split(' ');
+            Some((parts.next()?.to_string(), parts.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// How each metric is shown: label, unit, and whether higher is better.
+const METRICS: &[(&str, &str, bool)] = &[
+    ("write_1t_ops", "synced writes, 1 thread (ops/s)", true),
+    ("write_1t_p50_us", "  latency p50 (us)", false),
+    ("write_1t_p99_us", "  latency p99 (us)", false),
+    ("write_4t_ops", "synced writes, 4 threads (ops/s)", true),
+    ("write_16t_ops", "synced writes, 16 threads (ops/s)", true),
+    ("write_16t_p99_us", "  16 threads, latency p99 (us)", false),
+    (
+        "fill_sequential_keys_per_s",
+        "fill, synced batches of 1,000, sequential (keys/s)",
+        true,
+    ),
+    (
+        "fill_random_keys_per_s",
+        "fill, synced batches of 1,000, random (keys/s)",
+        true,
+    ),
+    (
+        "get_after_fill_1t",
+        "random get after fill, 1 thread (reads/s)",
+        true,
+    ),
+    (
+        "get_after_fill_2t",
+        "random get after fill, 2 threads (reads/s)",
+        true,
+    ),
+    (
+        "get_checkpointed_1t",
+        "random get after checkpoint, 1 thread (reads/s)",
+        true,
+    ),
+    (
+        "get_checkpointed_2t",
+        "random get after checkpoint, 2 threads (reads/s)",
+        true,
+    ),
+    ("get_absent_1t", "absent get, 1 thread (reads/s)", true),
+    (
+        "scan_forward_keys_per_s",
+        "full scan, forward (keys/s)",
+        true,
+    ),
+    (
+        "scan_reverse_keys_per_s",
+        "full scan, reverse (keys/s)",
+        true,
+    ),
+    (
+        "get_while_writing_1t",
+        "random get while a thread writes (reads/s)",
+        true,
+    ),
+    (
+        "writes_beside_reads_keys_per_s",
+        "  the writer, unsynced batches (keys/s)",
+        true,
+    ),
+    ("reopen_clean_ms", "reopen after clean close (ms)", false),
+    (
+        "reopen_checkpointed_ms",
+        "reopen after checkpoint + close (ms)",
+        false,
+    ),
+    (
+        "reopen_after_crash_ms",
+        "reopen after a crash (kill) at end of fill (ms)",
+        false,
+    ),
+    ("disk_after_fill_bytes", "disk after fill (MB)", false),
+    (
+        "disk_after_overwrite_bytes",
+        "disk after overwriting every key (MB)",
+        false,
+    ),
+    (
+        "disk_after_compact_bytes",
+        "  then checkpoint + compact (MB)",
+        false,
+    ),
+    (
+        "peak_rss_fill_bytes",
+        "peak resident memory of the fill (MB)",
+        false,
+    ),
+];
+
+fn show(metric: &str, value: f64) -> String {
+    if metric.ends_with("_bytes") {
+        format!("{:.1}", value / 1e6)
+    } else if value >= 100.0 {
+        let whole = value.round() as u64;
+        let digits = whole.to_string();
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+fn markdown(
+    engines: &[&str],
+    results: &BTreeMap<String, BTreeMap<String, f64>>,
+    limits: &BTreeMap<String, f64>,
+    settings: &Settings,
+) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{} keys of {KEY_BYTES} bytes, values of {VALUE_BYTES} bytes; timed workloads run {} s.\n\n",
+        show("", settings.keys as f64),
+        settings.seconds
+    ));
+    out.push_str("| workload |");
+    for engine in engines {
+        out.push_str(&format!(" {engine} |"));
+    }
+    out.push_str("\n|---|");
+    out.push_str(&"---:|".repeat(engines.len()));
+    out.push('\n');
+    let mapstore = results.get("mapstore");
+    for (metric, label, higher_is_better) in METRICS {
+        out.push_str(&format!("| {label} |"));
+        for engine in engines {
+            let value = results.get(*engine).and_then(|r| r.get(*metric));
+            let ours = mapstore.and_then(|r| r.get(*metric));
+            let cell = match (value, ours) {
+                (Some(v), _) if *engine == "mapstore" => show(metric, *v),
+                (Some(v), Some(o)) if *o > 0.0 && *v > 0.0 => {
+                    // The peer's figure as a multiple of mapstore's, oriented
+                    // so that < 1.00x always means "worse than mapstore".
+                    let ratio = if *higher_is_better { v / o } else { o / v };
+                    format!("{} ({ratio:.2}x)", show(metric, *v))
+                }
+                (Some(v), _) => show(metric, *v),
+                (None, _) => "-".into(),
+            };
+            out.push_str(&format!(" {cell} |"));
+        }
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "\nLive data: {:.1} MB. In parentheses: the peer as a multiple of mapstore, oriented so that below 1.00x means worse than mapstore.\n\n",
+        settings.keys as f64 * (KEY_BYTES + VALUE_BYTES) as f64 / 1e6
+    ));
+    out.push_str("Machine limits, same run:\n\n");
+    for (name, value) in limits {
+        out.push_str(&format!("- {name}: {}\n", show(name, *value)));
+    }
+    out
+}
+
+fn json(
+    engines: &[&str],
+    results: &BTreeMap<String, BTreeMap<String, f64>>,
+    limits: &BTreeMap<String, f64>,
+    settings: &Settings,
+) -> String {
+    let object = |map: &BTreeMap<String, f64>| {
+        let fields: Vec<String> = map.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+        format!("{{{}}}", fields.join(", "))
+    };
+    let mut engine_fields = Vec::new();
+    for engine in engines {
+        if let Some(r) = results.get(*engine) {
+            engine_fields.push(format!("    \"{engine}\": {}", object(r)));
+        }
+    }
+    let labels: Vec<String> = METRICS
+        .iter()
+        .map(|(m, l, h)| {
+            format!(
+                "    \"{m}\": {{\"label\": \"{}\", \"higher_is_better\": {h}}}",
+                l.trim()
+            )
+        })
+        .collect();
+    let unix_time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!(
+        "{{\n  \"unix_time\": {unix_time},\n  \"keys\": {},\n  \"seconds\": {},\n  \"cpus\": {},\n  \"machine\": {},\n  \"engines\": {{\n{}\n  }},\n  \"metrics\": {{\n{}\n  }}\n}}\n",
+        settings.keys,
+        settings.seconds,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        object(limits),
+        engine_fields.join(",\n"),
+        labels.join(",\n")
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let settings = Settings::from_env();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["--engine", name] => return run_engine(name, &settings),
+        ["--crash-fill", name, dir] => return crash_fill(name, Path::new(dir), &settings),
+        ["--crash-reopen", name, dir] => return crash_reopen(name, Path::new(dir)),
+        _ => {}
+    }
+
+    let wanted = std::env::var("MAPSTORE_COMPARE_ENGINES").unwrap_or_default();
+    let engines: Vec<&str> = ENGINES
+        .iter()
+        .copied()
+        .filter(|e| wanted.is_empty() || wanted.split(',').any(|w| w.trim() == *e))
+        .collect();
+    eprintln!("machine limits");
+    let limits = machine_limits(&settings);
+    for (name, value) in &limits {
+        eprintln!("  {name} = {value:.1}");
+    }
+    let mut results = BTreeMap::new();
+    for engine in &engines {
+        eprintln!("{engine}");
+        let mut measured = run_child(&["--engine", engine]);
+        let crashed = tempfile::tempdir().unwrap();
+        let dir = crashed.path().to_str().unwrap();
+        run_child(&["--crash-fill", engine, dir]);
+        measured.extend(run_child(&["--crash-reopen", engine, dir]));
+        results.insert(engine.to_string(), measured);
+    }
+
+    let out_dir = std::env::var("MAPSTORE_COMPARE_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("target/compare"));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let table = markdown(&engines, &results, &limits, &settings);
+    println!("\n{table}");
+    std::fs::File::create(out_dir.join("compare.md"))
+        .and_then(|mut f| f.write_all(table.as_bytes()))
+        .unwrap();
+    std::fs::write(
+        out_dir.join("compare.json"),
+        json(&engines, &results, &limits, &settings),
+    )
+    .unwrap();
+    eprintln!("wrote {}/compare.md and compare.json", out_dir.display());
+}
