@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
 use crate::error::{Error, Result};
 use crate::proto::{BatchRecord, OpKind, Operation};
@@ -35,8 +36,21 @@ pub const MAX_BATCH_BYTES: usize = 1 << 30;
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct WriteBatch {
-    /// The record being built; `first_seq` stays 0 until commit.
-    record: BatchRecord,
+    /// The `ops` fields of a `BatchRecord`, encoded as they are added, so a
+    /// batch costs one growing buffer rather than two allocations per
+    /// operation, and sealing it copies nothing.
+    body: Vec<u8>,
+    /// Operations in `body`.
+    count: usize,
+    /// The first limit an added operation broke, reported by `seal`.
+    over_limit: Option<OverLimit>,
+}
+
+/// A key or value too long for the format, with its length.
+#[derive(Clone, Copy, Debug)]
+enum OverLimit {
+    Key(usize),
+    Value(usize),
 }
 
 impl WriteBatch {
@@ -47,67 +61,107 @@ impl WriteBatch {
 
     /// Adds "set `key` to `value`".
     pub fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
-        self.record.ops.push(Operation {
-            kind: OpKind::Put as i32,
-            key: Bytes::copy_from_slice(key.as_ref()),
-            value: Bytes::copy_from_slice(value.as_ref()),
-        });
+        self.push(OpKind::Put, key.as_ref(), value.as_ref());
     }
 
     /// Adds "remove `key`" (a no-op for a key that is absent).
     pub fn remove(&mut self, key: impl AsRef<[u8]>) {
-        self.record.ops.push(Operation {
-            kind: OpKind::Delete as i32,
-            key: Bytes::copy_from_slice(key.as_ref()),
-            value: Bytes::new(),
-        });
+        self.push(OpKind::Delete, key.as_ref(), &[]);
     }
 
     /// Number of operations in the batch.
     pub fn len(&self) -> usize {
-        self.record.ops.len()
+        self.count
     }
 
     /// Whether the batch has no operations.
     pub fn is_empty(&self) -> bool {
-        self.record.ops.is_empty()
+        self.count == 0
     }
 
     /// Removes every operation.
     pub fn clear(&mut self) {
-        self.record.ops.clear();
+        self.body.clear();
+        self.count = 0;
+        self.over_limit = None;
     }
 
-    /// Checks the limits and encodes the operations, ready for the commit
+    /// Appends one `Operation` as field 2 of `BatchRecord`, exactly as prost
+    /// encodes it (proto3 leaves out an empty key or value).
+    fn push(&mut self, kind: OpKind, key: &[u8], value: &[u8]) {
+        if self.over_limit.is_none() {
+            if key.len() > MAX_KEY_BYTES {
+                self.over_limit = Some(OverLimit::Key(key.len()));
+            } else if value.len() > MAX_VALUE_BYTES {
+                self.over_limit = Some(OverLimit::Value(value.len()));
+            }
+        }
+        let field_len = |bytes: &[u8]| {
+            if bytes.is_empty() {
+                0
+            } else {
+                1 + encoded_len_varint(bytes.len() as u64) + bytes.len()
+            }
+        };
+        // Field 1, the kind: one tag byte and a one-byte varint.
+        let op_len = 2 + field_len(key) + field_len(value);
+        self.body
+            .reserve(1 + encoded_len_varint(op_len as u64) + op_len);
+        encode_key(2, WireType::LengthDelimited, &mut self.body);
+        encode_varint(op_len as u64, &mut self.body);
+        encode_key(1, WireType::Varint, &mut self.body);
+        encode_varint(kind as u64, &mut self.body);
+        for (tag, bytes) in [(2, key), (3, value)] {
+            if !bytes.is_empty() {
+                encode_key(tag, WireType::LengthDelimited, &mut self.body);
+                encode_varint(bytes.len() as u64, &mut self.body);
+                self.body.extend_from_slice(bytes);
+            }
+        }
+        self.count += 1;
+    }
+
+    /// Checks the limits and decodes the operations back out of the body
+    /// (as slices of it, no copy) for the memtable, ready for the commit
     /// pipeline.
     pub(crate) fn seal(self) -> Result<SealedBatch> {
-        for op in &self.record.ops {
-            if op.key.len() > MAX_KEY_BYTES {
+        match self.over_limit {
+            Some(OverLimit::Key(len)) => {
                 return Err(Error::KeyTooLarge {
-                    len: op.key.len(),
+                    len,
                     max: MAX_KEY_BYTES,
                 });
             }
-            if op.value.len() > MAX_VALUE_BYTES {
+            Some(OverLimit::Value(len)) => {
                 return Err(Error::ValueTooLarge {
-                    len: op.value.len(),
+                    len,
                     max: MAX_VALUE_BYTES,
                 });
             }
+            None => {}
         }
-        let len = self.record.encoded_len();
-        if len > MAX_BATCH_BYTES {
+        if self.body.len() > MAX_BATCH_BYTES {
             return Err(Error::BatchTooLarge {
-                len,
+                len: self.body.len(),
                 max: MAX_BATCH_BYTES,
             });
         }
         // first_seq is 0 here, which proto3 leaves out of the encoding: the
         // body holds only the operations, and the commit leader prepends the
         // encoded first_seq (see `encode_seq_prefix`).
-        let body = self.record.encode_to_vec();
+        let body = Bytes::from(self.body);
+        // `push` writes well-formed fields, so this cannot fail; a bug here
+        // is reported rather than unwrapped, so that it cannot panic a writer.
+        let record = BatchRecord::decode(body.clone()).map_err(|error| {
+            Error::corruption(
+                "<write batch>",
+                0,
+                format!("a batch does not decode its own encoding: {error}"),
+            )
+        })?;
+        debug_assert_eq!(record.ops.len(), self.count);
         Ok(SealedBatch {
-            ops: self.record.ops,
+            ops: record.ops,
             body,
         })
     }
@@ -116,9 +170,10 @@ impl WriteBatch {
 /// A batch that passed the limits, with its operations encoded.
 #[derive(Debug)]
 pub(crate) struct SealedBatch {
+    /// The operations; keys and values are slices of `body`.
     pub ops: Vec<Operation>,
     /// The encoded `ops` field of the record.
-    pub body: Vec<u8>,
+    pub body: Bytes,
 }
 
 /// Encodes the `first_seq` field alone; concatenated with a sealed body it
@@ -208,12 +263,50 @@ mod tests {
     }
 
     #[test]
+    fn hand_encoding_matches_prost() {
+        let mut batch = WriteBatch::new();
+        let mut expected = BatchRecord::default();
+        let long_value = vec![7u8; 300];
+        let cases: [(OpKind, &[u8], &[u8]); 5] = [
+            (OpKind::Put, b"key", b"value"),
+            (OpKind::Put, b"", b""),
+            (OpKind::Put, b"k", &long_value),
+            (OpKind::Delete, b"gone", b""),
+            (OpKind::Delete, b"", b""),
+        ];
+        for &(kind, key, value) in &cases {
+            match kind {
+                OpKind::Delete => batch.remove(key),
+                _ => batch.insert(key, value),
+            }
+            expected.ops.push(Operation {
+                kind: kind as i32,
+                key: Bytes::copy_from_slice(key),
+                value: Bytes::copy_from_slice(value),
+            });
+        }
+        assert_eq!(batch.len(), cases.len());
+        let sealed = batch.seal().unwrap();
+        assert_eq!(&sealed.body[..], &expected.encode_to_vec()[..]);
+        assert_eq!(sealed.ops, expected.ops);
+    }
+
+    #[test]
     fn limits_are_checked_at_seal() {
         let mut batch = WriteBatch::new();
         batch.insert(vec![0u8; MAX_KEY_BYTES + 1], "v");
         assert!(matches!(batch.seal(), Err(Error::KeyTooLarge { .. })));
         let mut batch = WriteBatch::new();
         batch.insert(vec![0u8; MAX_KEY_BYTES], "v");
+        assert!(batch.seal().is_ok());
+        let mut batch = WriteBatch::new();
+        batch.insert("k", vec![0u8; MAX_VALUE_BYTES + 1]);
+        assert!(matches!(batch.seal(), Err(Error::ValueTooLarge { .. })));
+        // Clearing forgets the broken limit along with the operations.
+        let mut batch = WriteBatch::new();
+        batch.insert(vec![0u8; MAX_KEY_BYTES + 1], "v");
+        batch.clear();
+        batch.insert("k", "v");
         assert!(batch.seal().is_ok());
     }
 
@@ -223,6 +316,6 @@ mod tests {
         assert!(decode_record(Bytes::from(encode_seq_prefix(5))).is_err());
         let mut batch = WriteBatch::new();
         batch.insert("k", "v");
-        assert!(decode_record(Bytes::from(batch.seal().unwrap().body)).is_err());
+        assert!(decode_record(batch.seal().unwrap().body).is_err());
     }
 }

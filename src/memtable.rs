@@ -19,47 +19,86 @@ use crossbeam_skiplist::map::Entry;
 use crate::proto::{OpKind, Operation};
 
 /// A key and the sequence number of one of its versions.
+///
+/// `prefix` holds the key's first eight bytes (zero-padded, big-endian), so
+/// that most comparisons in the skiplist decide on one integer compare,
+/// without following `user_key` to its bytes (a likely cache miss) or
+/// calling `memcmp`.
 #[derive(Clone, Debug)]
 pub(crate) struct InternalKey {
-    pub user_key: Bytes,
+    prefix: u64,
     pub seq: u64,
+    pub user_key: Bytes,
+}
+
+impl InternalKey {
+    pub fn new(user_key: Bytes, seq: u64) -> InternalKey {
+        InternalKey {
+            prefix: key_prefix(&user_key),
+            seq,
+            user_key,
+        }
+    }
+}
+
+/// The first eight bytes of `key` as a big-endian integer, zero-padded.
+///
+/// Ordering by prefix agrees with ordering by key: where two prefixes
+/// differ, either both keys have a byte there and the bytes differ the same
+/// way, or the shorter key ran out (its padding is 0) and is a prefix of the
+/// other up to there, so it sorts first. Equal prefixes say nothing, and the
+/// full keys are compared.
+fn key_prefix(key: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    let len = key.len().min(8);
+    bytes[..len].copy_from_slice(&key[..len]);
+    u64::from_be_bytes(bytes)
 }
 
 /// The ordering of versions, shared by owned keys and borrowed probes, so
 /// lookups need not allocate an `InternalKey`.
 pub(crate) trait KeyView {
-    fn user_key(&self) -> &[u8];
-    fn seq(&self) -> u64;
+    /// The key's prefix (see [`key_prefix`]), the key and the sequence number.
+    fn parts(&self) -> (u64, &[u8], u64);
 }
 
 impl KeyView for InternalKey {
-    fn user_key(&self) -> &[u8] {
-        &self.user_key
-    }
-    fn seq(&self) -> u64 {
-        self.seq
+    fn parts(&self) -> (u64, &[u8], u64) {
+        (self.prefix, &self.user_key, self.seq)
     }
 }
 
 /// A borrowed probe: "the newest version of `key` at or below `seq`".
 pub(crate) struct Probe<'a> {
-    pub key: &'a [u8],
-    pub seq: u64,
+    prefix: u64,
+    key: &'a [u8],
+    seq: u64,
+}
+
+impl Probe<'_> {
+    pub fn new(key: &[u8], seq: u64) -> Probe<'_> {
+        Probe {
+            prefix: key_prefix(key),
+            key,
+            seq,
+        }
+    }
 }
 
 impl KeyView for Probe<'_> {
-    fn user_key(&self) -> &[u8] {
-        self.key
-    }
-    fn seq(&self) -> u64 {
-        self.seq
+    fn parts(&self) -> (u64, &[u8], u64) {
+        (self.prefix, self.key, self.seq)
     }
 }
 
 fn compare(a: &dyn KeyView, b: &dyn KeyView) -> Ordering {
-    a.user_key()
-        .cmp(b.user_key())
-        .then_with(|| b.seq().cmp(&a.seq()))
+    let (a_prefix, a_key, a_seq) = a.parts();
+    let (b_prefix, b_key, b_seq) = b.parts();
+    a_prefix
+        .cmp(&b_prefix)
+        .then_with(|| a_key.cmp(b_key))
+        // Newer versions first.
+        .then_with(|| b_seq.cmp(&a_seq))
 }
 
 impl<'a> Borrow<dyn KeyView + 'a> for InternalKey {
@@ -153,10 +192,7 @@ impl Memtable {
             let value = (op.kind == OpKind::Put as i32).then(|| op.value.clone());
             bytes += op.key.len() + op.value.len() + ENTRY_OVERHEAD_BYTES;
             self.versions.insert(
-                InternalKey {
-                    user_key: op.key.clone(),
-                    seq: first_seq + i as u64,
-                },
+                InternalKey::new(op.key.clone(), first_seq + i as u64),
                 value,
             );
         }
@@ -187,10 +223,7 @@ impl Memtable {
     /// The newest version of `key` at or below `snapshot_seq`: `None` if
     /// this memtable has none, `Some(None)` if it is a removal.
     pub fn get(&self, key: &[u8], snapshot_seq: u64) -> Option<Option<Bytes>> {
-        let probe = Probe {
-            key,
-            seq: snapshot_seq,
-        };
+        let probe = Probe::new(key, snapshot_seq);
         let entry = self
             .versions
             .lower_bound(Bound::Included(&probe as &dyn KeyView))?;
@@ -228,14 +261,13 @@ impl Memtable {
             Bound::Unbounded => self.versions.front(),
             // The newest possible version of `key` comes first.
             Bound::Included(key) => {
-                self.versions.lower_bound(Bound::Included(
-                    &Probe { key, seq: u64::MAX } as &dyn KeyView
-                ))
+                self.versions
+                    .lower_bound(Bound::Included(&Probe::new(key, u64::MAX) as &dyn KeyView))
             }
             // Every version of `key` sorts at or before (key, 0).
             Bound::Excluded(key) => self
                 .versions
-                .lower_bound(Bound::Excluded(&Probe { key, seq: 0 } as &dyn KeyView)),
+                .lower_bound(Bound::Excluded(&Probe::new(key, 0) as &dyn KeyView)),
         };
         let mut added = 0;
         while let Some(current) = entry {
@@ -285,11 +317,10 @@ impl Memtable {
             // The oldest possible version of `key` comes last.
             Bound::Included(key) => self
                 .versions
-                .upper_bound(Bound::Included(&Probe { key, seq: 0 } as &dyn KeyView)),
+                .upper_bound(Bound::Included(&Probe::new(key, 0) as &dyn KeyView)),
             Bound::Excluded(key) => {
-                self.versions.upper_bound(Bound::Excluded(
-                    &Probe { key, seq: u64::MAX } as &dyn KeyView
-                ))
+                self.versions
+                    .upper_bound(Bound::Excluded(&Probe::new(key, u64::MAX) as &dyn KeyView))
             }
         };
         let mut added = 0;
