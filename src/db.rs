@@ -4,7 +4,7 @@ use std::fmt;
 use std::io;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::batch::WriteBatch;
@@ -55,6 +55,9 @@ struct DbInner {
     pipeline: CommitPipeline,
     storage: Arc<Storage>,
     lock: Mutex<Option<Box<dyn FileLock>>>,
+    /// Set once `close` begins: the cheap check readers make on every call
+    /// (the `lock` mutex would serialize concurrent readers).
+    closed: AtomicBool,
     report: RecoveryReport,
 }
 
@@ -143,6 +146,7 @@ impl Db {
                 pipeline,
                 storage,
                 lock: Mutex::new(Some(lock)),
+                closed: AtomicBool::new(false),
                 report: recovered.report,
             }),
         })
@@ -308,10 +312,10 @@ impl Db {
     }
 
     fn check_open(&self) -> Result<()> {
-        match self.inner.lock.lock() {
-            Ok(lock) if lock.is_some() => Ok(()),
-            _ => Err(Error::Closed),
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
         }
+        Ok(())
     }
 }
 
@@ -324,7 +328,20 @@ impl DbInner {
         if lock.is_none() {
             return Err(Error::Closed);
         }
-        let result = self.pipeline.close();
+        // A clean close checkpoints the memtable (unless the options say
+        // not to), so the next open maps
+        // snapshot files and replays (almost) no WAL. Writes that slip in
+        // after the freeze are in the WAL and replayed as usual. A failure
+        // here still closes; the next open recovers from the WAL instead.
+        let checkpointed = if self.options.checkpoint_on_close {
+            self.pipeline
+                .freeze_now()
+                .and_then(|seq| self.storage.wait_checkpointed(seq))
+        } else {
+            Ok(())
+        };
+        self.closed.store(true, Ordering::Release);
+        let result = self.pipeline.close().and(checkpointed);
         self.storage.shutdown();
         // Released even after a failure: the next open recovers from disk.
         *lock = None;

@@ -62,6 +62,7 @@ pub struct Options {
     pub(crate) max_wal_bytes: u64,
     pub(crate) max_frozen_memtables: usize,
     pub(crate) max_snapshot_files: usize,
+    pub(crate) checkpoint_on_close: bool,
     pub(crate) file_system: Arc<dyn FileSystem>,
 }
 
@@ -76,6 +77,7 @@ impl Default for Options {
             max_wal_bytes: 256 << 20,
             max_frozen_memtables: 2,
             max_snapshot_files: 8,
+            checkpoint_on_close: true,
             file_system: Arc::new(RealFileSystem),
         }
     }
@@ -92,6 +94,7 @@ impl fmt::Debug for Options {
             .field("max_wal_bytes", &self.max_wal_bytes)
             .field("max_frozen_memtables", &self.max_frozen_memtables)
             .field("max_snapshot_files", &self.max_snapshot_files)
+            .field("checkpoint_on_close", &self.checkpoint_on_close)
             .finish_non_exhaustive()
     }
 }
@@ -159,6 +162,17 @@ impl Options {
     /// frozen memtables and this many files.
     pub fn max_snapshot_files(mut self, count: usize) -> Self {
         self.max_snapshot_files = count;
+        self
+    }
+
+    /// Whether [`Db::close`](crate::Db::close) (and dropping the last
+    /// handle) checkpoints the memtable first; `true` by default. A
+    /// checkpointed close makes the next open map snapshot files instead of
+    /// replaying the WAL (milliseconds instead of up to a memtable's worth
+    /// of replay); turning it off makes closing faster and leaves the WAL
+    /// for the next open to replay.
+    pub fn checkpoint_on_close(mut self, enabled: bool) -> Self {
+        self.checkpoint_on_close = enabled;
         self
     }
 

@@ -131,50 +131,93 @@ pub fn seal_block(entry_count: u32, entries: &[u8]) -> Vec<u8> {
 /// `block`. Entries must be sorted by key ascending, then sequence number
 /// descending.
 pub fn decode_block(block: &[u8]) -> Result<Vec<EntryRef>, String> {
-    let body = checked_body(block, 8, "block")?;
-    let body_end = body.len();
-    let mut pos = 0;
-    let count = get_u32(block, &mut pos)? as usize;
+    checked_body(block, 8, "block")?;
+    parse_block(block)
+}
+
+/// [`decode_block`] without the CRC check, for a block whose CRC was
+/// already checked: every length is still checked against the block, so
+/// damage cannot make the reader panic or read outside the block.
+pub fn parse_block(block: &[u8]) -> Result<Vec<EntryRef>, String> {
+    let mut cursor = BlockCursor::new(block)?;
     // Each entry takes at least 10 bytes, which bounds the allocation.
-    if count > body_end / 10 {
-        return Err(format!("block claims {count} entries"));
+    if cursor.left > cursor.body_end / 10 {
+        return Err(format!("block claims {} entries", cursor.left));
     }
-    let mut entries = Vec::with_capacity(count);
-    for _ in 0..count {
-        let kind = *block.get(pos).ok_or("entry runs past the block")?;
-        pos += 1;
-        let seq = get_u64(&block[..body_end], &mut pos)?;
-        let key_len = get_varint(&block[..body_end], &mut pos)?;
+    let mut entries: Vec<EntryRef> = Vec::with_capacity(cursor.left);
+    while let Some(entry) = cursor.next_entry()? {
+        if let Some(previous) = entries.last() {
+            let order = block[previous.key.clone()].cmp(&block[entry.key.clone()]);
+            if order.is_gt() || (order.is_eq() && previous.seq <= entry.seq) {
+                return Err("entries out of order".into());
+            }
+        }
+        entries.push(entry);
+    }
+    if cursor.pos != cursor.body_end {
+        return Err("bytes left after the last entry".into());
+    }
+    Ok(entries)
+}
+
+/// Reads a block's entries one at a time without allocating (what a point
+/// lookup needs: it stops at the first key at or past its own). Checks each
+/// length against the block, not the CRC or the order.
+pub struct BlockCursor<'a> {
+    block: &'a [u8],
+    pos: usize,
+    /// Where the CRC starts.
+    body_end: usize,
+    /// Entries not yet read.
+    left: usize,
+}
+
+impl<'a> BlockCursor<'a> {
+    pub fn new(block: &'a [u8]) -> Result<BlockCursor<'a>, String> {
+        if block.len() < 8 {
+            return Err(format!("block of {} bytes is too short", block.len()));
+        }
+        let mut pos = 0;
+        let left = get_u32(block, &mut pos)? as usize;
+        Ok(BlockCursor {
+            block,
+            pos,
+            body_end: block.len() - 4,
+            left,
+        })
+    }
+
+    /// The next entry, or `None` after the last.
+    pub fn next_entry(&mut self) -> Result<Option<EntryRef>, String> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        self.left -= 1;
+        let body = &self.block[..self.body_end];
+        let pos = &mut self.pos;
+        let kind = *body.get(*pos).ok_or("entry runs past the block")?;
+        *pos += 1;
+        let seq = get_u64(body, pos)?;
+        let key_len = get_varint(body, pos)?;
         let value_len = match kind {
-            KIND_VALUE => Some(get_varint(&block[..body_end], &mut pos)?),
+            KIND_VALUE => Some(get_varint(body, pos)?),
             KIND_TOMBSTONE => None,
             other => return Err(format!("unknown entry kind {other}")),
         };
-        let key_end = checked_end(pos, key_len, body_end)?;
-        let key = pos..key_end;
-        pos = key_end;
+        let key_end = checked_end(*pos, key_len, self.body_end)?;
+        let key = *pos..key_end;
+        *pos = key_end;
         let value = match value_len {
             Some(len) => {
-                let end = checked_end(pos, len, body_end)?;
-                let range = pos..end;
-                pos = end;
+                let end = checked_end(*pos, len, self.body_end)?;
+                let range = *pos..end;
+                *pos = end;
                 Some(range)
             }
             None => None,
         };
-        if let Some(previous) = entries.last() {
-            let previous: &EntryRef = previous;
-            let order = block[previous.key.clone()].cmp(&block[key.clone()]);
-            if order.is_gt() || (order.is_eq() && previous.seq <= seq) {
-                return Err("entries out of order".into());
-            }
-        }
-        entries.push(EntryRef { seq, key, value });
+        Ok(Some(EntryRef { seq, key, value }))
     }
-    if pos != body_end {
-        return Err("bytes left after the last entry".into());
-    }
-    Ok(entries)
 }
 
 /// Where a data block is, and the last key in it.
@@ -264,6 +307,12 @@ pub fn decode_bloom(section: &[u8]) -> Result<(u8, Range<usize>), String> {
     let probes = section[0];
     if probes == 0 || probes > 30 {
         return Err(format!("bloom filter with {probes} probes"));
+    }
+    if (body_end - 1) % super::bloom::LINE_BYTES != 0 {
+        return Err(format!(
+            "bloom filter of {} bytes is not a whole number of lines",
+            body_end - 1
+        ));
     }
     Ok((probes, 1..body_end))
 }
