@@ -543,6 +543,17 @@ fn run_engine(name: &str, settings: &Settings) {
     let keys = settings.keys;
     let scratch = tempfile::tempdir().unwrap();
 
+    // 1 and 2 first, while the page cache holds no dirty data from other
+    // workloads to compete with their fsyncs; each on a fresh directory.
+    for threads in [1, 4, 16] {
+        settle();
+        let dir = scratch.path().join(format!("writes_{threads}"));
+        let engine = open_engine(name, &dir);
+        synced_writes(&*engine, threads, settings);
+        engine.close();
+    }
+
+    settle();
     // 3 and 9: the random fill, with its peak memory and footprint.
     let dir = scratch.path().join("random");
     reset_peak_rss();
@@ -632,6 +643,7 @@ fn run_engine(name: &str, settings: &Settings) {
     drop(engine);
 
     // 3: sequential fill into a fresh directory.
+    settle();
     let dir = scratch.path().join("sequential");
     let engine = open_engine(name, &dir);
     report(
@@ -639,14 +651,12 @@ fn run_engine(name: &str, settings: &Settings) {
         fill(&*engine, keys, sequential_key, 0),
     );
     engine.close();
+}
 
-    // 1 and 2: synced single writes, each thread count on a fresh directory.
-    for threads in [1, 4, 16] {
-        let dir = scratch.path().join(format!("writes_{threads}"));
-        let engine = open_engine(name, &dir);
-        synced_writes(&*engine, threads, settings);
-        drop(engine);
-    }
+/// Writes back every dirty page of the machine (`sync(1)`), so that one
+/// workload's leftover writeback does not slow the next one's fsyncs.
+fn settle() {
+    let _ = Command::new("sync").status();
 }
 
 /// Closes `engine` (it must be the last handle) and times opening it again
