@@ -7,6 +7,7 @@
 //! sources, the version with the highest sequence number, and drops keys
 //! whose newest visible version is a removal.
 
+use std::cmp;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::{Bound, RangeBounds};
@@ -347,8 +348,10 @@ pub struct Iter {
     back: Vec<Cursor>,
     /// Last key returned from the front / the back: the two ends stop when
     /// they meet.
-    front_last: Option<Bytes>,
-    back_last: Option<Bytes>,
+    /// (Copies, not `Bytes` handles: a copy of a short key costs less than
+    /// the atomic reference count of a handle, on every step.)
+    front_last: Option<Vec<u8>>,
+    back_last: Option<Vec<u8>>,
     finished: bool,
 }
 
@@ -425,52 +428,89 @@ impl Iter {
                 Direction::Forward => &mut self.front,
                 Direction::Backward => &mut self.back,
             };
-            // The next key in this direction over all cursors.
-            let next_key = cursors
-                .iter()
-                .filter_map(|cursor| cursor.buffer.last().map(|r| &r.key))
-                .reduce(|a, b| match direction {
-                    Direction::Forward => a.min(b),
-                    Direction::Backward => a.max(b),
-                })
-                .cloned();
-            let Some(key) = next_key else {
+            // The cursor holding the next key in this direction; of the
+            // cursors holding that same key, the newest version wins (the
+            // others' copies are dropped). One pass, no key clones.
+            let mut winner: Option<usize> = None;
+            for index in 0..cursors.len() {
+                let Some(candidate) = cursors[index].buffer.last() else {
+                    continue;
+                };
+                let Some(best) = winner else {
+                    winner = Some(index);
+                    continue;
+                };
+                // Always present: `best` came from a non-empty buffer, and
+                // only other cursors' buffers have been popped since.
+                let Some(current) = cursors[best].buffer.last() else {
+                    continue;
+                };
+                let order = compare_keys(&candidate.key, &current.key);
+                let ahead = match direction {
+                    Direction::Forward => order.is_lt(),
+                    Direction::Backward => order.is_gt(),
+                };
+                if ahead || (order.is_eq() && candidate.seq > current.seq) {
+                    if order.is_eq() {
+                        cursors[best].buffer.pop();
+                    }
+                    winner = Some(index);
+                } else if order.is_eq() {
+                    cursors[index].buffer.pop();
+                }
+            }
+            let Some(index) = winner else {
                 self.finished = true;
                 return Ok(None);
             };
-            // Of the sources holding this key, the newest version wins.
-            let mut winner: Option<Resolved> = None;
-            for cursor in cursors.iter_mut() {
-                if cursor.buffer.last().is_some_and(|r| r.key == key) {
-                    let candidate = cursor.buffer.pop();
-                    if let Some(candidate) = candidate {
-                        if winner.as_ref().is_none_or(|w| candidate.seq > w.seq) {
-                            winner = Some(candidate);
-                        }
-                    }
-                }
-            }
+            let Some(resolved) = cursors[index].buffer.pop() else {
+                self.finished = true;
+                return Ok(None);
+            };
             // Stop where the other end has already been.
             let crossed = match direction {
-                Direction::Forward => self.back_last.as_ref().is_some_and(|b| key >= *b),
-                Direction::Backward => self.front_last.as_ref().is_some_and(|f| key <= *f),
+                Direction::Forward => self
+                    .back_last
+                    .as_ref()
+                    .is_some_and(|b| resolved.key[..] >= b[..]),
+                Direction::Backward => self
+                    .front_last
+                    .as_ref()
+                    .is_some_and(|f| resolved.key[..] <= f[..]),
             };
             if crossed {
                 self.finished = true;
                 return Ok(None);
             }
-            match direction {
-                Direction::Forward => self.front_last = Some(key.clone()),
-                Direction::Backward => self.back_last = Some(key.clone()),
-            }
-            if let Some(Resolved {
-                value: Some(value), ..
-            }) = winner
-            {
-                return Ok(Some((Slice::from_bytes(key), Slice::from_bytes(value))));
+            let last = match direction {
+                Direction::Forward => self.front_last.get_or_insert_with(Vec::new),
+                Direction::Backward => self.back_last.get_or_insert_with(Vec::new),
+            };
+            last.clear();
+            last.extend_from_slice(&resolved.key);
+            if let Some(value) = resolved.value {
+                return Ok(Some((
+                    Slice::from_bytes(resolved.key),
+                    Slice::from_bytes(value),
+                )));
             }
         }
     }
+}
+
+/// Byte order of two keys, deciding on the first eight bytes as one integer
+/// compare when they differ (most neighbouring keys do) instead of calling
+/// `memcmp`. See `memtable::key_prefix` for why prefix order is key order.
+fn compare_keys(a: &[u8], b: &[u8]) -> cmp::Ordering {
+    if a.len() >= 8 && b.len() >= 8 {
+        let prefix =
+            |k: &[u8]| u64::from_be_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]]);
+        let order = prefix(a).cmp(&prefix(b));
+        if order.is_ne() {
+            return order;
+        }
+    }
+    a.cmp(b)
 }
 
 impl Iterator for Iter {
