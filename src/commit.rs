@@ -289,7 +289,7 @@ impl CommitPipeline {
             self.storage.wait_for_room()?;
         }
         let wal_start_segment = leader.wal.rotate()?;
-        let fresh = Arc::new(Memtable::new());
+        let fresh = Arc::new(Memtable::new(self.limits.memtable_bytes));
         self.read_state.edit(|view| {
             let mut sources = Vec::with_capacity(view.sources.len() + 1);
             sources.push(Source::Memtable(fresh));

@@ -101,7 +101,8 @@ impl Db {
                 io::ErrorKind::WouldBlock => Error::Locked { path: path.clone() },
                 _ => Error::io("lock", &lock_path, error),
             })?;
-        let recovered = recovery::recover(&fs, &path, options.recovery_mode)?;
+        let recovered =
+            recovery::recover(&fs, &path, options.recovery_mode, options.memtable_size)?;
         let memtable = Arc::new(recovered.memtable);
         let mut sources = vec![Source::Memtable(memtable)];
         sources.extend(recovered.files.iter().cloned().map(Source::File));

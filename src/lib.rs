@@ -202,8 +202,8 @@ pub mod fuzzing {
         };
         let file = std::sync::Arc::new(file);
         for key in [&b""[..], b"a", b"key", b"\xff"] {
-            let _ = file.get(key, u64::MAX);
-            let _ = file.get(key, 1);
+            let _ = file.get(key, crate::snapshot_file::bloom::key_hash(key), u64::MAX);
+            let _ = file.get(key, crate::snapshot_file::bloom::key_hash(key), 1);
         }
         for direction in [Direction::Forward, Direction::Backward] {
             let mut out = Vec::new();

@@ -10,13 +10,14 @@
 use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::ops::Bound;
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
 
 use bytes::Bytes;
 use crossbeam_skiplist::SkipMap;
 use crossbeam_skiplist::map::Entry;
 
 use crate::proto::{OpKind, Operation};
+use crate::snapshot_file::bloom;
 
 /// A key and the sequence number of one of its versions.
 ///
@@ -158,6 +159,59 @@ pub(crate) struct Version {
     pub value: Option<Bytes>,
 }
 
+/// A blocked bloom filter that concurrent writers fill with atomic bit
+/// sets: the same line-and-probe scheme as the snapshot files' filter
+/// (`bloom::probes`), held as 64-bit words in memory only.
+#[derive(Debug)]
+struct KeyFilter {
+    words: Box<[AtomicU64]>,
+    line_count: usize,
+}
+
+/// Words of 64 bits in one 512-bit line.
+const WORDS_PER_LINE: usize = (bloom::LINE_BITS / 64) as usize;
+
+impl KeyFilter {
+    /// A filter with `bloom::BITS_PER_KEY` bits per expected key.
+    fn new(expected_keys: usize) -> KeyFilter {
+        let bits = (expected_keys.max(1) * bloom::BITS_PER_KEY) as u64;
+        let line_count = bits.div_ceil(bloom::LINE_BITS) as usize;
+        KeyFilter {
+            words: (0..line_count * WORDS_PER_LINE)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            line_count,
+        }
+    }
+
+    /// The words of the key's line, with the bits its probes set in each.
+    fn masks(&self, hash: u64) -> (usize, [u64; WORDS_PER_LINE]) {
+        let (line, bits) = bloom::probes(hash, bloom::PROBES, self.line_count);
+        let mut masks = [0u64; WORDS_PER_LINE];
+        for bit in bits {
+            masks[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        (line * WORDS_PER_LINE, masks)
+    }
+
+    fn insert(&self, hash: u64) {
+        let (first, masks) = self.masks(hash);
+        for (word, mask) in self.words[first..].iter().zip(masks) {
+            if mask != 0 {
+                word.fetch_or(mask, AtomicOrdering::Relaxed);
+            }
+        }
+    }
+
+    fn may_contain(&self, hash: u64) -> bool {
+        let (first, masks) = self.masks(hash);
+        self.words[first..]
+            .iter()
+            .zip(masks)
+            .all(|(word, mask)| word.load(AtomicOrdering::Relaxed) & mask == mask)
+    }
+}
+
 /// Which way an iteration goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Direction {
@@ -171,26 +225,39 @@ pub(crate) enum Direction {
 const ENTRY_OVERHEAD_BYTES: usize = 128;
 
 /// Committed writes in memory. See the module documentation.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Memtable {
     versions: SkipMap<InternalKey, Option<Bytes>>,
+    /// Every key inserted, so that a lookup of a key this memtable lacks
+    /// (most lookups, once files hold most of the data) skips the skiplist
+    /// search and its cache misses.
+    filter: KeyFilter,
     approximate_bytes: AtomicUsize,
 }
 
 impl Memtable {
-    pub fn new() -> Memtable {
-        Memtable::default()
+    /// An empty memtable whose key filter is sized for a memtable of
+    /// `capacity_bytes` (the freeze limit).
+    pub fn new(capacity_bytes: usize) -> Memtable {
+        Memtable {
+            versions: SkipMap::new(),
+            filter: KeyFilter::new(capacity_bytes / ENTRY_OVERHEAD_BYTES),
+            approximate_bytes: AtomicUsize::new(0),
+        }
     }
 
     /// Inserts the operations of one batch, op `i` as sequence `first_seq + i`.
     ///
     /// Callers publish the batch to readers only after this returns; until
-    /// then no snapshot's sequence number reaches these versions.
+    /// then no snapshot's sequence number reaches these versions. (That
+    /// publication is also what makes the filter bits set here visible to
+    /// the readers that can see the versions.)
     pub fn apply(&self, first_seq: u64, ops: &[Operation]) {
         let mut bytes = 0;
         for (i, op) in ops.iter().enumerate() {
             let value = (op.kind == OpKind::Put as i32).then(|| op.value.clone());
             bytes += op.key.len() + op.value.len() + ENTRY_OVERHEAD_BYTES;
+            self.filter.insert(bloom::key_hash(&op.key));
             self.versions.insert(
                 InternalKey::new(op.key.clone(), first_seq + i as u64),
                 value,
@@ -220,9 +287,13 @@ impl Memtable {
         self.approximate_bytes.load(AtomicOrdering::Relaxed)
     }
 
-    /// The newest version of `key` at or below `snapshot_seq`: `None` if
-    /// this memtable has none, `Some(None)` if it is a removal.
-    pub fn get(&self, key: &[u8], snapshot_seq: u64) -> Option<Option<Bytes>> {
+    /// The newest version of `key` (whose [`bloom::key_hash`] is
+    /// `key_hash`) at or below `snapshot_seq`: `None` if this memtable has
+    /// none, `Some(None)` if it is a removal.
+    pub fn get(&self, key: &[u8], key_hash: u64, snapshot_seq: u64) -> Option<Option<Bytes>> {
+        if !self.filter.may_contain(key_hash) {
+            return None;
+        }
         let probe = Probe::new(key, snapshot_seq);
         let entry = self
             .versions
@@ -447,16 +518,49 @@ mod tests {
     }
 
     #[test]
+    fn key_filter_has_no_false_negatives_and_few_false_positives() {
+        let filter = KeyFilter::new(10_000);
+        let hash = |i: u32| bloom::key_hash(&i.to_be_bytes());
+        std::thread::scope(|scope| {
+            for part in 0..4u32 {
+                let filter = &filter;
+                scope.spawn(move || {
+                    (part..10_000)
+                        .step_by(4)
+                        .for_each(|i| filter.insert(hash(i)))
+                });
+            }
+        });
+        assert!((0..10_000).all(|i| filter.may_contain(hash(i))));
+        let false_positives = (10_000..110_000)
+            .filter(|&i| filter.may_contain(hash(i)))
+            .count();
+        assert!(
+            false_positives < 2_000,
+            "{false_positives} false positives in 100,000"
+        );
+    }
+
+    #[test]
     fn versions_resolve_at_each_snapshot() {
-        let table = Memtable::new();
+        let table = Memtable::new(1 << 20);
         table.apply(1, &[put("a", "1"), put("b", "1")]);
         table.apply(3, &[put("a", "2"), delete("b"), put("c", "1")]);
-        assert_eq!(table.get(b"a", 1), Some(Some(Bytes::from("1"))));
-        assert_eq!(table.get(b"a", 2), Some(Some(Bytes::from("1"))));
-        assert_eq!(table.get(b"a", 3), Some(Some(Bytes::from("2"))));
-        assert_eq!(table.get(b"b", 4), Some(None));
-        assert_eq!(table.get(b"c", 4), None);
-        assert_eq!(table.get(b"zz", 9), None);
+        assert_eq!(
+            table.get(b"a", bloom::key_hash(b"a"), 1),
+            Some(Some(Bytes::from("1")))
+        );
+        assert_eq!(
+            table.get(b"a", bloom::key_hash(b"a"), 2),
+            Some(Some(Bytes::from("1")))
+        );
+        assert_eq!(
+            table.get(b"a", bloom::key_hash(b"a"), 3),
+            Some(Some(Bytes::from("2")))
+        );
+        assert_eq!(table.get(b"b", bloom::key_hash(b"b"), 4), Some(None));
+        assert_eq!(table.get(b"c", bloom::key_hash(b"c"), 4), None);
+        assert_eq!(table.get(b"zz", bloom::key_hash(b"zz"), 9), None);
         for chunk in [1, 2, 100] {
             let forward = scan_all(&table, 2, Direction::Forward, chunk);
             assert_eq!(

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use crate::error::Result;
 use crate::memtable::{Direction, Memtable, Resolved};
 use crate::slice::Slice;
-use crate::snapshot_file::SnapshotFile;
+use crate::snapshot_file::{SnapshotFile, bloom};
 
 /// One sorted source of versions.
 #[derive(Debug, Clone)]
@@ -31,10 +31,10 @@ pub(crate) enum Source {
 }
 
 impl Source {
-    fn get(&self, key: &[u8], seq: u64) -> Result<Option<Option<Bytes>>> {
+    fn get(&self, key: &[u8], key_hash: u64, seq: u64) -> Result<Option<Option<Bytes>>> {
         match self {
-            Source::Memtable(table) => Ok(table.get(key, seq)),
-            Source::File(file) => file.get(key, seq),
+            Source::Memtable(table) => Ok(table.get(key, key_hash, seq)),
+            Source::File(file) => file.get(key, key_hash, seq),
         }
     }
 
@@ -237,8 +237,10 @@ impl Snapshot {
     /// key fails its checksum.
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Slice>> {
         let key = key.as_ref();
+        // One hash serves the filters of every memtable and file.
+        let key_hash = bloom::key_hash(key);
         for source in &self.view.sources {
-            if let Some(version) = source.get(key, self.seq)? {
+            if let Some(version) = source.get(key, key_hash, self.seq)? {
                 return Ok(version.map(Slice::from_bytes));
             }
         }

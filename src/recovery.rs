@@ -114,6 +114,7 @@ pub(crate) fn recover(
     shared_fs: &Arc<dyn FileSystem>,
     dir: &Path,
     mode: RecoveryMode,
+    memtable_bytes: usize,
 ) -> Result<Recovered> {
     let fs: &dyn FileSystem = &**shared_fs;
     let names = list(fs, dir)?;
@@ -201,7 +202,7 @@ pub(crate) fn recover(
         )
         .collect();
 
-    let memtable = Memtable::new();
+    let memtable = Memtable::new(memtable_bytes);
     let mut report = RecoveryReport {
         created: !has_manifest,
         ..RecoveryReport::default()

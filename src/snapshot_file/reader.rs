@@ -184,10 +184,11 @@ impl SnapshotFile {
         Ok(Block { bytes, entries })
     }
 
-    /// The newest version of `key` at or below `seq`: `None` if the file has
-    /// none, `Some(None)` for a removal.
-    pub fn get(&self, key: &[u8], seq: u64) -> Result<Option<Option<Bytes>>> {
-        if !bloom::may_contain(&self.bloom_bits, self.bloom_probes, bloom::key_hash(key)) {
+    /// The newest version of `key` (whose [`bloom::key_hash`] is
+    /// `key_hash`) at or below `seq`: `None` if the file has none,
+    /// `Some(None)` for a removal.
+    pub fn get(&self, key: &[u8], key_hash: u64, seq: u64) -> Result<Option<Option<Bytes>>> {
+        if !bloom::may_contain(&self.bloom_bits, self.bloom_probes, key_hash) {
             return Ok(None);
         }
         // A key's versions may continue into the next block.
@@ -436,7 +437,7 @@ mod tests {
             } else {
                 Some(vec![visible as u8; 100])
             };
-            let got = file.get(b"m", seq).unwrap().expect("m has a version");
+            let got = file.get(b"m", bloom::key_hash(b"m"), seq).unwrap().expect("m has a version");
             assert_eq!(got.as_deref(), expected_m.as_deref(), "get at {seq}");
             let mut expected = Vec::new();
             if seq >= 500 {
@@ -500,7 +501,7 @@ mod tests {
                 .is_empty()
             );
         }
-        assert_eq!(file.get(b"b", 1000).unwrap(), None);
+        assert_eq!(file.get(b"b", bloom::key_hash(b"b"), 1000).unwrap(), None);
         assert_eq!(file.versions().count(), 202);
     }
 }
