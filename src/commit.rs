@@ -9,13 +9,20 @@
 //! while a leader works queue up for the next leader, so under load one
 //! fsync carries many commits.
 //!
+//! Waiting writers sleep on their own slot, not on a shared condition
+//! variable: a finished leader wakes exactly the writers of its group (their
+//! results are ready) and hands the lead to the first queued writer, so no
+//! woken thread has to fight for the queue lock just to learn that its
+//! commit is done.
+//!
 //! If a WAL write or fsync fails, no batch of that group is reported
 //! committed and every later write is refused: the log's state on disk is
 //! unknown, and retrying an fsync can report success for data the kernel
 //! already dropped. Reopening recovers from what is durable.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crate::batch::{SealedBatch, encode_seq_prefix};
@@ -40,7 +47,53 @@ pub struct CommitStats {
 struct Pending {
     batch: SealedBatch,
     sync: bool,
-    slot: Arc<Mutex<Option<Result<u64>>>>,
+    slot: Arc<Slot>,
+}
+
+/// Where a waiting writer learns its outcome, or that it must lead.
+#[derive(Debug)]
+struct Slot {
+    result: Mutex<Option<Result<u64>>>,
+    /// `WAITING`, then `DONE` once `result` is set, or `LEAD` when the
+    /// previous leader hands this writer the next group.
+    state: AtomicU8,
+    thread: Thread,
+}
+
+const WAITING: u8 = 0;
+const DONE: u8 = 1;
+const LEAD: u8 = 2;
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            result: Mutex::new(None),
+            state: AtomicU8::new(WAITING),
+            thread: std::thread::current(),
+        }
+    }
+
+    /// Records the outcome; the writer sees it when it next wakes.
+    fn set(&self, result: Result<u64>) {
+        *lock(&self.result) = Some(result);
+        self.state.store(DONE, Ordering::Release);
+    }
+
+    /// Records the outcome and wakes the writer.
+    fn finish(&self, result: Result<u64>) {
+        self.set(result);
+        self.thread.unpark();
+    }
+
+    fn take(&self) -> Result<u64> {
+        lock(&self.result).take().unwrap_or_else(|| {
+            // Unreachable: `take` is called once the state is DONE, after
+            // `set`. Reported rather than unwrapped so a bug cannot panic.
+            Err(Error::WritesStopped {
+                cause: "commit finished without a result".into(),
+            })
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +102,9 @@ struct Queue {
     leader_active: bool,
     /// Batches in the last group: a measure of how many writers are active.
     last_group: usize,
+    /// Whether a leader is waiting on `arrivals` for its group to fill
+    /// (notifying a condition variable is a system call; skip it otherwise).
+    gathering: bool,
     /// Why writes are refused, once a WAL write or fsync failed.
     stopped: Option<String>,
     closed: bool,
@@ -72,6 +128,7 @@ pub(crate) struct FreezeLimits {
 #[derive(Debug)]
 pub(crate) struct CommitPipeline {
     queue: Mutex<Queue>,
+    /// Signalled when no leader is active any more (`close` waits for it).
     wake: Condvar,
     /// Signalled when a batch is queued (for a leader gathering its group).
     arrivals: Condvar,
@@ -118,7 +175,6 @@ impl CommitPipeline {
 
     /// Commits one batch; returns the sequence number of its last operation.
     pub fn commit(&self, batch: SealedBatch, sync: bool) -> Result<u64> {
-        let slot = Arc::new(Mutex::new(None));
         self.storage.check_healthy()?;
         let mut queue = lock(&self.queue);
         check_open(&queue)?;
@@ -126,69 +182,107 @@ impl CommitPipeline {
             // Nothing to write: the batch is trivially applied.
             return Ok(self.read_state.visible_seq());
         }
+        let slot = Arc::new(Slot::new());
         queue.pending.push(Pending {
             batch,
             sync,
             slot: slot.clone(),
         });
-        self.arrivals.notify_one();
-        loop {
-            if let Some(result) = lock(&slot).take() {
-                return result;
-            }
-            if !queue.leader_active && queue.closed {
-                // Closed while this batch waited: it never reaches the WAL.
-                for pending in std::mem::take(&mut queue.pending) {
-                    *lock(&pending.slot) = Some(Err(Error::Closed));
+        if queue.gathering {
+            self.arrivals.notify_one();
+        }
+        if queue.leader_active {
+            drop(queue);
+            // A leader will either finish this batch or hand us the lead.
+            // (`park` may also return spuriously, hence the loop.)
+            loop {
+                match slot.state.load(Ordering::Acquire) {
+                    DONE => return slot.take(),
+                    LEAD => break,
+                    _ => std::thread::park(),
                 }
-                self.wake.notify_all();
-                continue;
             }
-            if !queue.leader_active {
-                queue.leader_active = true;
-                queue = self.gather(queue);
-                let group = std::mem::take(&mut queue.pending);
-                queue.last_group = group.len();
-                drop(queue);
-                let outcome = self.lead(&group);
-                queue = lock(&self.queue);
+            queue = lock(&self.queue);
+        } else {
+            queue.leader_active = true;
+        }
+        self.lead_group(queue, &slot);
+        slot.take()
+    }
+
+    /// Runs one group as its leader (`queue.leader_active` is set and this
+    /// writer's batch is queued), records every batch's outcome, hands the
+    /// lead to the first writer queued behind the group, and only then wakes
+    /// the group's writers: on a busy machine each wakeup costs a system
+    /// call, and the next group's fsync should not wait for them.
+    fn lead_group(&self, mut queue: MutexGuard<'_, Queue>, own: &Arc<Slot>) {
+        if queue.closed {
+            // Closed while these batches waited: they never reach the WAL.
+            for pending in std::mem::take(&mut queue.pending) {
+                pending.slot.finish(Err(Error::Closed));
+            }
+            queue.leader_active = false;
+            self.wake.notify_all();
+            return;
+        }
+        queue = self.gather(queue);
+        let group = std::mem::take(&mut queue.pending);
+        queue.last_group = group.len();
+        drop(queue);
+
+        let outcome = self.lead(&group);
+        let stopped_cause = match outcome {
+            Ok((seqs, freeze_failure)) => {
+                for (pending, seq) in group.iter().zip(seqs) {
+                    pending.slot.set(Ok(seq));
+                }
+                // The group is durable and applied; only later writes are
+                // refused.
+                freeze_failure.map(|error| error.to_string())
+            }
+            Err(error) => {
+                let cause = error.to_string();
+                for pending in &group {
+                    pending.slot.set(Err(Error::WritesStopped {
+                        cause: cause.clone(),
+                    }));
+                }
+                // The leader's own batch reports the real failure.
+                own.set(Err(error));
+                Some(cause)
+            }
+        };
+
+        let mut queue = lock(&self.queue);
+        if let Some(cause) = stopped_cause {
+            // Batches queued behind a failure never reach the WAL.
+            for pending in std::mem::take(&mut queue.pending) {
+                pending.slot.finish(Err(Error::WritesStopped {
+                    cause: cause.clone(),
+                }));
+            }
+            queue.stopped = Some(cause);
+        }
+        let next_leader = match queue.pending.first() {
+            Some(next) => {
+                next.slot.state.store(LEAD, Ordering::Release);
+                Some(next.slot.clone())
+            }
+            None => {
                 queue.leader_active = false;
-                match outcome {
-                    Ok((seqs, freeze_failure)) => {
-                        for (pending, seq) in group.iter().zip(seqs) {
-                            *lock(&pending.slot) = Some(Ok(seq));
-                        }
-                        // The group is durable and applied; only later writes
-                        // are refused.
-                        if let Some(error) = freeze_failure {
-                            queue.stopped = Some(error.to_string());
-                        }
-                    }
-                    Err(error) => {
-                        let cause = error.to_string();
-                        for pending in &group {
-                            *lock(&pending.slot) = Some(Err(Error::WritesStopped {
-                                cause: cause.clone(),
-                            }));
-                        }
-                        // The leader's own batch reports the real failure.
-                        *lock(&slot) = Some(Err(error));
-                        queue.stopped = Some(cause.clone());
-                        // Batches queued behind the failure never reach the WAL.
-                        for pending in std::mem::take(&mut queue.pending) {
-                            *lock(&pending.slot) = Some(Err(Error::WritesStopped {
-                                cause: cause.clone(),
-                            }));
-                        }
-                    }
-                }
+                // Only `close` waits for this.
                 self.wake.notify_all();
-                continue;
+                None
             }
-            queue = self
-                .wake
-                .wait(queue)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        };
+        drop(queue);
+        if let Some(next) = next_leader {
+            next.thread.unpark();
+        }
+        for pending in &group {
+            if !Arc::ptr_eq(&pending.slot, own) {
+                pending.slot.thread.unpark();
+            }
         }
     }
 
@@ -204,6 +298,7 @@ impl CommitPipeline {
             return queue;
         }
         let deadline = Instant::now() + GATHER_WAIT;
+        queue.gathering = true;
         while queue.pending.len() < queue.last_group && !queue.closed {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -215,6 +310,7 @@ impl CommitPipeline {
                 .map(|(queue, _)| queue)
                 .unwrap_or_else(|poisoned| poisoned.into_inner().0);
         }
+        queue.gathering = false;
         queue
     }
 
@@ -346,9 +442,8 @@ impl CommitPipeline {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         for pending in std::mem::take(&mut queue.pending) {
-            *lock(&pending.slot) = Some(Err(Error::Closed));
+            pending.slot.finish(Err(Error::Closed));
         }
-        self.wake.notify_all();
         let stopped = queue.stopped.clone();
         drop(queue);
         if let Some(cause) = stopped {
