@@ -110,6 +110,10 @@ trait Engine: Send + Sync {
     fn compact(&mut self);
     /// Closes cleanly.
     fn close(self: Box<Self>);
+    /// Bytes of log the last open replayed, where the engine says.
+    fn wal_bytes_replayed(&self) -> Option<u64> {
+        None
+    }
 }
 
 fn open_engine(name: &str, dir: &Path) -> Box<dyn Engine> {
@@ -174,6 +178,9 @@ impl Engine for MapstoreEngine {
     }
     fn close(self: Box<Self>) {
         self.0.close().unwrap();
+    }
+    fn wal_bytes_replayed(&self) -> Option<u64> {
+        Some(self.0.recovery_report().wal_bytes_replayed)
     }
 }
 
@@ -684,7 +691,12 @@ fn crash_reopen(name: &str, dir: &Path) {
     let start = Instant::now();
     let engine = open_engine(name, dir);
     assert!(engine.get(&random_key(0)).is_some());
-    report("reopen_after_crash_ms", start.elapsed().as_secs_f64() * 1e3);
+    let elapsed = start.elapsed().as_secs_f64();
+    report("reopen_after_crash_ms", elapsed * 1e3);
+    if let Some(bytes) = engine.wal_bytes_replayed() {
+        report("wal_replayed_bytes", bytes as f64);
+        report("wal_replay_mb_per_s", bytes as f64 / 1e6 / elapsed);
+    }
     engine.close();
 }
 

@@ -33,6 +33,9 @@ pub struct RecoveryReport {
     pub segments_replayed: usize,
     /// Batches replayed from the WAL into the memtable.
     pub batches_replayed: u64,
+    /// Bytes of WAL read up to the end of the last valid record of each
+    /// segment (page padding included): what replay speed is measured in.
+    pub wal_bytes_replayed: u64,
     /// Sequence number of the last batch recovered (0 for an empty database).
     pub last_seq: u64,
     /// A torn tail cut off the last segment: the file, the offset it was cut
@@ -215,6 +218,9 @@ pub(crate) fn recover(
         .filter(|&number| number >= manifest.wal_start_segment)
         .collect();
     let mut cut_everything_after = false;
+    // Replayed batches are applied to the memtable all at once, after the
+    // scan, so that `apply_all` can insert them in key order.
+    let mut replayed = Vec::new();
     for (index, &number) in live.iter().enumerate() {
         let path = dir.join(files::wal_segment_name(number));
         if cut_everything_after {
@@ -272,9 +278,9 @@ pub(crate) fn recover(
                 kept_end = record.offset;
                 break;
             }
-            memtable.apply(batch.first_seq, &batch.ops);
             last_seq = batch.last_seq();
             report.batches_replayed += 1;
+            replayed.push(batch);
         }
         if damage.is_none() {
             match scan.end {
@@ -291,6 +297,7 @@ pub(crate) fn recover(
                 SegmentEnd::Corrupt { offset, reason } => damage = Some((offset, reason, false)),
             }
         }
+        report.wal_bytes_replayed += kept_end;
         match damage {
             None => {
                 if is_last && (data.len() as u64) > kept_end {
@@ -317,6 +324,13 @@ pub(crate) fn recover(
             }
         }
     }
+
+    memtable.apply_all(
+        replayed
+            .iter()
+            .flat_map(|batch| (batch.first_seq..).zip(&batch.ops)),
+    );
+    drop(replayed);
 
     // Phase 2: repair, in crash-safe order.
     for path in &orphans {

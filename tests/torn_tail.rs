@@ -119,6 +119,12 @@ fn open_damaged(
     }
     let seq = db.snapshot().seq();
     assert_eq!(seq, if last.is_some() { count } else { count - 1 });
+    // Each synced commit starts a new page, after each segment's header page.
+    let replayed = db.recovery_report().wal_bytes_replayed;
+    assert!(
+        replayed > (seq - 1) * PAGE as u64,
+        "{replayed} WAL bytes replayed for {seq} commits"
+    );
     // The database goes on working after the repair.
     assert_eq!(db.insert("after", "repair").unwrap(), seq + 1);
     db.close().unwrap();

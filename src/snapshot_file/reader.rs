@@ -437,7 +437,10 @@ mod tests {
             } else {
                 Some(vec![visible as u8; 100])
             };
-            let got = file.get(b"m", bloom::key_hash(b"m"), seq).unwrap().expect("m has a version");
+            let got = file
+                .get(b"m", bloom::key_hash(b"m"), seq)
+                .unwrap()
+                .expect("m has a version");
             assert_eq!(got.as_deref(), expected_m.as_deref(), "get at {seq}");
             let mut expected = Vec::new();
             if seq >= 500 {
