@@ -936,7 +936,8 @@ fn markdown(
                     // The peer's figure as a multiple of mapstore's, oriented
                     // so that < 1.00x always means "worse than mapstore".
                     let ratio = if *higher_is_better { v / o } else { o / v };
-                    format!("{} ({ratio:.2}x)", show(metric, *v))
+                    let digits = if ratio < 0.05 { 3 } else { 2 };
+                    format!("{} ({ratio:.digits$}x)", show(metric, *v))
                 }
                 (Some(v), _) => show(metric, *v),
                 (None, _) => "-".into(),
