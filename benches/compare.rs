@@ -868,6 +868,16 @@ const METRICS: &[(&str, &str, bool)] = &[
         "reopen after a crash (kill) at end of fill (ms)",
         false,
     ),
+    (
+        "wal_replayed_bytes",
+        "  WAL replayed by that reopen (MB)",
+        false,
+    ),
+    (
+        "wal_replay_mb_per_s",
+        "  WAL replayed per second of that reopen (MB/s)",
+        true,
+    ),
     ("disk_after_fill_bytes", "disk after fill (MB)", false),
     (
         "disk_after_overwrite_bytes",
