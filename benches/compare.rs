@@ -986,10 +986,9 @@ fn json(
     let labels: Vec<String> = METRICS
         .iter()
         .map(|(m, l, h)| {
-            format!(
-                "    \"{m}\": {{\"label\": \"{}\", \"higher_is_better\": {h}}}",
-                l.trim()
-            )
+            // Labels keep their leading spaces: they mark a row that
+            // details the one above it.
+            format!("    \"{m}\": {{\"label\": \"{l}\", \"higher_is_better\": {h}}}")
         })
         .collect();
     let unix_time = std::time::SystemTime::now()
