@@ -328,7 +328,10 @@ impl Engine for FjallEngine {
 }
 
 /// sled with `Db::flush()` after each synced insert and batch: sled's
-/// documented call for "ensure all previous writes are durable".
+/// documented call to make previous writes durable. (On Linux sled's log
+/// writes end in `sync_file_range`, which does not flush the drive's write
+/// cache, so this is a weaker promise than the others' `fdatasync`; it is
+/// still what sled documents, so it is what is measured.)
 struct SledEngine(sled::Db);
 
 impl SledEngine {

@@ -177,13 +177,22 @@ struct KeyFilter {
     line_count: usize,
 }
 
+/// The largest memtable key filter: 8 MiB, 10 bits for each of 6.7 million
+/// keys (a 64 MiB memtable of small entries needs under 1 MiB).
+const MAX_FILTER_BYTES: usize = 8 << 20;
+
 /// Words of 64 bits in one 512-bit line.
 const WORDS_PER_LINE: usize = (bloom::LINE_BITS / 64) as usize;
 
 impl KeyFilter {
-    /// A filter with `bloom::BITS_PER_KEY` bits per expected key.
+    /// A filter with `bloom::BITS_PER_KEY` bits per expected key, up to
+    /// `MAX_FILTER_BYTES` (a huge `memtable_size` must not allocate a huge
+    /// filter up front; past the cap, false positives rise gradually).
     fn new(expected_keys: usize) -> KeyFilter {
-        let bits = (expected_keys.max(1) * bloom::BITS_PER_KEY) as u64;
+        let bits = expected_keys
+            .max(1)
+            .saturating_mul(bloom::BITS_PER_KEY)
+            .min(MAX_FILTER_BYTES * 8) as u64;
         let line_count = bits.div_ceil(bloom::LINE_BITS) as usize;
         KeyFilter {
             words: (0..line_count * WORDS_PER_LINE)
@@ -556,6 +565,14 @@ mod tests {
                 return out;
             }
         }
+    }
+
+    #[test]
+    fn a_huge_memtable_size_gets_a_capped_filter() {
+        let filter = KeyFilter::new(usize::MAX);
+        assert_eq!(filter.words.len() * 8, MAX_FILTER_BYTES);
+        filter.insert(bloom::key_hash(b"k"));
+        assert!(filter.may_contain(bloom::key_hash(b"k")));
     }
 
     #[test]

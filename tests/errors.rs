@@ -362,3 +362,13 @@ fn a_full_disk_fails_the_write_and_the_database_stays_consistent() {
     assert_eq!(db.get("no-space").unwrap(), None);
     assert_eq!(db.insert("after", "4").unwrap(), 2);
 }
+
+/// The largest memtable size is accepted without allocating for it up front.
+#[test]
+fn an_unbounded_memtable_size_opens_and_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = mapstore::Options::default().memtable_size(usize::MAX);
+    let db = mapstore::Db::open_with(dir.path(), options).unwrap();
+    db.insert("k", "v").unwrap();
+    assert_eq!(db.get("k").unwrap().as_deref(), Some(&b"v"[..]));
+}
