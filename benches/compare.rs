@@ -116,6 +116,25 @@ trait Engine: Send + Sync {
     }
 }
 
+/// Walks `entries` forward or in reverse, reading each entry's key and
+/// value lengths through `lengths` (so the engine must produce them);
+/// returns how many entries there were.
+fn count_scan<T>(
+    entries: impl DoubleEndedIterator<Item = T>,
+    reverse: bool,
+    lengths: impl Fn(T) -> (usize, usize),
+) -> u64 {
+    let visit = |count: u64, entry: T| {
+        std::hint::black_box(lengths(entry));
+        count + 1
+    };
+    if reverse {
+        entries.rev().fold(0, visit)
+    } else {
+        entries.fold(0, visit)
+    }
+}
+
 fn open_engine(name: &str, dir: &Path) -> Box<dyn Engine> {
     std::fs::create_dir_all(dir).unwrap();
     match name {
@@ -157,18 +176,10 @@ impl Engine for MapstoreEngine {
         self.0.get(key).unwrap().map(|v| v.len())
     }
     fn scan(&self, reverse: bool) -> u64 {
-        let mut count = 0;
-        let mut visit = |entry: mapstore::Result<(mapstore::Slice, mapstore::Slice)>| {
+        count_scan(self.0.iter(), reverse, |entry| {
             let (key, value) = entry.unwrap();
-            std::hint::black_box((key.len(), value.len()));
-            count += 1;
-        };
-        if reverse {
-            self.0.iter().rev().for_each(&mut visit);
-        } else {
-            self.0.iter().for_each(&mut visit);
-        }
-        count
+            (key.len(), value.len())
+        })
     }
     fn checkpoint(&self) {
         self.0.checkpoint().unwrap();
@@ -185,15 +196,6 @@ impl Engine for MapstoreEngine {
 }
 
 use redb::{ReadableDatabase as _, ReadableTable as _};
-
-/// One entry of a redb table iterator.
-type RedbEntry<'a> = Result<
-    (
-        redb::AccessGuard<'a, &'static [u8]>,
-        redb::AccessGuard<'a, &'static [u8]>,
-    ),
-    redb::StorageError,
->;
 
 const REDB_TABLE: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("data");
 
@@ -242,18 +244,10 @@ impl Engine for RedbEngine {
     fn scan(&self, reverse: bool) -> u64 {
         let txn = self.0.begin_read().unwrap();
         let table = txn.open_table(REDB_TABLE).unwrap();
-        let mut count = 0;
-        let mut visit = |entry: RedbEntry| {
+        count_scan(table.iter().unwrap(), reverse, |entry| {
             let (key, value) = entry.unwrap();
-            std::hint::black_box((key.value().len(), value.value().len()));
-            count += 1;
-        };
-        if reverse {
-            table.iter().unwrap().rev().for_each(&mut visit);
-        } else {
-            table.iter().unwrap().for_each(&mut visit);
-        }
-        count
+            (key.value().len(), value.value().len())
+        })
     }
     fn checkpoint(&self) {
         // A redb commit is already in its B-tree file.
@@ -303,18 +297,10 @@ impl Engine for FjallEngine {
         self.keyspace.get(key).unwrap().map(|v| v.len())
     }
     fn scan(&self, reverse: bool) -> u64 {
-        let mut count = 0;
-        let mut visit = |guard: fjall::Guard| {
+        count_scan(self.keyspace.iter(), reverse, |guard| {
             let (key, value) = guard.into_inner().unwrap();
-            std::hint::black_box((key.len(), value.len()));
-            count += 1;
-        };
-        if reverse {
-            self.keyspace.iter().rev().for_each(&mut visit);
-        } else {
-            self.keyspace.iter().for_each(&mut visit);
-        }
-        count
+            (key.len(), value.len())
+        })
     }
     fn checkpoint(&self) {
         self.keyspace.rotate_memtable_and_wait().unwrap();
@@ -359,18 +345,10 @@ impl Engine for SledEngine {
         self.0.get(key).unwrap().map(|v| v.len())
     }
     fn scan(&self, reverse: bool) -> u64 {
-        let mut count = 0;
-        let mut visit = |entry: sled::Result<(sled::IVec, sled::IVec)>| {
+        count_scan(self.0.iter(), reverse, |entry| {
             let (key, value) = entry.unwrap();
-            std::hint::black_box((key.len(), value.len()));
-            count += 1;
-        };
-        if reverse {
-            self.0.iter().rev().for_each(&mut visit);
-        } else {
-            self.0.iter().for_each(&mut visit);
-        }
-        count
+            (key.len(), value.len())
+        })
     }
     fn checkpoint(&self) {
         self.0.flush().unwrap();
