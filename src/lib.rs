@@ -206,7 +206,7 @@ pub mod fuzzing {
             let _ = file.get(key, crate::snapshot_file::bloom::key_hash(key), 1);
         }
         for direction in [Direction::Forward, Direction::Backward] {
-            let mut out = Vec::new();
+            let mut out = std::collections::VecDeque::new();
             let _ = file.scan_chunk(
                 u64::MAX,
                 direction,

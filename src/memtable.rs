@@ -9,6 +9,7 @@
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
+use std::collections::VecDeque;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
 
@@ -17,6 +18,7 @@ use crossbeam_skiplist::SkipMap;
 use crossbeam_skiplist::map::Entry;
 
 use crate::proto::{OpKind, Operation};
+use crate::slice::Slice;
 use crate::snapshot_file::bloom;
 
 /// A key and the sequence number of one of its versions.
@@ -155,7 +157,7 @@ impl Ord for InternalKey {
 /// removal (which must still hide older versions in older sources).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Resolved {
-    pub key: Bytes,
+    pub key: Slice,
     pub seq: u64,
     pub value: Option<Bytes>,
 }
@@ -362,7 +364,7 @@ impl Memtable {
         lower: Bound<&[u8]>,
         upper: Bound<&[u8]>,
         max: usize,
-        out: &mut Vec<Resolved>,
+        out: &mut VecDeque<Resolved>,
     ) -> bool {
         match direction {
             Direction::Forward => self.scan_forward(snapshot_seq, lower, upper, max, out),
@@ -376,7 +378,7 @@ impl Memtable {
         lower: Bound<&[u8]>,
         upper: Bound<&[u8]>,
         max: usize,
-        out: &mut Vec<Resolved>,
+        out: &mut VecDeque<Resolved>,
     ) -> bool {
         let mut entry = match lower {
             Bound::Unbounded => self.versions.front(),
@@ -409,7 +411,7 @@ impl Memtable {
                 }
                 if found.is_none() && v.key().seq <= snapshot_seq {
                     found = Some(Resolved {
-                        key: key.clone(),
+                        key: Slice::from_shared(&key),
                         seq: v.key().seq,
                         value: v.value().clone(),
                     });
@@ -417,7 +419,7 @@ impl Memtable {
                 version = v.next();
             }
             if let Some(resolved) = found {
-                out.push(resolved);
+                out.push_back(resolved);
                 added += 1;
             }
             entry = version;
@@ -431,7 +433,7 @@ impl Memtable {
         lower: Bound<&[u8]>,
         upper: Bound<&[u8]>,
         max: usize,
-        out: &mut Vec<Resolved>,
+        out: &mut VecDeque<Resolved>,
     ) -> bool {
         let mut entry = match upper {
             Bound::Unbounded => self.versions.back(),
@@ -463,7 +465,7 @@ impl Memtable {
                 }
                 if v.key().seq <= snapshot_seq {
                     found = Some(Resolved {
-                        key: key.clone(),
+                        key: Slice::from_shared(&key),
                         seq: v.key().seq,
                         value: v.value().clone(),
                     });
@@ -471,7 +473,7 @@ impl Memtable {
                 version = v.prev();
             }
             if let Some(resolved) = found {
-                out.push(resolved);
+                out.push_back(resolved);
                 added += 1;
             }
             entry = version;
@@ -525,9 +527,9 @@ mod tests {
         chunk: usize,
     ) -> Vec<(String, Option<String>)> {
         let mut out = Vec::new();
-        let mut last: Option<Bytes> = None;
+        let mut last: Option<Slice> = None;
         loop {
-            let mut buffer = Vec::new();
+            let mut buffer = VecDeque::new();
             let done = match (&last, direction) {
                 (None, _) => table.scan_chunk(
                     seq,
@@ -554,7 +556,7 @@ mod tests {
                     &mut buffer,
                 ),
             };
-            last = buffer.last().map(|r| r.key.clone()).or(last);
+            last = buffer.back().map(|r| r.key.clone()).or(last);
             out.extend(buffer.into_iter().map(|r| {
                 (
                     String::from_utf8(r.key.to_vec()).unwrap(),

@@ -8,7 +8,7 @@
 //! whose newest visible version is a removal.
 
 use std::cmp;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,7 +45,7 @@ impl Source {
         lower: Bound<&[u8]>,
         upper: Bound<&[u8]>,
         max: usize,
-        out: &mut Vec<Resolved>,
+        out: &mut VecDeque<Resolved>,
     ) -> Result<bool> {
         match self {
             Source::Memtable(table) => Ok(table.scan_chunk(seq, direction, lower, upper, max, out)),
@@ -317,10 +317,10 @@ const MAX_CHUNK: usize = 1024;
 /// A source's resolved keys, fetched a chunk at a time in one direction.
 #[derive(Debug)]
 struct Cursor {
-    /// Fetched keys, in reverse order of consumption (pop from the end).
-    buffer: Vec<Resolved>,
+    /// Fetched keys, in order of consumption.
+    buffer: VecDeque<Resolved>,
     /// The last key fetched; the next chunk starts after it.
-    resume: Option<Bytes>,
+    resume: Option<Slice>,
     exhausted: bool,
     chunk: usize,
 }
@@ -328,7 +328,7 @@ struct Cursor {
 impl Cursor {
     fn new() -> Cursor {
         Cursor {
-            buffer: Vec::new(),
+            buffer: VecDeque::new(),
             resume: None,
             exhausted: false,
             chunk: FIRST_CHUNK,
@@ -410,10 +410,9 @@ impl Iter {
         )?;
         cursor.exhausted = exhausted;
         cursor.chunk = (cursor.chunk * 2).min(MAX_CHUNK);
-        if let Some(last) = cursor.buffer.last() {
+        if let Some(last) = cursor.buffer.back() {
             cursor.resume = Some(last.key.clone());
         }
-        cursor.buffer.reverse();
         Ok(())
     }
 
@@ -435,7 +434,7 @@ impl Iter {
             // others' copies are dropped). One pass, no key clones.
             let mut winner: Option<usize> = None;
             for index in 0..cursors.len() {
-                let Some(candidate) = cursors[index].buffer.last() else {
+                let Some(candidate) = cursors[index].buffer.front() else {
                     continue;
                 };
                 let Some(best) = winner else {
@@ -444,7 +443,7 @@ impl Iter {
                 };
                 // Always present: `best` came from a non-empty buffer, and
                 // only other cursors' buffers have been popped since.
-                let Some(current) = cursors[best].buffer.last() else {
+                let Some(current) = cursors[best].buffer.front() else {
                     continue;
                 };
                 let order = compare_keys(&candidate.key, &current.key);
@@ -454,18 +453,18 @@ impl Iter {
                 };
                 if ahead || (order.is_eq() && candidate.seq > current.seq) {
                     if order.is_eq() {
-                        cursors[best].buffer.pop();
+                        cursors[best].buffer.pop_front();
                     }
                     winner = Some(index);
                 } else if order.is_eq() {
-                    cursors[index].buffer.pop();
+                    cursors[index].buffer.pop_front();
                 }
             }
             let Some(index) = winner else {
                 self.finished = true;
                 return Ok(None);
             };
-            let Some(resolved) = cursors[index].buffer.pop() else {
+            let Some(resolved) = cursors[index].buffer.pop_front() else {
                 self.finished = true;
                 return Ok(None);
             };
@@ -491,10 +490,7 @@ impl Iter {
             last.clear();
             last.extend_from_slice(&resolved.key);
             if let Some(value) = resolved.value {
-                return Ok(Some((
-                    Slice::from_bytes(resolved.key),
-                    Slice::from_bytes(value),
-                )));
+                return Ok(Some((resolved.key, Slice::from_bytes(value))));
             }
         }
     }

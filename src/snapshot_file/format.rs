@@ -132,12 +132,20 @@ pub fn seal_block(entry_count: u32, entries: &[u8]) -> Vec<u8> {
 /// descending.
 pub fn decode_block(block: &[u8]) -> Result<Vec<EntryRef>, String> {
     checked_body(block, 8, "block")?;
-    parse_block(block)
+    let entries = parse_block(block)?;
+    for pair in entries.windows(2) {
+        let order = block[pair[0].key.clone()].cmp(&block[pair[1].key.clone()]);
+        if order.is_gt() || (order.is_eq() && pair[0].seq <= pair[1].seq) {
+            return Err("entries out of order".into());
+        }
+    }
+    Ok(entries)
 }
 
-/// [`decode_block`] without the CRC check, for a block whose CRC was
-/// already checked: every length is still checked against the block, so
-/// damage cannot make the reader panic or read outside the block.
+/// The entries of a block that [`decode_block`] already accepted (the
+/// reader keeps a bitmap of those), without the CRC or order checks: every
+/// length is still checked against the block, so damage cannot make the
+/// reader panic or read outside the block.
 pub fn parse_block(block: &[u8]) -> Result<Vec<EntryRef>, String> {
     let mut cursor = BlockCursor::new(block)?;
     // Each entry takes at least 10 bytes, which bounds the allocation.
@@ -146,15 +154,9 @@ pub fn parse_block(block: &[u8]) -> Result<Vec<EntryRef>, String> {
     }
     let mut entries: Vec<EntryRef> = Vec::with_capacity(cursor.left);
     while let Some(entry) = cursor.next_entry()? {
-        if let Some(previous) = entries.last() {
-            let order = block[previous.key.clone()].cmp(&block[entry.key.clone()]);
-            if order.is_gt() || (order.is_eq() && previous.seq <= entry.seq) {
-                return Err("entries out of order".into());
-            }
-        }
         entries.push(entry);
     }
-    if cursor.pos != cursor.body_end {
+    if !cursor.at_end() {
         return Err("bytes left after the last entry".into());
     }
     Ok(entries)
@@ -217,6 +219,11 @@ impl<'a> BlockCursor<'a> {
             None => None,
         };
         Ok(Some(EntryRef { seq, key, value }))
+    }
+
+    /// Whether every entry was read and nothing follows the last.
+    pub fn at_end(&self) -> bool {
+        self.left == 0 && self.pos == self.body_end
     }
 }
 

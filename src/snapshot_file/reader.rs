@@ -8,6 +8,7 @@
 //! against the block. Any failure is an [`Error::Corruption`] naming the
 //! file and the offset.
 
+use std::collections::VecDeque;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use super::format::{
 use crate::error::{Error, Result};
 use crate::io::FileSystem;
 use crate::memtable::{Direction, Resolved, Version, within_lower, within_upper};
+use crate::slice::Slice;
 
 /// An open snapshot file.
 pub(crate) struct SnapshotFile {
@@ -222,7 +224,7 @@ impl SnapshotFile {
         lower: Bound<&[u8]>,
         upper: Bound<&[u8]>,
         max: usize,
-        out: &mut Vec<Resolved>,
+        out: &mut VecDeque<Resolved>,
     ) -> Result<bool> {
         let mut resolver = KeyResolver::new(seq, out.len() + max);
         match direction {
@@ -231,18 +233,31 @@ impl SnapshotFile {
                     Bound::Included(key) | Bound::Excluded(key) => self.first_block_from(key),
                     Bound::Unbounded => 0,
                 };
+                // Keys ascend, so once one is past the lower bound all are.
+                let mut past_lower = matches!(lower, Bound::Unbounded);
                 for i in first..self.index.len() {
-                    let block = self.block(i)?;
-                    for entry in &block.entries {
-                        let key = block.key(entry);
-                        if !within_lower(key, lower) {
-                            continue;
+                    // Forward, the entries are read in place, without
+                    // collecting them first.
+                    let bytes = self.block_bytes(i)?;
+                    let corrupt =
+                        |reason| Error::corruption(&self.path, self.index[i].offset, reason);
+                    let mut cursor = BlockCursor::new(&bytes).map_err(corrupt)?;
+                    // The index names the block's last key: when it is
+                    // within the upper bound, so is every key before it.
+                    let block_within_upper = within_upper(self.last_key(i), upper);
+                    while let Some(entry) = cursor.next_entry().map_err(corrupt)? {
+                        let key = &bytes[entry.key.clone()];
+                        if !past_lower {
+                            if !within_lower(key, lower) {
+                                continue;
+                            }
+                            past_lower = true;
                         }
-                        if !within_upper(key, upper) {
+                        if !block_within_upper && !within_upper(key, upper) {
                             resolver.finish(out);
                             return Ok(true);
                         }
-                        if resolver.push(&block, entry, out) {
+                        if resolver.push(&bytes, &entry, out) {
                             return Ok(false);
                         }
                     }
@@ -261,18 +276,23 @@ impl SnapshotFile {
                 if self.index.is_empty() {
                     return Ok(true);
                 }
+                // Keys descend, so once one is below the upper bound all are.
+                let mut past_upper = matches!(upper, Bound::Unbounded);
                 for i in (0..=last).rev() {
                     let block = self.block(i)?;
                     for entry in block.entries.iter().rev() {
                         let key = block.key(entry);
-                        if !within_upper(key, upper) {
-                            continue;
+                        if !past_upper {
+                            if !within_upper(key, upper) {
+                                continue;
+                            }
+                            past_upper = true;
                         }
                         if !within_lower(key, lower) {
                             resolver.finish(out);
                             return Ok(true);
                         }
-                        if resolver.push(&block, entry, out) {
+                        if resolver.push(&block.bytes, entry, out) {
                             return Ok(false);
                         }
                     }
@@ -308,7 +328,7 @@ impl Drop for SnapshotFile {
 struct KeyResolver {
     seq: u64,
     limit: usize,
-    key: Option<Bytes>,
+    key: Option<Slice>,
     best: Option<(u64, Option<Bytes>)>,
 }
 
@@ -324,27 +344,46 @@ impl KeyResolver {
 
     /// Takes one version; returns true when `out` is full and a new key
     /// began (so the previous key is complete and emitted).
-    fn push(&mut self, block: &Block, entry: &EntryRef, out: &mut Vec<Resolved>) -> bool {
-        let key = block.key(entry);
-        if self.key.as_deref() != Some(key) {
+    fn push(&mut self, block: &Bytes, entry: &EntryRef, out: &mut VecDeque<Resolved>) -> bool {
+        let key = &block[entry.key.clone()];
+        if !self
+            .key
+            .as_deref()
+            .is_some_and(|current| same_key(current, key))
+        {
             self.finish(out);
             if out.len() >= self.limit {
                 return true;
             }
-            self.key = Some(block.bytes.slice(entry.key.clone()));
+            self.key = Some(Slice::from_part(block, entry.key.clone()));
         }
         if entry.seq <= self.seq && self.best.as_ref().is_none_or(|(best, _)| entry.seq > *best) {
-            self.best = Some((entry.seq, entry.value.clone().map(|r| block.bytes.slice(r))));
+            self.best = Some((entry.seq, entry.value.clone().map(|r| block.slice(r))));
         }
         false
     }
 
     /// Emits the pending key, if it has a visible version.
-    fn finish(&mut self, out: &mut Vec<Resolved>) {
+    fn finish(&mut self, out: &mut VecDeque<Resolved>) {
         if let (Some(key), Some((seq, value))) = (self.key.take(), self.best.take()) {
-            out.push(Resolved { key, seq, value });
+            out.push_back(Resolved { key, seq, value });
         }
     }
+}
+
+/// Whether two keys are equal, deciding on the last eight bytes first:
+/// neighbouring keys in a file share their first bytes, so a difference
+/// shows up sooner at the end, without a call to `memcmp`.
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    if let (Some(tail_a), Some(tail_b)) = (a.last_chunk::<8>(), b.last_chunk::<8>()) {
+        if tail_a != tail_b {
+            return false;
+        }
+    }
+    a == b
 }
 
 /// Iterates over every version of a file, block by block.
@@ -417,7 +456,7 @@ mod tests {
         lower: Bound<&[u8]>,
         upper: Bound<&[u8]>,
     ) -> Vec<(Vec<u8>, u64)> {
-        let mut out = Vec::new();
+        let mut out = VecDeque::new();
         assert!(
             file.scan_chunk(seq, direction, lower, upper, 100, &mut out)
                 .unwrap()
