@@ -5,7 +5,6 @@
 //! The trait speaks `std::io::Result`; the engine adds the operation name and
 //! path when it turns a failure into [`Error::Io`](crate::Error::Io).
 
-use bytes::Bytes;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -53,7 +52,7 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     /// Reads a whole file.
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
     /// Maps a whole immutable file (a snapshot file) read-only.
-    fn map(&self, path: &Path) -> io::Result<Bytes>;
+    fn map(&self, path: &Path) -> io::Result<crate::mmap::MappedFile>;
     /// Creates a new, empty file; fails if it exists.
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WritableFile>>;
     /// Opens an existing file for writing.
@@ -131,7 +130,7 @@ impl FileSystem for RealFileSystem {
         fs::read(path)
     }
 
-    fn map(&self, path: &Path) -> io::Result<Bytes> {
+    fn map(&self, path: &Path) -> io::Result<crate::mmap::MappedFile> {
         crate::mmap::map_read_only(path)
     }
 

@@ -8,20 +8,88 @@
 
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
+
+/// A file's bytes as [`FileSystem::map`](crate::io::FileSystem::map) gives
+/// them, with a way to drop their pages from the process's memory when
+/// they are a real map.
+#[derive(Debug)]
+pub struct MappedFile {
+    pub bytes: Bytes,
+    pub pages: Option<PageReleaser>,
+}
+
+impl MappedFile {
+    /// Bytes that are not a map (read into memory): nothing to release.
+    pub fn in_memory(bytes: Bytes) -> MappedFile {
+        MappedFile { bytes, pages: None }
+    }
+}
+
+/// Unmaps pages of a read-only map from the process, so that a pass over
+/// a whole file (a merge) does not leave all of it counted in the
+/// process's resident memory. The pages stay in the OS page cache, and the
+/// next access maps them again.
+#[derive(Debug, Clone)]
+pub struct PageReleaser {
+    map: Arc<memmap2::Mmap>,
+}
+
+impl PageReleaser {
+    /// Releases the whole pages inside `range` of the map; out-of-range
+    /// parts are ignored. Best effort: an error only means the pages stay.
+    pub fn release(&self, range: Range<usize>) {
+        let page = page_size();
+        let start = range.start.div_ceil(page) * page;
+        let end = (range.end.min(self.map.len()) / page) * page;
+        if start >= end {
+            return;
+        }
+        // SAFETY: `unchecked_advise_range` is unsafe because MADV_DONTNEED
+        // replaces the contents of private or anonymous pages with zeros,
+        // which would change bytes that live borrows point at. This map is
+        // shared (`Mmap::map` maps MAP_SHARED), read-only and of a file that
+        // is never modified (see `map_read_only`): on the next access the
+        // kernel maps the same page-cache pages again, holding the same
+        // bytes, so every `&[u8]` into the map reads what it read before.
+        // The range lies inside the map (clamped above).
+        let _ = unsafe {
+            self.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
+    }
+}
+
+fn page_size() -> usize {
+    // Every platform mapstore supports uses pages of at most 64 KiB; a
+    // larger guess only releases less.
+    const GUESS: usize = 4096;
+    GUESS
+}
+
+/// The owner of a map's bytes inside a [`Bytes`].
+struct MapOwner(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for MapOwner {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 /// Maps the whole file at `path` read-only.
 ///
 /// Only for files that are never modified once written: mapstore writes a
 /// snapshot file under a temporary name, fsyncs and renames it, and never
 /// opens it for writing again.
-pub(crate) fn map_read_only(path: &Path) -> io::Result<Bytes> {
+pub(crate) fn map_read_only(path: &Path) -> io::Result<MappedFile> {
     let file = File::open(path)?;
     if file.metadata()?.len() == 0 {
         // mmap refuses empty files; an empty map has nothing to read anyway.
-        return Ok(Bytes::new());
+        return Ok(MappedFile::in_memory(Bytes::new()));
     }
     // SAFETY: `Mmap::map` is unsafe because the mapped memory changes (or, if
     // the file shrinks, faults) when another process modifies the file. The
@@ -31,8 +99,11 @@ pub(crate) fn map_read_only(path: &Path) -> io::Result<Bytes> {
     // keeps a second mapstore instance out. Editing a database's files by
     // hand while it is open is outside what any embedded engine can defend
     // against. The map is read-only, so no `&mut` aliasing can arise.
-    let map = unsafe { memmap2::Mmap::map(&file)? };
-    Ok(Bytes::from_owner(map))
+    let map = Arc::new(unsafe { memmap2::Mmap::map(&file)? });
+    Ok(MappedFile {
+        bytes: Bytes::from_owner(MapOwner(map.clone())),
+        pages: Some(PageReleaser { map }),
+    })
 }
 
 #[cfg(test)]
@@ -44,7 +115,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, b"hello, map").unwrap();
-        let bytes = map_read_only(&path).unwrap();
+        let bytes = map_read_only(&path).unwrap().bytes;
         let slice = bytes.slice(7..);
         drop(bytes);
         std::fs::remove_file(&path).unwrap();
@@ -56,7 +127,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("empty");
         std::fs::write(&path, b"").unwrap();
-        assert!(map_read_only(&path).unwrap().is_empty());
+        assert!(map_read_only(&path).unwrap().bytes.is_empty());
         assert!(map_read_only(&dir.path().join("missing")).is_err());
+    }
+
+    /// Released pages read back the same bytes, through the map and
+    /// through slices taken before the release.
+    #[test]
+    fn released_pages_read_back_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let contents: Vec<u8> = (0..5 * 4096 + 100u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &contents).unwrap();
+        let mapped = map_read_only(&path).unwrap();
+        let held = mapped.bytes.slice(4000..9000);
+        assert_eq!(mapped.bytes[..], contents[..]);
+        let pages = mapped.pages.expect("a real map");
+        pages.release(0..contents.len());
+        pages.release(100..5000); // not a whole page: nothing to do
+        pages.release(0..usize::MAX); // clamped to the map
+        assert_eq!(mapped.bytes[..], contents[..]);
+        assert_eq!(held[..], contents[4000..9000]);
     }
 }

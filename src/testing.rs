@@ -132,7 +132,7 @@ impl FileSystem for FaultyFileSystem {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         RealFileSystem.read(path)
     }
-    fn map(&self, path: &Path) -> io::Result<bytes::Bytes> {
+    fn map(&self, path: &Path) -> io::Result<crate::mmap::MappedFile> {
         RealFileSystem.map(path)
     }
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {

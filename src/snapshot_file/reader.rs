@@ -24,6 +24,7 @@ use super::format::{
 use crate::error::{Error, Result};
 use crate::io::FileSystem;
 use crate::memtable::{Direction, Resolved, Version, within_lower, within_upper};
+use crate::mmap::PageReleaser;
 use crate::slice::Slice;
 
 /// An open snapshot file.
@@ -32,6 +33,9 @@ pub(crate) struct SnapshotFile {
     path: PathBuf,
     /// The whole file, mapped.
     data: Bytes,
+    /// Drops pages of the map from the process once a merge has read past
+    /// them (`None` when the bytes are not a map).
+    pages: Option<PageReleaser>,
     /// The index section, with key ranges relative to it.
     index_bytes: Bytes,
     index: Vec<IndexEntry>,
@@ -71,8 +75,10 @@ impl Block {
 impl SnapshotFile {
     /// Maps and checks the file `path`.
     pub fn open(fs: Arc<dyn FileSystem>, path: &Path, number: u64) -> Result<SnapshotFile> {
-        let data = fs.map(path).map_err(|e| Error::io("map", path, e))?;
-        SnapshotFile::from_bytes(fs, path, number, data)
+        let mapped = fs.map(path).map_err(|e| Error::io("map", path, e))?;
+        let mut file = SnapshotFile::from_bytes(fs, path, number, mapped.bytes)?;
+        file.pages = mapped.pages;
+        Ok(file)
     }
 
     /// Checks the file whose bytes are `data` (what [`open`](Self::open)
@@ -110,6 +116,7 @@ impl SnapshotFile {
             number,
             path: path.to_path_buf(),
             data,
+            pages: None,
             index_bytes,
             index,
             verified,
@@ -309,6 +316,7 @@ impl SnapshotFile {
             file: self.clone(),
             next_block: 0,
             current: None,
+            released_up_to: 0,
         }
     }
 }
@@ -391,7 +399,14 @@ pub(crate) struct FileVersions {
     file: Arc<SnapshotFile>,
     next_block: usize,
     current: Option<(Block, usize)>,
+    /// The file offset below which this pass released the map's pages.
+    released_up_to: usize,
 }
+
+/// How far a pass over a file reads past the pages it last released
+/// before releasing again: a merge reading files of any size keeps at most
+/// about this much of each input in the process's memory.
+const RELEASE_STEP_BYTES: usize = 1 << 20;
 
 impl Iterator for FileVersions {
     type Item = Result<Version>;
@@ -410,6 +425,13 @@ impl Iterator for FileVersions {
             }
             if self.next_block >= self.file.index.len() {
                 return None;
+            }
+            let offset = self.file.index[self.next_block].offset as usize;
+            if let Some(pages) = &self.file.pages {
+                if offset - self.released_up_to.min(offset) >= RELEASE_STEP_BYTES {
+                    pages.release(self.released_up_to..offset);
+                    self.released_up_to = offset;
+                }
             }
             match self.file.block(self.next_block) {
                 Ok(block) => self.current = Some((block, 0)),

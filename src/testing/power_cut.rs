@@ -492,8 +492,9 @@ impl FileSystem for PowerCutFileSystem {
         Ok(contents)
     }
 
-    fn map(&self, path: &Path) -> io::Result<Bytes> {
-        self.read(path).map(Bytes::from)
+    fn map(&self, path: &Path) -> io::Result<crate::mmap::MappedFile> {
+        self.read(path)
+            .map(|contents| crate::mmap::MappedFile::in_memory(Bytes::from(contents)))
     }
 
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
