@@ -423,44 +423,44 @@ impl Iter {
                 return Ok(None);
             }
             for index in 0..self.snapshot.view.sources.len() {
-                self.refill(direction, index)?;
+                let cursor = match direction {
+                    Direction::Forward => &self.front[index],
+                    Direction::Backward => &self.back[index],
+                };
+                if cursor.buffer.is_empty() && !cursor.exhausted {
+                    self.refill(direction, index)?;
+                }
             }
             let cursors = match direction {
                 Direction::Forward => &mut self.front,
                 Direction::Backward => &mut self.back,
             };
-            // The cursor holding the next key in this direction; of the
-            // cursors holding that same key, the newest version wins (the
-            // others' copies are dropped). One pass, no key clones.
-            let mut winner: Option<usize> = None;
-            for index in 0..cursors.len() {
-                let Some(candidate) = cursors[index].buffer.front() else {
+            // The cursor whose next key comes first in this direction; of
+            // cursors holding that same key, the one with the newest
+            // version. One pass that only reads; `duplicates` says whether
+            // another cursor may hold the winner's key too.
+            let mut winner: Option<(usize, &Resolved)> = None;
+            let mut duplicates = false;
+            for (index, cursor) in cursors.iter().enumerate() {
+                let Some(head) = cursor.buffer.front() else {
                     continue;
                 };
-                let Some(best) = winner else {
-                    winner = Some(index);
+                let Some((_, best)) = winner else {
+                    winner = Some((index, head));
                     continue;
                 };
-                // Always present: `best` came from a non-empty buffer, and
-                // only other cursors' buffers have been popped since.
-                let Some(current) = cursors[best].buffer.front() else {
-                    continue;
+                let order = match direction {
+                    Direction::Forward => compare_keys(&head.key, &best.key),
+                    Direction::Backward => compare_keys(&best.key, &head.key),
                 };
-                let order = compare_keys(&candidate.key, &current.key);
-                let ahead = match direction {
-                    Direction::Forward => order.is_lt(),
-                    Direction::Backward => order.is_gt(),
-                };
-                if ahead || (order.is_eq() && candidate.seq > current.seq) {
-                    if order.is_eq() {
-                        cursors[best].buffer.pop_front();
-                    }
-                    winner = Some(index);
-                } else if order.is_eq() {
-                    cursors[index].buffer.pop_front();
+                if order.is_eq() {
+                    duplicates = true;
+                }
+                if order.is_lt() || (order.is_eq() && head.seq > best.seq) {
+                    winner = Some((index, head));
                 }
             }
-            let Some(index) = winner else {
+            let Some((index, _)) = winner else {
                 self.finished = true;
                 return Ok(None);
             };
@@ -468,6 +468,18 @@ impl Iter {
                 self.finished = true;
                 return Ok(None);
             };
+            if duplicates {
+                // Older versions of the same key in other sources are hidden.
+                for cursor in cursors.iter_mut() {
+                    if cursor
+                        .buffer
+                        .front()
+                        .is_some_and(|head| head.key == resolved.key)
+                    {
+                        cursor.buffer.pop_front();
+                    }
+                }
+            }
             // Stop where the other end has already been.
             let crossed = match direction {
                 Direction::Forward => self
