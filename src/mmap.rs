@@ -64,11 +64,12 @@ impl PageReleaser {
     }
 }
 
+/// The unit `release` rounds to. On a machine with larger pages, memmap2
+/// rounds the start down to a real page boundary, so up to one page before
+/// the range is released too: harmless, since released pages read back
+/// the same bytes (see the SAFETY comment above).
 fn page_size() -> usize {
-    // Every platform mapstore supports uses pages of at most 64 KiB; a
-    // larger guess only releases less.
-    const GUESS: usize = 4096;
-    GUESS
+    4096
 }
 
 /// The owner of a map's bytes inside a [`Bytes`].
