@@ -171,25 +171,25 @@ impl SnapshotFile {
     /// index names (a mismatch is damage that both CRCs missed, or a file
     /// put together wrongly).
     fn check_block(&self, i: usize, bytes: &[u8]) -> Result<()> {
-        let offset = self.index[i].offset;
-        let entries =
-            decode_block(bytes).map_err(|reason| Error::corruption(&self.path, offset, reason))?;
+        let entries = decode_block(bytes).map_err(self.damaged_block(i))?;
         let last = entries.last().map(|e| &bytes[e.key.clone()]);
         if entries.is_empty() || last != Some(self.last_key(i)) {
-            return Err(Error::corruption(
-                &self.path,
-                offset,
-                "block does not end with the key the index names",
+            return Err(self.damaged_block(i)(
+                "block does not end with the key the index names".into(),
             ));
         }
         Ok(())
     }
 
+    /// Turns a decoder's reason into the corruption error of block `i`.
+    fn damaged_block(&self, i: usize) -> impl Fn(String) -> Error + Copy + '_ {
+        move |reason| Error::corruption(&self.path, self.index[i].offset, reason)
+    }
+
     /// Loads block `i` with its entries decoded.
     fn block(&self, i: usize) -> Result<Block> {
         let bytes = self.block_bytes(i)?;
-        let entries = parse_block(&bytes)
-            .map_err(|reason| Error::corruption(&self.path, self.index[i].offset, reason))?;
+        let entries = parse_block(&bytes).map_err(self.damaged_block(i))?;
         Ok(Block { bytes, entries })
     }
 
@@ -203,7 +203,7 @@ impl SnapshotFile {
         // A key's versions may continue into the next block.
         for i in self.first_block_from(key)..self.index.len() {
             let bytes = self.block_bytes(i)?;
-            let corrupt = |reason| Error::corruption(&self.path, self.index[i].offset, reason);
+            let corrupt = self.damaged_block(i);
             let mut cursor = BlockCursor::new(&bytes).map_err(corrupt)?;
             // Entries are sorted (checked with the CRC): walk to the first
             // version of `key` visible at `seq`, or stop past the key.
@@ -246,8 +246,7 @@ impl SnapshotFile {
                     // Forward, the entries are read in place, without
                     // collecting them first.
                     let bytes = self.block_bytes(i)?;
-                    let corrupt =
-                        |reason| Error::corruption(&self.path, self.index[i].offset, reason);
+                    let corrupt = self.damaged_block(i);
                     let mut cursor = BlockCursor::new(&bytes).map_err(corrupt)?;
                     // The index names the block's last key: when it is
                     // within the upper bound, so is every key before it.
