@@ -348,12 +348,15 @@ pub struct Iter {
     upper: Bound<Bytes>,
     front: Vec<Cursor>,
     back: Vec<Cursor>,
+    /// Cursors of each end that may have run empty since its last step
+    /// (at first, all of them): only a cursor a step took keys from can,
+    /// so a step refills these instead of looking at every cursor.
+    front_to_refill: Vec<usize>,
+    back_to_refill: Vec<usize>,
     /// Last key returned from the front / the back: the two ends stop when
-    /// they meet.
-    /// (Copies, not `Bytes` handles: a copy of a short key costs less than
-    /// the atomic reference count of a handle, on every step.)
-    front_last: Option<Vec<u8>>,
-    back_last: Option<Vec<u8>>,
+    /// they meet. (A short key's `Slice` is a copy, not a shared handle.)
+    front_last: Option<Slice>,
+    back_last: Option<Slice>,
     finished: bool,
 }
 
@@ -376,6 +379,8 @@ impl Iter {
             upper,
             front: (0..sources).map(|_| Cursor::new()).collect(),
             back: (0..sources).map(|_| Cursor::new()).collect(),
+            front_to_refill: (0..sources).collect(),
+            back_to_refill: (0..sources).collect(),
             front_last: None,
             back_last: None,
             finished: false,
@@ -422,19 +427,29 @@ impl Iter {
             if self.finished {
                 return Ok(None);
             }
-            for index in 0..self.snapshot.view.sources.len() {
-                let cursor = match direction {
-                    Direction::Forward => &self.front[index],
-                    Direction::Backward => &self.back[index],
-                };
-                if cursor.buffer.is_empty() && !cursor.exhausted {
-                    self.refill(direction, index)?;
-                }
-            }
-            let cursors = match direction {
-                Direction::Forward => &mut self.front,
-                Direction::Backward => &mut self.back,
+            let to_refill = match direction {
+                Direction::Forward => &mut self.front_to_refill,
+                Direction::Backward => &mut self.back_to_refill,
             };
+            let mut pending = std::mem::take(to_refill);
+            while let Some(&index) = pending.last() {
+                if let Err(error) = self.refill(direction, index) {
+                    // Keep the failed cursor (and the rest) for the next call.
+                    let to_refill = match direction {
+                        Direction::Forward => &mut self.front_to_refill,
+                        Direction::Backward => &mut self.back_to_refill,
+                    };
+                    *to_refill = pending;
+                    return Err(error);
+                }
+                pending.pop();
+            }
+            let (cursors, to_refill) = match direction {
+                Direction::Forward => (&mut self.front, &mut self.front_to_refill),
+                Direction::Backward => (&mut self.back, &mut self.back_to_refill),
+            };
+            // Reuse the list's allocation.
+            *to_refill = pending;
             // The cursor whose next key comes first in this direction; of
             // cursors holding that same key, the one with the newest
             // version. One pass that only reads; `duplicates` says whether
@@ -468,15 +483,17 @@ impl Iter {
                 self.finished = true;
                 return Ok(None);
             };
+            to_refill.push(index);
             if duplicates {
                 // Older versions of the same key in other sources are hidden.
-                for cursor in cursors.iter_mut() {
+                for (other, cursor) in cursors.iter_mut().enumerate() {
                     if cursor
                         .buffer
                         .front()
                         .is_some_and(|head| head.key == resolved.key)
                     {
                         cursor.buffer.pop_front();
+                        to_refill.push(other);
                     }
                 }
             }
@@ -496,11 +513,10 @@ impl Iter {
                 return Ok(None);
             }
             let last = match direction {
-                Direction::Forward => self.front_last.get_or_insert_with(Vec::new),
-                Direction::Backward => self.back_last.get_or_insert_with(Vec::new),
+                Direction::Forward => &mut self.front_last,
+                Direction::Backward => &mut self.back_last,
             };
-            last.clear();
-            last.extend_from_slice(&resolved.key);
+            *last = Some(resolved.key.clone());
             if let Some(value) = resolved.value {
                 return Ok(Some((resolved.key, Slice::from_bytes(value))));
             }

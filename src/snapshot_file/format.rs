@@ -35,7 +35,19 @@ pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
 }
 
 /// Reads a LEB128 varint at `*pos`, advancing it.
+#[inline]
 pub fn get_varint(data: &[u8], pos: &mut usize) -> Result<u64, String> {
+    // Most lengths are below 128: one byte, decoded without the loop.
+    if let Some(&byte) = data.get(*pos) {
+        if byte < 0x80 {
+            *pos += 1;
+            return Ok(u64::from(byte));
+        }
+    }
+    get_long_varint(data, pos)
+}
+
+fn get_long_varint(data: &[u8], pos: &mut usize) -> Result<u64, String> {
     let mut value: u64 = 0;
     for shift in (0..64).step_by(7) {
         let byte = *data.get(*pos).ok_or("varint runs past the end")?;
@@ -58,6 +70,7 @@ fn get_u32(data: &[u8], pos: &mut usize) -> Result<u32, String> {
     Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
 }
 
+#[inline]
 fn get_u64(data: &[u8], pos: &mut usize) -> Result<u64, String> {
     let bytes = data.get(*pos..*pos + 8).ok_or("u64 runs past the end")?;
     *pos += 8;
@@ -82,12 +95,20 @@ fn checked_body<'a>(section: &'a [u8], min_len: usize, what: &str) -> Result<&'a
 }
 
 /// A length read from the file as a `usize` slice end, checked against `limit`.
+#[inline]
 fn checked_end(start: usize, len: u64, limit: usize) -> Result<usize, String> {
-    usize::try_from(len)
+    match usize::try_from(len)
         .ok()
         .and_then(|len| start.checked_add(len))
-        .filter(|&end| end <= limit)
-        .ok_or_else(|| format!("length {len} at byte {start} runs past the end"))
+    {
+        Some(end) if end <= limit => Ok(end),
+        _ => Err(past_the_end(start, len)),
+    }
+}
+
+#[cold]
+fn past_the_end(start: usize, len: u64) -> String {
+    format!("length {len} at byte {start} runs past the end")
 }
 
 /// Encodes one entry onto a block being built.
