@@ -270,8 +270,12 @@ impl CommitPipeline {
             }
             None => {
                 queue.leader_active = false;
-                // Only `close` waits for this.
-                self.wake.notify_all();
+                // Only `close` waits for this, and it sets `closed` under
+                // the queue's lock before it waits. Skipping the call
+                // otherwise saves a system call on every lone commit.
+                if queue.closed {
+                    self.wake.notify_all();
+                }
                 None
             }
         };
