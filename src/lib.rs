@@ -206,15 +206,16 @@ pub mod fuzzing {
             let _ = file.get(key, crate::snapshot_file::bloom::key_hash(key), 1);
         }
         for direction in [Direction::Forward, Direction::Backward] {
-            let mut out = std::collections::VecDeque::new();
-            let _ = file.scan_chunk(
+            let mut cursor = crate::snapshot_file::FileCursor::new(
+                file.clone(),
                 u64::MAX,
                 direction,
                 Bound::Unbounded,
                 Bound::Unbounded,
-                64,
-                &mut out,
             );
+            // Every fill reads at least one entry, and the entries are
+            // finite: this ends, at the last key or the first error.
+            while cursor.fill().is_ok() && cursor.take().is_some() {}
         }
         file.versions()
             .take_while(|version| version.is_ok())

@@ -7,7 +7,6 @@
 //! sources, the version with the highest sequence number, and drops keys
 //! whose newest visible version is a removal.
 
-use std::cmp;
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::ops::{Bound, RangeBounds};
@@ -19,7 +18,7 @@ use bytes::Bytes;
 use crate::error::Result;
 use crate::memtable::{Direction, Memtable, Resolved};
 use crate::slice::Slice;
-use crate::snapshot_file::{SnapshotFile, bloom};
+use crate::snapshot_file::{FileCursor, SnapshotFile, bloom};
 
 /// One sorted source of versions.
 #[derive(Debug, Clone)]
@@ -35,21 +34,6 @@ impl Source {
         match self {
             Source::Memtable(table) => Ok(table.get(key, key_hash, seq)),
             Source::File(file) => file.get(key, key_hash, seq),
-        }
-    }
-
-    fn scan_chunk(
-        &self,
-        seq: u64,
-        direction: Direction,
-        lower: Bound<&[u8]>,
-        upper: Bound<&[u8]>,
-        max: usize,
-        out: &mut VecDeque<Resolved>,
-    ) -> Result<bool> {
-        match self {
-            Source::Memtable(table) => Ok(table.scan_chunk(seq, direction, lower, upper, max, out)),
-            Source::File(file) => file.scan_chunk(seq, direction, lower, upper, max, out),
         }
     }
 }
@@ -308,15 +292,22 @@ fn as_ref_bound(bound: &Bound<Bytes>) -> Bound<&[u8]> {
     }
 }
 
-/// How many keys a cursor fetches from its source at first; the count
-/// doubles with each refill up to `MAX_CHUNK`, so a short scan stays cheap
-/// and a long one amortises its seeks.
+/// How many keys a memtable cursor fetches at first; the count doubles
+/// with each refill up to `MAX_CHUNK`, so a short scan stays cheap and a
+/// long one amortises its seeks.
 const FIRST_CHUNK: usize = 16;
 const MAX_CHUNK: usize = 1024;
 
-/// A source's resolved keys, fetched a chunk at a time in one direction.
+/// A memtable's resolved keys, fetched a chunk at a time in one direction
+/// (a skiplist walk cannot be held across calls, so each chunk seeks anew
+/// past the last key fetched).
 #[derive(Debug)]
-struct Cursor {
+struct MemtableCursor {
+    table: Arc<Memtable>,
+    seq: u64,
+    direction: Direction,
+    lower: Bound<Bytes>,
+    upper: Bound<Bytes>,
     /// Fetched keys, in order of consumption.
     buffer: VecDeque<Resolved>,
     /// The last key fetched; the next chunk starts after it.
@@ -325,13 +316,114 @@ struct Cursor {
     chunk: usize,
 }
 
-impl Cursor {
-    fn new() -> Cursor {
-        Cursor {
-            buffer: VecDeque::new(),
-            resume: None,
-            exhausted: false,
-            chunk: FIRST_CHUNK,
+impl MemtableCursor {
+    /// Fetches the next chunk if the buffer is empty and keys are left.
+    fn fill(&mut self) {
+        if !self.buffer.is_empty() || self.exhausted {
+            return;
+        }
+        let (lower, upper) = match (self.direction, &self.resume) {
+            (Direction::Forward, Some(last)) => {
+                (Bound::Excluded(&last[..]), as_ref_bound(&self.upper))
+            }
+            (Direction::Backward, Some(last)) => {
+                (as_ref_bound(&self.lower), Bound::Excluded(&last[..]))
+            }
+            (_, None) => (as_ref_bound(&self.lower), as_ref_bound(&self.upper)),
+        };
+        self.exhausted = self.table.scan_chunk(
+            self.seq,
+            self.direction,
+            lower,
+            upper,
+            self.chunk,
+            &mut self.buffer,
+        );
+        self.chunk = (self.chunk * 2).min(MAX_CHUNK);
+        if let Some(last) = self.buffer.back() {
+            self.resume = Some(last.key.clone());
+        }
+    }
+}
+
+/// Where a scan reads one source: a memtable a chunk at a time, a
+/// snapshot file in place. Both show their next key as a *head* that the
+/// merge compares, then takes or skips.
+enum SourceCursor {
+    Memtable(MemtableCursor),
+    File(FileCursor),
+}
+
+impl SourceCursor {
+    fn new(
+        source: &Source,
+        seq: u64,
+        direction: Direction,
+        lower: &Bound<Bytes>,
+        upper: &Bound<Bytes>,
+    ) -> SourceCursor {
+        match source {
+            Source::Memtable(table) => SourceCursor::Memtable(MemtableCursor {
+                table: table.clone(),
+                seq,
+                direction,
+                lower: lower.clone(),
+                upper: upper.clone(),
+                buffer: VecDeque::new(),
+                resume: None,
+                exhausted: false,
+                chunk: FIRST_CHUNK,
+            }),
+            Source::File(file) => SourceCursor::File(FileCursor::new(
+                file.clone(),
+                seq,
+                direction,
+                lower.clone(),
+                upper.clone(),
+            )),
+        }
+    }
+
+    /// Finds the next head, unless there is one or the source is used up.
+    fn fill(&mut self) -> Result<()> {
+        match self {
+            SourceCursor::Memtable(cursor) => {
+                cursor.fill();
+                Ok(())
+            }
+            SourceCursor::File(cursor) => cursor.fill(),
+        }
+    }
+
+    /// The next key and the sequence number of its version.
+    fn head(&self) -> Option<(&[u8], u64)> {
+        match self {
+            SourceCursor::Memtable(cursor) => cursor
+                .buffer
+                .front()
+                .map(|resolved| (&resolved.key[..], resolved.seq)),
+            SourceCursor::File(cursor) => cursor.head(),
+        }
+    }
+
+    /// Takes the head: its key and value (`None` for a removal).
+    fn take(&mut self) -> Option<(Slice, Option<Bytes>)> {
+        match self {
+            SourceCursor::Memtable(cursor) => cursor
+                .buffer
+                .pop_front()
+                .map(|resolved| (resolved.key, resolved.value)),
+            SourceCursor::File(cursor) => cursor.take(),
+        }
+    }
+
+    /// Drops the head (hidden by a newer version of its key).
+    fn skip(&mut self) {
+        match self {
+            SourceCursor::Memtable(cursor) => {
+                cursor.buffer.pop_front();
+            }
+            SourceCursor::File(cursor) => cursor.skip(),
         }
     }
 }
@@ -346,13 +438,18 @@ pub struct Iter {
     snapshot: Snapshot,
     lower: Bound<Bytes>,
     upper: Bound<Bytes>,
-    front: Vec<Cursor>,
-    back: Vec<Cursor>,
+    front: Vec<SourceCursor>,
+    back: Vec<SourceCursor>,
     /// Cursors of each end that may have run empty since its last step
     /// (at first, all of them): only a cursor a step took keys from can,
     /// so a step refills these instead of looking at every cursor.
     front_to_refill: Vec<usize>,
     back_to_refill: Vec<usize>,
+    /// The first eight bytes of each cursor's head (see [`key_prefix`]),
+    /// `None` for a cursor without one: the merge compares these, and the
+    /// whole keys only when two are equal.
+    front_heads: Vec<Option<u64>>,
+    back_heads: Vec<Option<u64>>,
     /// Last key returned from the front / the back: the two ends stop when
     /// they meet. (A short key's `Slice` is a copy, not a shared handle.)
     front_last: Option<Slice>,
@@ -372,114 +469,104 @@ impl fmt::Debug for Iter {
 
 impl Iter {
     fn new(snapshot: Snapshot, lower: Bound<Bytes>, upper: Bound<Bytes>) -> Iter {
-        let sources = snapshot.view.sources.len();
+        let cursors = |direction| -> Vec<SourceCursor> {
+            snapshot
+                .view
+                .sources
+                .iter()
+                .map(|source| SourceCursor::new(source, snapshot.seq, direction, &lower, &upper))
+                .collect()
+        };
+        let front = cursors(Direction::Forward);
+        let back = cursors(Direction::Backward);
+        let sources = front.len();
         Iter {
-            snapshot,
-            lower,
-            upper,
-            front: (0..sources).map(|_| Cursor::new()).collect(),
-            back: (0..sources).map(|_| Cursor::new()).collect(),
+            front,
+            back,
             front_to_refill: (0..sources).collect(),
             back_to_refill: (0..sources).collect(),
+            front_heads: vec![None; sources],
+            back_heads: vec![None; sources],
             front_last: None,
             back_last: None,
             finished: false,
-        }
-    }
-
-    /// Fills cursor `index` of `direction` if it is empty and not exhausted.
-    fn refill(&mut self, direction: Direction, index: usize) -> Result<()> {
-        let cursor = match direction {
-            Direction::Forward => &mut self.front[index],
-            Direction::Backward => &mut self.back[index],
-        };
-        if !cursor.buffer.is_empty() || cursor.exhausted {
-            return Ok(());
-        }
-        let (lower, upper) = match (direction, &cursor.resume) {
-            (Direction::Forward, Some(last)) => {
-                (Bound::Excluded(&last[..]), as_ref_bound(&self.upper))
-            }
-            (Direction::Backward, Some(last)) => {
-                (as_ref_bound(&self.lower), Bound::Excluded(&last[..]))
-            }
-            (_, None) => (as_ref_bound(&self.lower), as_ref_bound(&self.upper)),
-        };
-        let exhausted = self.snapshot.view.sources[index].scan_chunk(
-            self.snapshot.seq,
-            direction,
+            snapshot,
             lower,
             upper,
-            cursor.chunk,
-            &mut cursor.buffer,
-        )?;
-        cursor.exhausted = exhausted;
-        cursor.chunk = (cursor.chunk * 2).min(MAX_CHUNK);
-        if let Some(last) = cursor.buffer.back() {
-            cursor.resume = Some(last.key.clone());
         }
-        Ok(())
     }
 
     /// The next live entry in `direction`, merging all sources.
     fn step(&mut self, direction: Direction) -> Result<Option<(Slice, Slice)>> {
+        let (cursors, to_refill, heads) = match direction {
+            Direction::Forward => (
+                &mut self.front,
+                &mut self.front_to_refill,
+                &mut self.front_heads,
+            ),
+            Direction::Backward => (
+                &mut self.back,
+                &mut self.back_to_refill,
+                &mut self.back_heads,
+            ),
+        };
         loop {
             if self.finished {
                 return Ok(None);
             }
-            let to_refill = match direction {
-                Direction::Forward => &mut self.front_to_refill,
-                Direction::Backward => &mut self.back_to_refill,
-            };
-            let mut pending = std::mem::take(to_refill);
-            while let Some(&index) = pending.last() {
-                if let Err(error) = self.refill(direction, index) {
-                    // Keep the failed cursor (and the rest) for the next call.
-                    let to_refill = match direction {
-                        Direction::Forward => &mut self.front_to_refill,
-                        Direction::Backward => &mut self.back_to_refill,
-                    };
-                    *to_refill = pending;
-                    return Err(error);
+            // A failed fill leaves its cursor (and the rest) on the list,
+            // so the next call tries again.
+            while let Some(&index) = to_refill.last() {
+                if let (Some(cursor), Some(head)) = (cursors.get_mut(index), heads.get_mut(index)) {
+                    cursor.fill()?;
+                    *head = cursor.head().map(|(key, _)| key_prefix(key));
                 }
-                pending.pop();
+                to_refill.pop();
             }
-            let (cursors, to_refill) = match direction {
-                Direction::Forward => (&mut self.front, &mut self.front_to_refill),
-                Direction::Backward => (&mut self.back, &mut self.back_to_refill),
-            };
-            // Reuse the list's allocation.
-            *to_refill = pending;
-            // The cursor whose next key comes first in this direction; of
+            // The cursor whose head comes first in this direction; of
             // cursors holding that same key, the one with the newest
             // version. One pass that only reads; `duplicates` says whether
-            // another cursor may hold the winner's key too.
-            let mut winner: Option<(usize, &Resolved)> = None;
+            // another cursor holds the winner's key too.
+            let mut winner: Option<(usize, u64)> = None;
             let mut duplicates = false;
-            for (index, cursor) in cursors.iter().enumerate() {
-                let Some(head) = cursor.buffer.front() else {
+            for (index, head) in heads.iter().enumerate() {
+                let Some(prefix) = *head else {
                     continue;
                 };
-                let Some((_, best)) = winner else {
-                    winner = Some((index, head));
+                let Some((best, best_prefix)) = winner else {
+                    winner = Some((index, prefix));
                     continue;
                 };
-                let order = match direction {
-                    Direction::Forward => compare_keys(&head.key, &best.key),
-                    Direction::Backward => compare_keys(&best.key, &head.key),
+                let mut order = match direction {
+                    Direction::Forward => prefix.cmp(&best_prefix),
+                    Direction::Backward => best_prefix.cmp(&prefix),
                 };
                 if order.is_eq() {
-                    duplicates = true;
+                    // Equal prefixes: compare the keys, then the versions.
+                    let (Some((key, seq)), Some((best_key, best_seq))) = (
+                        cursors.get(index).and_then(SourceCursor::head),
+                        cursors.get(best).and_then(SourceCursor::head),
+                    ) else {
+                        continue;
+                    };
+                    order = match direction {
+                        Direction::Forward => key.cmp(best_key),
+                        Direction::Backward => best_key.cmp(key),
+                    };
+                    if order.is_eq() {
+                        duplicates = true;
+                        order = best_seq.cmp(&seq);
+                    }
                 }
-                if order.is_lt() || (order.is_eq() && head.seq > best.seq) {
-                    winner = Some((index, head));
+                if order.is_lt() {
+                    winner = Some((index, prefix));
                 }
             }
             let Some((index, _)) = winner else {
                 self.finished = true;
                 return Ok(None);
             };
-            let Some(resolved) = cursors[index].buffer.pop_front() else {
+            let Some((key, value)) = cursors.get_mut(index).and_then(SourceCursor::take) else {
                 self.finished = true;
                 return Ok(None);
             };
@@ -487,26 +574,16 @@ impl Iter {
             if duplicates {
                 // Older versions of the same key in other sources are hidden.
                 for (other, cursor) in cursors.iter_mut().enumerate() {
-                    if cursor
-                        .buffer
-                        .front()
-                        .is_some_and(|head| head.key == resolved.key)
-                    {
-                        cursor.buffer.pop_front();
+                    if cursor.head().is_some_and(|(head, _)| head == &key[..]) {
+                        cursor.skip();
                         to_refill.push(other);
                     }
                 }
             }
             // Stop where the other end has already been.
             let crossed = match direction {
-                Direction::Forward => self
-                    .back_last
-                    .as_ref()
-                    .is_some_and(|b| resolved.key[..] >= b[..]),
-                Direction::Backward => self
-                    .front_last
-                    .as_ref()
-                    .is_some_and(|f| resolved.key[..] <= f[..]),
+                Direction::Forward => self.back_last.as_ref().is_some_and(|b| key[..] >= b[..]),
+                Direction::Backward => self.front_last.as_ref().is_some_and(|f| key[..] <= f[..]),
             };
             if crossed {
                 self.finished = true;
@@ -516,27 +593,26 @@ impl Iter {
                 Direction::Forward => &mut self.front_last,
                 Direction::Backward => &mut self.back_last,
             };
-            *last = Some(resolved.key.clone());
-            if let Some(value) = resolved.value {
-                return Ok(Some((resolved.key, Slice::from_bytes(value))));
+            *last = Some(key.clone());
+            if let Some(value) = value {
+                return Ok(Some((key, Slice::from_bytes(value))));
             }
         }
     }
 }
 
-/// Byte order of two keys, deciding on the first eight bytes as one integer
-/// compare when they differ (most neighbouring keys do) instead of calling
-/// `memcmp`. See `memtable::key_prefix` for why prefix order is key order.
-fn compare_keys(a: &[u8], b: &[u8]) -> cmp::Ordering {
-    if a.len() >= 8 && b.len() >= 8 {
-        let prefix =
-            |k: &[u8]| u64::from_be_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]]);
-        let order = prefix(a).cmp(&prefix(b));
-        if order.is_ne() {
-            return order;
+/// A key's first eight bytes as a big-endian integer, zero-padded: where
+/// two keys' prefixes differ, they order the keys (see
+/// `memtable::key_prefix` for why); equal prefixes say nothing.
+fn key_prefix(key: &[u8]) -> u64 {
+    match key.first_chunk::<8>() {
+        Some(first) => u64::from_be_bytes(*first),
+        None => {
+            let mut padded = [0u8; 8];
+            padded[..key.len()].copy_from_slice(key);
+            u64::from_be_bytes(padded)
         }
     }
-    a.cmp(b)
 }
 
 impl Iterator for Iter {

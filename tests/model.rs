@@ -17,12 +17,16 @@ type Model = BTreeMap<Vec<u8>, Vec<u8>>;
 
 fn random_key(rng: &mut Rng) -> Vec<u8> {
     // A small key space so that keys are overwritten and removed often; the
-    // empty key and keys that are prefixes of others are included.
-    let n = rng.below(40);
+    // empty key and keys that are prefixes of others are included, and keys
+    // of eight bytes and more, some sharing their first eight (the merge
+    // compares those first).
+    let n = rng.below(56);
     match n {
         0 => Vec::new(),
         1..=5 => vec![b'k'; n as usize],
-        _ => format!("key{:02}", n).into_bytes(),
+        6..=39 => format!("key{:02}", n).into_bytes(),
+        40..=47 => format!("shared-prefix-{:02}", n).into_bytes(),
+        _ => format!("{:02}-differs-early", n).into_bytes(),
     }
 }
 

@@ -183,6 +183,14 @@ pub fn parse_block(block: &[u8]) -> Result<Vec<EntryRef>, String> {
     Ok(entries)
 }
 
+/// Where a [`BlockCursor`] stands in its block: a reader that cannot keep
+/// the borrowing cursor keeps this and the block's bytes instead.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockPosition {
+    pos: usize,
+    left: usize,
+}
+
 /// Reads a block's entries one at a time without allocating (what a point
 /// lookup needs: it stops at the first key at or past its own). Checks each
 /// length against the block, not the CRC or the order.
@@ -210,7 +218,26 @@ impl<'a> BlockCursor<'a> {
         })
     }
 
+    /// Picks up where a cursor over the same `block` stood.
+    pub fn resume(block: &'a [u8], at: BlockPosition) -> BlockCursor<'a> {
+        BlockCursor {
+            block,
+            pos: at.pos,
+            body_end: block.len().saturating_sub(4),
+            left: at.left,
+        }
+    }
+
+    /// Where the cursor stands, for [`resume`](Self::resume).
+    pub fn position(&self) -> BlockPosition {
+        BlockPosition {
+            pos: self.pos,
+            left: self.left,
+        }
+    }
+
     /// The next entry, or `None` after the last.
+    #[inline]
     pub fn next_entry(&mut self) -> Result<Option<EntryRef>, String> {
         if self.left == 0 {
             return Ok(None);

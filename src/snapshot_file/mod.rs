@@ -3,12 +3,15 @@
 //!
 //! `format` is the byte layout, `bloom` the filter that lets a lookup of an
 //! absent key skip the data, `writer` builds a file from sorted versions,
-//! and `reader` serves lookups and scans from a memory map.
+//! `reader` serves lookups from a memory map, and `cursor` walks a file's
+//! visible keys in order for scans.
 
 pub(crate) mod bloom;
+pub(crate) mod cursor;
 pub(crate) mod format;
 pub(crate) mod reader;
 pub(crate) mod writer;
 
+pub(crate) use cursor::FileCursor;
 pub(crate) use reader::SnapshotFile;
 pub(crate) use writer::SnapshotFileWriter;

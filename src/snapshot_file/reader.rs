@@ -8,8 +8,6 @@
 //! against the block. Any failure is an [`Error::Corruption`] naming the
 //! file and the offset.
 
-use std::collections::VecDeque;
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,9 +21,8 @@ use super::format::{
 };
 use crate::error::{Error, Result};
 use crate::io::FileSystem;
-use crate::memtable::{Direction, Resolved, Version, within_lower, within_upper};
+use crate::memtable::Version;
 use crate::mmap::PageReleaser;
-use crate::slice::Slice;
 
 /// An open snapshot file.
 pub(crate) struct SnapshotFile {
@@ -61,15 +58,9 @@ impl std::fmt::Debug for SnapshotFile {
 }
 
 /// A block's entries, decoded, with the block's bytes.
-struct Block {
-    bytes: Bytes,
-    entries: Vec<EntryRef>,
-}
-
-impl Block {
-    fn key(&self, entry: &EntryRef) -> &[u8] {
-        &self.bytes[entry.key.clone()]
-    }
+pub(super) struct Block {
+    pub bytes: Bytes,
+    pub entries: Vec<EntryRef>,
 }
 
 impl SnapshotFile {
@@ -143,18 +134,30 @@ impl SnapshotFile {
         self.obsolete.store(true, Ordering::Release);
     }
 
-    fn last_key(&self, block: usize) -> &[u8] {
+    /// The number of data blocks.
+    pub(super) fn block_count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// The last key of block `block`, as the index names it.
+    pub(super) fn last_key(&self, block: usize) -> &[u8] {
         &self.index_bytes[self.index[block].last_key.clone()]
     }
 
     /// The first block whose last key is at or after `key`.
-    fn first_block_from(&self, key: &[u8]) -> usize {
+    pub(super) fn first_block_from(&self, key: &[u8]) -> usize {
         self.index
             .partition_point(|entry| &self.index_bytes[entry.last_key.clone()] < key)
     }
 
+    /// The first block whose last key is after `key`.
+    pub(super) fn first_block_after(&self, key: &[u8]) -> usize {
+        self.index
+            .partition_point(|entry| &self.index_bytes[entry.last_key.clone()] <= key)
+    }
+
     /// The bytes of block `i`, fully checked the first time it is read.
-    fn block_bytes(&self, i: usize) -> Result<Bytes> {
+    pub(super) fn block_bytes(&self, i: usize) -> Result<Bytes> {
         let entry = &self.index[i];
         // decode_index checked that every block lies inside the data region.
         let start = entry.offset as usize;
@@ -182,12 +185,12 @@ impl SnapshotFile {
     }
 
     /// Turns a decoder's reason into the corruption error of block `i`.
-    fn damaged_block(&self, i: usize) -> impl Fn(String) -> Error + Copy + '_ {
+    pub(super) fn damaged_block(&self, i: usize) -> impl Fn(String) -> Error + Copy + '_ {
         move |reason| Error::corruption(&self.path, self.index[i].offset, reason)
     }
 
     /// Loads block `i` with its entries decoded.
-    fn block(&self, i: usize) -> Result<Block> {
+    pub(super) fn block(&self, i: usize) -> Result<Block> {
         let bytes = self.block_bytes(i)?;
         let entries = parse_block(&bytes).map_err(self.damaged_block(i))?;
         Ok(Block { bytes, entries })
@@ -221,94 +224,6 @@ impl SnapshotFile {
         Ok(None)
     }
 
-    /// Appends to `out` up to `max` keys in `direction` within the bounds,
-    /// each resolved at `seq`; returns whether the range is exhausted (the
-    /// same contract as the memtable's `scan_chunk`).
-    pub fn scan_chunk(
-        &self,
-        seq: u64,
-        direction: Direction,
-        lower: Bound<&[u8]>,
-        upper: Bound<&[u8]>,
-        max: usize,
-        out: &mut VecDeque<Resolved>,
-    ) -> Result<bool> {
-        let mut resolver = KeyResolver::new(seq, out.len() + max);
-        match direction {
-            Direction::Forward => {
-                let first = match lower {
-                    Bound::Included(key) | Bound::Excluded(key) => self.first_block_from(key),
-                    Bound::Unbounded => 0,
-                };
-                // Keys ascend, so once one is past the lower bound all are.
-                let mut past_lower = matches!(lower, Bound::Unbounded);
-                for i in first..self.index.len() {
-                    // Forward, the entries are read in place, without
-                    // collecting them first.
-                    let bytes = self.block_bytes(i)?;
-                    let corrupt = self.damaged_block(i);
-                    let mut cursor = BlockCursor::new(&bytes).map_err(corrupt)?;
-                    // The index names the block's last key: when it is
-                    // within the upper bound, so is every key before it.
-                    let block_within_upper = within_upper(self.last_key(i), upper);
-                    while let Some(entry) = cursor.next_entry().map_err(corrupt)? {
-                        let key = &bytes[entry.key.clone()];
-                        if !past_lower {
-                            if !within_lower(key, lower) {
-                                continue;
-                            }
-                            past_lower = true;
-                        }
-                        if !block_within_upper && !within_upper(key, upper) {
-                            resolver.finish(out);
-                            return Ok(true);
-                        }
-                        if resolver.push(&bytes, &entry, out) {
-                            return Ok(false);
-                        }
-                    }
-                }
-            }
-            Direction::Backward => {
-                // Start at the first block whose last key is past the bound:
-                // versions of the bound key itself may continue into it.
-                let last = match upper {
-                    Bound::Included(key) | Bound::Excluded(key) => self
-                        .index
-                        .partition_point(|entry| &self.index_bytes[entry.last_key.clone()] <= key)
-                        .min(self.index.len().saturating_sub(1)),
-                    Bound::Unbounded => self.index.len().saturating_sub(1),
-                };
-                if self.index.is_empty() {
-                    return Ok(true);
-                }
-                // Keys descend, so once one is below the upper bound all are.
-                let mut past_upper = matches!(upper, Bound::Unbounded);
-                for i in (0..=last).rev() {
-                    let block = self.block(i)?;
-                    for entry in block.entries.iter().rev() {
-                        let key = block.key(entry);
-                        if !past_upper {
-                            if !within_upper(key, upper) {
-                                continue;
-                            }
-                            past_upper = true;
-                        }
-                        if !within_lower(key, lower) {
-                            resolver.finish(out);
-                            return Ok(true);
-                        }
-                        if resolver.push(&block.bytes, entry, out) {
-                            return Ok(false);
-                        }
-                    }
-                }
-            }
-        }
-        resolver.finish(out);
-        Ok(true)
-    }
-
     /// Every version in the file, in file order (for merging).
     pub fn versions(self: &Arc<Self>) -> FileVersions {
         FileVersions {
@@ -328,69 +243,6 @@ impl Drop for SnapshotFile {
             let _ = self.fs.remove_file(&self.path);
         }
     }
-}
-
-/// Picks, for each run of versions of one key (met in either order), the
-/// newest at or below the snapshot's sequence number.
-struct KeyResolver {
-    seq: u64,
-    limit: usize,
-    key: Option<Slice>,
-    best: Option<(u64, Option<Bytes>)>,
-}
-
-impl KeyResolver {
-    fn new(seq: u64, limit: usize) -> KeyResolver {
-        KeyResolver {
-            seq,
-            limit,
-            key: None,
-            best: None,
-        }
-    }
-
-    /// Takes one version; returns true when `out` is full and a new key
-    /// began (so the previous key is complete and emitted).
-    fn push(&mut self, block: &Bytes, entry: &EntryRef, out: &mut VecDeque<Resolved>) -> bool {
-        let key = &block[entry.key.clone()];
-        if !self
-            .key
-            .as_deref()
-            .is_some_and(|current| same_key(current, key))
-        {
-            self.finish(out);
-            if out.len() >= self.limit {
-                return true;
-            }
-            self.key = Some(Slice::from_part(block, entry.key.clone()));
-        }
-        if entry.seq <= self.seq && self.best.as_ref().is_none_or(|(best, _)| entry.seq > *best) {
-            self.best = Some((entry.seq, entry.value.clone().map(|r| block.slice(r))));
-        }
-        false
-    }
-
-    /// Emits the pending key, if it has a visible version.
-    fn finish(&mut self, out: &mut VecDeque<Resolved>) {
-        if let (Some(key), Some((seq, value))) = (self.key.take(), self.best.take()) {
-            out.push_back(Resolved { key, seq, value });
-        }
-    }
-}
-
-/// Whether two keys are equal, deciding on the last eight bytes first:
-/// neighbouring keys in a file share their first bytes, so a difference
-/// shows up sooner at the end, without a call to `memcmp`.
-fn same_key(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    if let (Some(tail_a), Some(tail_b)) = (a.last_chunk::<8>(), b.last_chunk::<8>()) {
-        if tail_a != tail_b {
-            return false;
-        }
-    }
-    a == b
 }
 
 /// Iterates over every version of a file, block by block.
@@ -448,7 +300,9 @@ impl Iterator for FileVersions {
 mod tests {
     use super::*;
     use crate::io::RealFileSystem;
-    use crate::snapshot_file::SnapshotFileWriter;
+    use crate::memtable::Direction;
+    use crate::snapshot_file::{FileCursor, SnapshotFileWriter};
+    use std::ops::Bound;
 
     /// A file where key "m" has 200 versions (seq 1..=200, 100-byte values),
     /// so they span several blocks, between keys "a" (seq 500) and "z" (seq 501).
@@ -471,18 +325,23 @@ mod tests {
     }
 
     fn scan(
-        file: &SnapshotFile,
+        file: &Arc<SnapshotFile>,
         seq: u64,
         direction: Direction,
         lower: Bound<&[u8]>,
         upper: Bound<&[u8]>,
     ) -> Vec<(Vec<u8>, u64)> {
-        let mut out = VecDeque::new();
-        assert!(
-            file.scan_chunk(seq, direction, lower, upper, 100, &mut out)
-                .unwrap()
-        );
-        out.into_iter().map(|r| (r.key.to_vec(), r.seq)).collect()
+        let own = |bound: Bound<&[u8]>| bound.map(Bytes::copy_from_slice);
+        let mut cursor = FileCursor::new(file.clone(), seq, direction, own(lower), own(upper));
+        let mut out = Vec::new();
+        loop {
+            cursor.fill().unwrap();
+            let Some((key, seq)) = cursor.head() else {
+                return out;
+            };
+            out.push((key.to_vec(), seq));
+            cursor.take();
+        }
     }
 
     #[test]

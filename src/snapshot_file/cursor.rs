@@ -1,0 +1,469 @@
+//! Reading one snapshot file in key order, one visible key at a time, in
+//! place in its mapped blocks: what a merged scan (`read::Iter`) takes from
+//! each file.
+//!
+//! A file holds every version of a key, newest first. At snapshot `seq`, a
+//! key's visible version is its newest at or below `seq`; a key with none
+//! is not there for this reader. The cursor keeps that version as its
+//! *head*: the merge compares heads in place, and only the head it takes
+//! is turned into an owned key and value.
+
+use std::ops::{Bound, Range};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+
+use super::format::{BlockCursor, BlockPosition, EntryRef};
+use super::reader::{Block, SnapshotFile};
+use crate::error::Result;
+use crate::memtable::{Direction, within_lower, within_upper};
+use crate::slice::Slice;
+
+/// A walk over one file's visible keys, within bounds, in one direction.
+///
+/// [`fill`](Self::fill) finds the next head; [`head`](Self::head) shows it;
+/// [`take`](Self::take) or [`skip`](Self::skip) lets it go. A `fill`
+/// that meets a damaged block fails, and fails again if called again: the
+/// walk does not go past the damage.
+pub(crate) struct FileCursor {
+    file: Arc<SnapshotFile>,
+    seq: u64,
+    lower: Bound<Bytes>,
+    upper: Bound<Bytes>,
+    walk: Walk,
+    /// The block to load next; `None` once the walk is past the last one.
+    next_block: Option<usize>,
+    /// Whether every key of the current block is within the bound the walk
+    /// goes towards (the index tells, from the block's last key or the
+    /// previous block's), so that its keys need no compare with it.
+    block_within_end: bool,
+    /// Whether a key was within the bound the walk started from: keys come
+    /// in order, so every later one is too.
+    past_start: bool,
+    /// The newest visible version of the next key, found by `fill`.
+    head: Option<Head>,
+    /// No key is left in the bounds.
+    exhausted: bool,
+}
+
+/// Where the walk stands in its current block.
+enum Walk {
+    /// Forward, in place: each entry is decoded as it is read.
+    Forward {
+        /// The block's index and bytes, and the next entry's place in it.
+        block: Option<(usize, Bytes, BlockPosition)>,
+        /// The key of the entry read last, as a range of the block (`None`
+        /// at a block's start, where the index names the previous block's
+        /// last key): a key's versions are told apart from the next key's
+        /// by comparing with it, without copying keys.
+        previous: Option<Range<usize>>,
+        /// Whether the key read last is settled: its head was found, so its
+        /// older versions are skipped.
+        settled: bool,
+    },
+    /// Backward: a block's entries are decoded into a list and read from
+    /// its end (the format can only be decoded front to back).
+    Backward {
+        block: Option<(usize, Block)>,
+        /// `entries[next - 1]` is read next.
+        next: usize,
+    },
+}
+
+/// A version held as its block's bytes and its place in them.
+struct Head {
+    bytes: Bytes,
+    entry: EntryRef,
+}
+
+impl Head {
+    fn key(&self) -> &[u8] {
+        &self.bytes[self.entry.key.clone()]
+    }
+}
+
+impl FileCursor {
+    /// A cursor over `file` at snapshot `seq`, within the bounds; nothing is
+    /// read before the first [`fill`](Self::fill).
+    pub fn new(
+        file: Arc<SnapshotFile>,
+        seq: u64,
+        direction: Direction,
+        lower: Bound<Bytes>,
+        upper: Bound<Bytes>,
+    ) -> FileCursor {
+        let count = file.block_count();
+        let (walk, next_block, past_start) = match direction {
+            Direction::Forward => {
+                let first = match as_ref(&lower) {
+                    Bound::Included(key) | Bound::Excluded(key) => file.first_block_from(key),
+                    Bound::Unbounded => 0,
+                };
+                let walk = Walk::Forward {
+                    block: None,
+                    previous: None,
+                    settled: false,
+                };
+                (walk, first, matches!(lower, Bound::Unbounded))
+            }
+            Direction::Backward => {
+                // The first block whose last key is past the bound: versions
+                // of the bound key itself may continue into it.
+                let first = match as_ref(&upper) {
+                    Bound::Included(key) | Bound::Excluded(key) => file.first_block_after(key),
+                    Bound::Unbounded => count,
+                };
+                let walk = Walk::Backward {
+                    block: None,
+                    next: 0,
+                };
+                let first = first.min(count.saturating_sub(1));
+                (walk, first, matches!(upper, Bound::Unbounded))
+            }
+        };
+        FileCursor {
+            file,
+            seq,
+            lower,
+            upper,
+            walk,
+            next_block: (next_block < count).then_some(next_block),
+            block_within_end: false,
+            past_start,
+            head: None,
+            exhausted: false,
+        }
+    }
+
+    /// The head's key and sequence number, if `fill` found one.
+    pub fn head(&self) -> Option<(&[u8], u64)> {
+        self.head.as_ref().map(|head| (head.key(), head.entry.seq))
+    }
+
+    /// Takes the head as an owned key and value (`None` for a removal).
+    pub fn take(&mut self) -> Option<(Slice, Option<Bytes>)> {
+        let Head { mut bytes, entry } = self.head.take()?;
+        let key = Slice::from_part(&bytes, entry.key);
+        let value = entry.value.map(|range| {
+            // Narrow the block's own handle: no second reference count.
+            bytes.truncate(range.end);
+            bytes.advance(range.start);
+            bytes
+        });
+        Some((key, value))
+    }
+
+    /// Drops the head (an older version than another source's).
+    pub fn skip(&mut self) {
+        self.head = None;
+    }
+
+    /// Finds the next head, unless there is one or the walk is over.
+    pub fn fill(&mut self) -> Result<()> {
+        if self.head.is_some() || self.exhausted {
+            return Ok(());
+        }
+        match self.walk {
+            Walk::Forward { .. } => self.fill_forward(),
+            Walk::Backward { .. } => self.fill_backward(),
+        }
+    }
+
+    /// Forward, a key's versions come newest first: its head is the first
+    /// version at or below `seq`, and the versions after it are skipped.
+    fn fill_forward(&mut self) -> Result<()> {
+        loop {
+            let Walk::Forward {
+                block: Some((index, bytes, position)),
+                previous,
+                settled,
+            } = &mut self.walk
+            else {
+                if !self.load_next_block()? {
+                    self.exhausted = true;
+                    return Ok(());
+                }
+                continue;
+            };
+            let corrupt = self.file.damaged_block(*index);
+            let mut reader = BlockCursor::resume(bytes, *position);
+            while let Some(entry) = reader.next_entry().map_err(corrupt)? {
+                let key = &bytes[entry.key.clone()];
+                let previous_key = match previous.take() {
+                    Some(range) => Some(&bytes[range]),
+                    None => index.checked_sub(1).map(|i| self.file.last_key(i)),
+                };
+                if !previous_key.is_some_and(|previous| same_key(previous, key)) {
+                    *settled = false;
+                }
+                *previous = Some(entry.key.clone());
+                if !self.past_start {
+                    if !within_lower(key, as_ref(&self.lower)) {
+                        continue;
+                    }
+                    self.past_start = true;
+                }
+                if !self.block_within_end && !within_upper(key, as_ref(&self.upper)) {
+                    self.exhausted = true;
+                    return Ok(());
+                }
+                if *settled || entry.seq > self.seq {
+                    continue;
+                }
+                *settled = true;
+                *position = reader.position();
+                self.head = Some(Head {
+                    bytes: bytes.clone(),
+                    entry,
+                });
+                return Ok(());
+            }
+            // The block is used up.
+            if let Walk::Forward { block, .. } = &mut self.walk {
+                *block = None;
+            }
+        }
+    }
+
+    /// Backward, a key's versions come oldest first: its head is the last
+    /// version at or below `seq` before the key changes, and a key may
+    /// continue into the previous block.
+    fn fill_backward(&mut self) -> Result<()> {
+        let mut run_key: Option<Slice> = None;
+        let mut best: Option<Head> = None;
+        loop {
+            let Walk::Backward {
+                block: Some((_, block)),
+                next,
+            } = &mut self.walk
+            else {
+                if !self.load_next_block()? {
+                    break;
+                }
+                continue;
+            };
+            let Some(at) = next.checked_sub(1) else {
+                // The block is used up.
+                if let Walk::Backward { block, .. } = &mut self.walk {
+                    *block = None;
+                }
+                continue;
+            };
+            let Some(entry) = block.entries.get(at) else {
+                break;
+            };
+            let bytes = &block.bytes;
+            let key = &bytes[entry.key.clone()];
+            if !self.past_start {
+                if !within_upper(key, as_ref(&self.upper)) {
+                    *next = at;
+                    continue;
+                }
+                self.past_start = true;
+            }
+            if !self.block_within_end && !within_lower(key, as_ref(&self.lower)) {
+                break;
+            }
+            match &run_key {
+                Some(run) if !same_key(run, key) => {
+                    if best.is_some() {
+                        // The run is over; this entry starts the next one.
+                        self.head = best;
+                        return Ok(());
+                    }
+                    // No version of that key is visible: start again here.
+                    run_key = Some(Slice::from_part(bytes, entry.key.clone()));
+                }
+                Some(_) => {}
+                None => run_key = Some(Slice::from_part(bytes, entry.key.clone())),
+            }
+            if entry.seq <= self.seq {
+                best = Some(Head {
+                    bytes: bytes.clone(),
+                    entry: entry.clone(),
+                });
+            }
+            *next = at;
+        }
+        self.exhausted = true;
+        self.head = best;
+        Ok(())
+    }
+
+    /// Loads the next block in the walk's direction; false after the last.
+    /// On error nothing changes.
+    fn load_next_block(&mut self) -> Result<bool> {
+        let Some(index) = self.next_block else {
+            return Ok(false);
+        };
+        let upper = as_ref(&self.upper);
+        let lower = as_ref(&self.lower);
+        match &mut self.walk {
+            Walk::Forward {
+                block, previous, ..
+            } => {
+                let bytes = self.file.block_bytes(index)?;
+                let start = BlockCursor::new(&bytes)
+                    .map_err(self.file.damaged_block(index))?
+                    .position();
+                self.block_within_end = within_upper(self.file.last_key(index), upper);
+                *block = Some((index, bytes, start));
+                // The entry before the block's first is the previous block's
+                // last, whose key the index names.
+                *previous = None;
+                self.next_block = Some(index + 1).filter(|&i| i < self.file.block_count());
+            }
+            Walk::Backward { block, next } => {
+                let loaded = self.file.block(index)?;
+                // Every key of block `index` is at or above the previous
+                // block's last key.
+                self.block_within_end = index
+                    .checked_sub(1)
+                    .is_some_and(|previous| within_lower(self.file.last_key(previous), lower));
+                *next = loaded.entries.len();
+                *block = Some((index, loaded));
+                self.next_block = index.checked_sub(1);
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn as_ref(bound: &Bound<Bytes>) -> Bound<&[u8]> {
+    match bound {
+        Bound::Included(key) => Bound::Included(key),
+        Bound::Excluded(key) => Bound::Excluded(key),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+/// Whether two keys are equal, deciding on the last eight bytes first:
+/// neighbouring keys in a file share their first bytes, so a difference
+/// shows up sooner at the end, without a call to `memcmp`.
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    if let (Some(tail_a), Some(tail_b)) = (a.last_chunk::<8>(), b.last_chunk::<8>()) {
+        if tail_a != tail_b {
+            return false;
+        }
+    }
+    a == b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{FileSystem, RealFileSystem};
+    use crate::snapshot_file::SnapshotFileWriter;
+    use std::collections::BTreeMap;
+
+    /// Versions of one key, newest first: (seq, value; `None` a removal).
+    type Versions = Vec<(u64, Option<Vec<u8>>)>;
+
+    /// 60 keys with one to five versions each (some removals, a value size
+    /// that spreads them over many blocks, one key whose versions span
+    /// several blocks), written to one file.
+    fn model_file(dir: &std::path::Path) -> (Arc<SnapshotFile>, BTreeMap<Vec<u8>, Versions>) {
+        let mut model: BTreeMap<Vec<u8>, Versions> = BTreeMap::new();
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut random = move |below: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % below
+        };
+        for k in 0..60u64 {
+            let count = if k == 30 { 120 } else { 1 + random(5) };
+            let mut seqs: Vec<u64> = (0..count).map(|_| 1 + random(400)).collect();
+            seqs.sort_unstable_by(|a, b| b.cmp(a));
+            seqs.dedup();
+            let versions: Versions = seqs
+                .into_iter()
+                .map(|seq| {
+                    let value = (random(4) != 0).then(|| vec![seq as u8; 200]);
+                    (seq, value)
+                })
+                .collect();
+            model.insert(format!("key{k:03}").into_bytes(), versions);
+        }
+        let fs: Arc<dyn FileSystem> = Arc::new(RealFileSystem);
+        let path = dir.join("1.snap");
+        let mut writer = SnapshotFileWriter::create(&*fs, dir, path.clone()).unwrap();
+        for (key, versions) in &model {
+            for (seq, value) in versions {
+                writer.add(key, *seq, value.as_deref()).unwrap();
+            }
+        }
+        writer.finish().unwrap();
+        let file = Arc::new(SnapshotFile::open(fs, &path, 1).unwrap());
+        (file, model)
+    }
+
+    type Seen = Vec<(Vec<u8>, u64, Option<Vec<u8>>)>;
+
+    fn walk(
+        file: &Arc<SnapshotFile>,
+        seq: u64,
+        direction: Direction,
+        lower: &Bound<Bytes>,
+        upper: &Bound<Bytes>,
+    ) -> Seen {
+        let mut cursor =
+            FileCursor::new(file.clone(), seq, direction, lower.clone(), upper.clone());
+        let mut seen = Vec::new();
+        loop {
+            cursor.fill().unwrap();
+            let Some((_, head_seq)) = cursor.head() else {
+                return seen;
+            };
+            let (key, value) = cursor.take().unwrap();
+            seen.push((key.to_vec(), head_seq, value.map(|v| v.to_vec())));
+        }
+    }
+
+    fn expected(
+        model: &BTreeMap<Vec<u8>, Versions>,
+        seq: u64,
+        lower: &Bound<Bytes>,
+        upper: &Bound<Bytes>,
+    ) -> Seen {
+        model
+            .iter()
+            .filter(|(key, _)| within_lower(key, as_ref(lower)) && within_upper(key, as_ref(upper)))
+            .filter_map(|(key, versions)| {
+                let (version_seq, value) = versions.iter().find(|(s, _)| *s <= seq)?;
+                Some((key.clone(), *version_seq, value.clone()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_walk_yields_each_keys_newest_visible_version_within_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, model) = model_file(dir.path());
+        assert!(file.block_count() >= 8, "the keys should span many blocks");
+        // Bounds on keys of the file, between them, and outside them.
+        let keys = [
+            "", "key000", "key017", "key017x", "key030", "key031", "key059", "z",
+        ];
+        let mut bounds = vec![Bound::Unbounded];
+        for key in keys {
+            bounds.push(Bound::Included(Bytes::from(key)));
+            bounds.push(Bound::Excluded(Bytes::from(key)));
+        }
+        for seq in [0, 1, 57, 200, 399, u64::MAX] {
+            for lower in &bounds {
+                for upper in &bounds {
+                    let want = expected(&model, seq, lower, upper);
+                    let forward = walk(&file, seq, Direction::Forward, lower, upper);
+                    assert_eq!(forward, want, "forward at {seq}, {lower:?}..{upper:?}");
+                    let mut backward = walk(&file, seq, Direction::Backward, lower, upper);
+                    backward.reverse();
+                    assert_eq!(backward, want, "backward at {seq}, {lower:?}..{upper:?}");
+                }
+            }
+        }
+    }
+}
