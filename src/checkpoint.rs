@@ -37,17 +37,36 @@ use crate::memtable::{Memtable, Version};
 use crate::merge::{MergeIter, VersionGc};
 use crate::proto::{Manifest, SnapshotFileMeta};
 use crate::read::{ReadState, ReadView, Source};
+use crate::replayed::ReplayedRun;
 use crate::snapshot_file::writer::FileSummary;
 use crate::snapshot_file::{SnapshotFile, SnapshotFileWriter};
 
-/// A memtable that no longer takes writes, waiting to be checkpointed.
+/// A memtable that no longer takes writes, waiting to be checkpointed
+/// (or, after a crash, the run of versions the WAL replay recovered).
 #[derive(Debug, Clone)]
 pub(crate) struct FrozenMemtable {
-    pub memtable: Arc<Memtable>,
+    pub content: FrozenContent,
     /// The last sequence number in it (every earlier one is in it or in files).
     pub last_seq: u64,
     /// The WAL segment that holds the first commit after it.
     pub wal_start_segment: u64,
+}
+
+/// What a frozen memtable holds.
+#[derive(Debug, Clone)]
+pub(crate) enum FrozenContent {
+    Memtable(Arc<Memtable>),
+    Replayed(Arc<ReplayedRun>),
+}
+
+impl FrozenContent {
+    /// The same versions as a source of the read view.
+    pub fn source(&self) -> Source {
+        match self {
+            FrozenContent::Memtable(table) => Source::Memtable(table.clone()),
+            FrozenContent::Replayed(run) => Source::Replayed(run.clone()),
+        }
+    }
 }
 
 /// Counters of the background work and of write backpressure.
@@ -384,8 +403,11 @@ impl Storage {
     fn checkpoint(&self, frozen: &FrozenMemtable) -> Result<()> {
         // Tombstones stay: older versions of their keys may be in files.
         let mut gc = VersionGc::new(self.live_seqs(), false);
-        let versions = frozen.memtable.versions().map(Ok);
-        let written = self.write_file(versions, &mut gc)?;
+        let written = match &frozen.content {
+            FrozenContent::Memtable(table) => self.write_file(table.versions().map(Ok), &mut gc)?,
+            FrozenContent::Replayed(run) => self.write_file(run.versions().map(Ok), &mut gc)?,
+        };
+        let frozen_source = frozen.content.source();
 
         let (old_manifest, old_files) = {
             let state = self.state();
@@ -411,13 +433,12 @@ impl Storage {
         self.read_state.edit(|view| {
             let mut sources = Vec::with_capacity(view.sources.len());
             for source in &view.sources {
-                match source {
-                    Source::Memtable(table) if Arc::ptr_eq(table, &frozen.memtable) => {
-                        if let Some((file, _)) = &written {
-                            sources.push(Source::File(file.clone()));
-                        }
+                if source.is(&frozen_source) {
+                    if let Some((file, _)) = &written {
+                        sources.push(Source::File(file.clone()));
                     }
-                    other => sources.push(other.clone()),
+                } else {
+                    sources.push(source.clone());
                 }
             }
             ReadView { sources }
@@ -464,7 +485,7 @@ impl Storage {
                 .iter()
                 .filter(|source| match source {
                     Source::File(file) => !old_files.iter().any(|old| Arc::ptr_eq(old, file)),
-                    Source::Memtable(_) => true,
+                    Source::Memtable(_) | Source::Replayed(_) => true,
                 })
                 .cloned()
                 .collect();

@@ -26,7 +26,7 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crate::batch::{SealedBatch, encode_seq_prefix};
-use crate::checkpoint::{FrozenMemtable, Storage};
+use crate::checkpoint::{FrozenContent, FrozenMemtable, Storage};
 use crate::error::{Error, Result};
 use crate::memtable::Memtable;
 use crate::read::{ReadState, ReadView, Source};
@@ -397,7 +397,7 @@ impl CommitPipeline {
             ReadView { sources }
         });
         self.storage.push_frozen(FrozenMemtable {
-            memtable: active,
+            content: FrozenContent::Memtable(active),
             last_seq,
             wal_start_segment,
         });

@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::batch::WriteBatch;
-use crate::checkpoint::{CheckpointStats, Storage, StorageConfig};
+use crate::checkpoint::{CheckpointStats, FrozenContent, FrozenMemtable, Storage, StorageConfig};
 use crate::commit::{CommitPipeline, CommitStats, FreezeLimits};
 use crate::error::{Error, Result};
 use crate::files;
 use crate::io::{FileLock, FileSystem};
+use crate::memtable::Memtable;
 use crate::options::{Durability, Options};
 use crate::read::{Iter, ReadState, ReadView, Snapshot, Source};
 use crate::recovery::{self, RecoveryReport};
@@ -101,10 +102,15 @@ impl Db {
                 io::ErrorKind::WouldBlock => Error::Locked { path: path.clone() },
                 _ => Error::io("lock", &lock_path, error),
             })?;
-        let recovered =
-            recovery::recover(&fs, &path, options.recovery_mode, options.memtable_size)?;
-        let memtable = Arc::new(recovered.memtable);
+        let recovered = recovery::recover(&fs, &path, options.recovery_mode)?;
+        // Writes go to a fresh memtable; what the replay recovered waits
+        // behind it for its checkpoint, like a frozen memtable.
+        let memtable = Arc::new(Memtable::new(options.memtable_size));
         let mut sources = vec![Source::Memtable(memtable)];
+        let replayed = (!recovered.replayed.is_empty()).then(|| Arc::new(recovered.replayed));
+        if let Some(run) = &replayed {
+            sources.push(Source::Replayed(run.clone()));
+        }
         sources.extend(recovered.files.iter().cloned().map(Source::File));
         let read_state = Arc::new(ReadState::new(ReadView { sources }, recovered.last_seq));
         let file_numbers = Arc::new(AtomicU64::new(recovered.next_file_number));
@@ -120,6 +126,16 @@ impl Db {
             recovered.manifest,
             recovered.files,
         );
+        if let Some(run) = replayed {
+            // Every replayed segment is numbered below `next_file_number`,
+            // and the WAL writer starts a new segment numbered from there:
+            // once the run is in a file, recovery starts at that segment.
+            storage.push_frozen(FrozenMemtable {
+                content: FrozenContent::Replayed(run),
+                last_seq: recovered.last_seq,
+                wal_start_segment: recovered.next_file_number,
+            });
+        }
         let wal = WalWriter::new(
             fs,
             WalConfig {

@@ -50,6 +50,20 @@ mod mmap;
 mod options;
 mod read;
 mod recovery;
+mod replayed;
+
+/// A seeded xorshift generator for unit tests: `random(n)` draws from
+/// `0..n` (`n` > 0).
+#[cfg(test)]
+pub(crate) fn test_random(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut state = seed | 1;
+    move |below| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % below
+    }
+}
 mod slice;
 mod snapshot_file;
 #[cfg(feature = "testing")]

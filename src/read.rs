@@ -17,6 +17,7 @@ use bytes::Bytes;
 
 use crate::error::Result;
 use crate::memtable::{Direction, Memtable, Resolved};
+use crate::replayed::ReplayedRun;
 use crate::slice::Slice;
 use crate::snapshot_file::{FileCursor, SnapshotFile, bloom};
 
@@ -25,6 +26,9 @@ use crate::snapshot_file::{FileCursor, SnapshotFile, bloom};
 pub(crate) enum Source {
     /// The active memtable (first in a view) or a frozen one.
     Memtable(Arc<Memtable>),
+    /// What the WAL replay recovered at open, waiting for its checkpoint
+    /// like a frozen memtable.
+    Replayed(Arc<ReplayedRun>),
     /// A snapshot file.
     File(Arc<SnapshotFile>),
 }
@@ -33,7 +37,18 @@ impl Source {
     fn get(&self, key: &[u8], key_hash: u64, seq: u64) -> Result<Option<Option<Bytes>>> {
         match self {
             Source::Memtable(table) => Ok(table.get(key, key_hash, seq)),
+            Source::Replayed(run) => Ok(run.get(key, seq)),
             Source::File(file) => file.get(key, key_hash, seq),
+        }
+    }
+
+    /// Whether both are the very same memtable, run or file.
+    pub fn is(&self, other: &Source) -> bool {
+        match (self, other) {
+            (Source::Memtable(a), Source::Memtable(b)) => Arc::ptr_eq(a, b),
+            (Source::Replayed(a), Source::Replayed(b)) => Arc::ptr_eq(a, b),
+            (Source::File(a), Source::File(b)) => Arc::ptr_eq(a, b),
+            _ => false,
         }
     }
 }
@@ -298,12 +313,19 @@ fn as_ref_bound(bound: &Bound<Bytes>) -> Bound<&[u8]> {
 const FIRST_CHUNK: usize = 16;
 const MAX_CHUNK: usize = 1024;
 
-/// A memtable's resolved keys, fetched a chunk at a time in one direction
-/// (a skiplist walk cannot be held across calls, so each chunk seeks anew
-/// past the last key fetched).
+/// A source held in memory, which a scan reads a chunk at a time.
+#[derive(Debug)]
+enum InMemory {
+    Memtable(Arc<Memtable>),
+    Replayed(Arc<ReplayedRun>),
+}
+
+/// An in-memory source's resolved keys, fetched a chunk at a time in one
+/// direction (a skiplist walk cannot be held across calls, so each chunk
+/// seeks anew past the last key fetched).
 #[derive(Debug)]
 struct MemtableCursor {
-    table: Arc<Memtable>,
+    table: InMemory,
     seq: u64,
     direction: Direction,
     lower: Bound<Bytes>,
@@ -331,14 +353,11 @@ impl MemtableCursor {
             }
             (_, None) => (as_ref_bound(&self.lower), as_ref_bound(&self.upper)),
         };
-        self.exhausted = self.table.scan_chunk(
-            self.seq,
-            self.direction,
-            lower,
-            upper,
-            self.chunk,
-            &mut self.buffer,
-        );
+        let (seq, direction, max, out) = (self.seq, self.direction, self.chunk, &mut self.buffer);
+        self.exhausted = match &self.table {
+            InMemory::Memtable(table) => table.scan_chunk(seq, direction, lower, upper, max, out),
+            InMemory::Replayed(run) => run.scan_chunk(seq, direction, lower, upper, max, out),
+        };
         self.chunk = (self.chunk * 2).min(MAX_CHUNK);
         if let Some(last) = self.buffer.back() {
             self.resume = Some(last.key.clone());
@@ -362,26 +381,30 @@ impl SourceCursor {
         lower: &Bound<Bytes>,
         upper: &Bound<Bytes>,
     ) -> SourceCursor {
-        match source {
-            Source::Memtable(table) => SourceCursor::Memtable(MemtableCursor {
-                table: table.clone(),
-                seq,
-                direction,
-                lower: lower.clone(),
-                upper: upper.clone(),
-                buffer: VecDeque::new(),
-                resume: None,
-                exhausted: false,
-                chunk: FIRST_CHUNK,
-            }),
-            Source::File(file) => SourceCursor::File(FileCursor::new(
-                file.clone(),
-                seq,
-                direction,
-                lower.clone(),
-                upper.clone(),
-            )),
-        }
+        let in_memory = match source {
+            Source::Memtable(table) => InMemory::Memtable(table.clone()),
+            Source::Replayed(run) => InMemory::Replayed(run.clone()),
+            Source::File(file) => {
+                return SourceCursor::File(FileCursor::new(
+                    file.clone(),
+                    seq,
+                    direction,
+                    lower.clone(),
+                    upper.clone(),
+                ));
+            }
+        };
+        SourceCursor::Memtable(MemtableCursor {
+            table: in_memory,
+            seq,
+            direction,
+            lower: lower.clone(),
+            upper: upper.clone(),
+            buffer: VecDeque::new(),
+            resume: None,
+            exhausted: false,
+            chunk: FIRST_CHUNK,
+        })
     }
 
     /// Finds the next head, unless there is one or the source is used up.

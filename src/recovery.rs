@@ -17,9 +17,9 @@ use crate::error::{Error, Result};
 use crate::files::{self, FileKind};
 use crate::io::{EntryKind, FileSystem};
 use crate::manifest;
-use crate::memtable::Memtable;
 use crate::options::RecoveryMode;
 use crate::proto::Manifest;
+use crate::replayed::ReplayedRun;
 use crate::snapshot_file::SnapshotFile;
 use crate::wal::format::WAL_FORMAT_VERSION;
 use crate::wal::reader::{ScanError, SegmentEnd, scan_segment};
@@ -55,7 +55,8 @@ pub struct RecoveryReport {
 /// The recovered state, ready for the database to start on.
 #[derive(Debug)]
 pub(crate) struct Recovered {
-    pub memtable: Memtable,
+    /// The versions replayed from the WAL, sorted.
+    pub replayed: ReplayedRun,
     /// The manifest as it is on disk after recovery.
     pub manifest: Manifest,
     /// Its snapshot files, open, newest first.
@@ -117,7 +118,6 @@ pub(crate) fn recover(
     shared_fs: &Arc<dyn FileSystem>,
     dir: &Path,
     mode: RecoveryMode,
-    memtable_bytes: usize,
 ) -> Result<Recovered> {
     let fs: &dyn FileSystem = &**shared_fs;
     let names = list(fs, dir)?;
@@ -205,7 +205,6 @@ pub(crate) fn recover(
         )
         .collect();
 
-    let memtable = Memtable::new(memtable_bytes);
     let mut report = RecoveryReport {
         created: !has_manifest,
         ..RecoveryReport::default()
@@ -218,8 +217,7 @@ pub(crate) fn recover(
         .filter(|&number| number >= manifest.wal_start_segment)
         .collect();
     let mut cut_everything_after = false;
-    // Replayed batches are applied to the memtable all at once, after the
-    // scan, so that `apply_all` can insert them in key order.
+    // Replayed batches are sorted into one run after the scan.
     let mut replayed = Vec::new();
     for (index, &number) in live.iter().enumerate() {
         let path = dir.join(files::wal_segment_name(number));
@@ -325,12 +323,11 @@ pub(crate) fn recover(
         }
     }
 
-    memtable.apply_all(
+    let replayed = ReplayedRun::new(
         replayed
-            .iter()
-            .flat_map(|batch| (batch.first_seq..).zip(&batch.ops)),
+            .into_iter()
+            .flat_map(|batch| (batch.first_seq..).zip(batch.ops)),
     );
-    drop(replayed);
 
     // Phase 2: repair, in crash-safe order.
     for path in &orphans {
@@ -381,7 +378,7 @@ pub(crate) fn recover(
         fresh_manifest(&manifest, max_file_number)
     };
     Ok(Recovered {
-        memtable,
+        replayed,
         manifest,
         files,
         last_seq,

@@ -373,3 +373,97 @@ fn writers_wait_when_frozen_memtables_pile_up_and_lose_nothing() {
     let db = Db::open_with(dir.path(), options).unwrap();
     assert_eq!(db.iter().count(), 50);
 }
+
+/// What a WAL replay recovers is readable at once, in front of the files
+/// and behind new writes, and the background checkpoint then moves it to a
+/// snapshot file: the WAL it came from is removed, and the next open has
+/// nothing to replay.
+#[test]
+fn a_replayed_wal_is_readable_at_once_and_checkpointed_in_the_background() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let options = Options::default()
+        .durability(Durability::Buffered)
+        .checkpoint_on_close(false);
+    let value = |i: u64| format!("value-{i}").into_bytes();
+    {
+        let db = Db::open_with(dir, options.clone()).unwrap();
+        for i in 0..3000 {
+            db.insert(key(i), value(i)).unwrap();
+        }
+        for i in (0..3000).step_by(7) {
+            db.remove(key(i)).unwrap();
+        }
+        db.insert(key(1), "rewritten").unwrap();
+        db.close().unwrap();
+    }
+    assert!(files_with_extension(dir, "snap").is_empty());
+    let replayed_segments = files_with_extension(dir, "wal");
+    assert!(!replayed_segments.is_empty());
+    let expected: Vec<(Vec<u8>, Vec<u8>)> = (0..3000)
+        .filter(|i| i % 7 != 0)
+        .map(|i| {
+            let value = if i == 1 {
+                b"rewritten".to_vec()
+            } else {
+                value(i)
+            };
+            (key(i), value)
+        })
+        .collect();
+    let check = |db: &Db, what: &str| {
+        assert_eq!(collect(db.range(..key(3000))), expected, "{what}: forward");
+        let mut backward = collect(db.range(..key(3000)).rev());
+        backward.reverse();
+        assert_eq!(backward, expected, "{what}: backward");
+        assert_eq!(
+            collect(db.range(key(10)..key(20))),
+            expected[8..17].to_vec(),
+            "{what}: range"
+        );
+        assert_eq!(db.get(key(7)).unwrap(), None, "{what}: removed");
+        assert_eq!(db.get(key(1)).unwrap().as_deref(), Some(&b"rewritten"[..]));
+    };
+
+    let db = Db::open_with(dir, options.clone()).unwrap();
+    assert!(db.recovery_report().wal_bytes_replayed > 0);
+    let before_writes = db.snapshot();
+    db.insert(key(1), "newest").unwrap();
+    assert_eq!(
+        before_writes.get(key(1)).unwrap().as_deref(),
+        Some(&b"rewritten"[..])
+    );
+    assert_eq!(db.get(key(1)).unwrap().as_deref(), Some(&b"newest"[..]));
+    db.insert(key(1), "rewritten").unwrap();
+    check(&db, "replayed");
+    // A key past the others, so that `check`'s scans do not see it.
+    db.insert("z-after-replay", "kept").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while db.checkpoint_stats().checkpoints == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint of the replay"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(files_with_extension(dir, "snap").len(), 1);
+    for segment in &replayed_segments {
+        assert!(
+            !segment.exists(),
+            "{} outlived its checkpoint",
+            segment.display()
+        );
+    }
+    check(&db, "checkpointed");
+    drop(before_writes);
+    db.close().unwrap();
+
+    let db = Db::open_with(dir, options).unwrap();
+    // Only the commits of the second session are left in the WAL.
+    assert_eq!(db.recovery_report().batches_replayed, 3);
+    assert_eq!(
+        db.get("z-after-replay").unwrap().as_deref(),
+        Some(&b"kept"[..])
+    );
+    check(&db, "reopened");
+}

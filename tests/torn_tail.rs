@@ -283,19 +283,27 @@ fn point_in_time_recovery_keeps_the_prefix_and_moves_the_rest_aside() {
 #[test]
 fn point_in_time_recovery_moves_later_segments_aside() {
     let temp = tempfile::tempdir().unwrap();
-    let (dir, segment, mut bytes) = six_commits(temp.path());
-    // A second session writes into a second segment.
+    let dir = temp.path().join("db");
+    // One session: each synced commit takes a page, so 20 of them fill the
+    // first 64 KiB segment (15 commits) and go on in a second. (A second
+    // session would not do: its open checkpoints what the first one left
+    // in the WAL, and removes that segment.)
     let db = Db::open_with(&dir, options(RecoveryMode::Strict)).unwrap();
-    db.insert("second", "session").unwrap();
+    for i in 1..=20 {
+        assert_eq!(db.insert(key(i), value(i, 40)).unwrap(), i);
+    }
     db.close().unwrap();
-    assert_eq!(segments(&dir).len(), 2);
+    let segments = segments(&dir);
+    assert_eq!(segments.len(), 2, "{segments:?}");
+    let mut bytes = fs::read(&segments[0]).unwrap();
     bytes[5 * PAGE + 20] ^= 0xff;
-    fs::write(&segment, &bytes).unwrap();
+    fs::write(&segments[0], &bytes).unwrap();
 
     assert!(Db::open(&dir).unwrap_err().is_corruption());
     let db = Db::open_with(&dir, options(RecoveryMode::PointInTime)).unwrap();
     assert_eq!(db.snapshot().seq(), 4);
-    assert!(db.get("second").unwrap().is_none());
+    assert!(db.get(key(4)).unwrap().is_some());
+    assert!(db.get(key(16)).unwrap().is_none());
     assert_eq!(db.recovery_report().moved_aside.len(), 2);
 }
 

@@ -367,13 +367,7 @@ mod tests {
     /// several blocks), written to one file.
     fn model_file(dir: &std::path::Path) -> (Arc<SnapshotFile>, BTreeMap<Vec<u8>, Versions>) {
         let mut model: BTreeMap<Vec<u8>, Versions> = BTreeMap::new();
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut random = move |below: u64| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % below
-        };
+        let mut random = crate::test_random(0x2545_f491_4f6c_dd1du64);
         for k in 0..60u64 {
             let count = if k == 30 { 120 } else { 1 + random(5) };
             let mut seqs: Vec<u64> = (0..count).map(|_| 1 + random(400)).collect();
