@@ -523,6 +523,15 @@ impl Memtable {
     }
 }
 
+/// A bound on owned keys as a bound on byte slices.
+pub(crate) fn as_ref_bound(bound: &Bound<Bytes>) -> Bound<&[u8]> {
+    match bound {
+        Bound::Included(key) => Bound::Included(key),
+        Bound::Excluded(key) => Bound::Excluded(key),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
 /// Whether `key` is at or before the upper bound.
 pub(crate) fn within_upper(key: &[u8], upper: Bound<&[u8]>) -> bool {
     match upper {

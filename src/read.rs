@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use bytes::Bytes;
 
 use crate::error::Result;
-use crate::memtable::{Direction, Memtable, Resolved};
+use crate::memtable::{Direction, Memtable, Resolved, as_ref_bound};
 use crate::replayed::ReplayedRun;
 use crate::slice::Slice;
 use crate::snapshot_file::{FileCursor, SnapshotFile, bloom};
@@ -297,14 +297,6 @@ fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
         }
     }
     None
-}
-
-fn as_ref_bound(bound: &Bound<Bytes>) -> Bound<&[u8]> {
-    match bound {
-        Bound::Included(key) => Bound::Included(key),
-        Bound::Excluded(key) => Bound::Excluded(key),
-        Bound::Unbounded => Bound::Unbounded,
-    }
 }
 
 /// How many keys a memtable cursor fetches at first; the count doubles

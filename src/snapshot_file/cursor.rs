@@ -16,7 +16,7 @@ use bytes::{Buf, Bytes};
 use super::format::{BlockCursor, BlockPosition, EntryRef};
 use super::reader::{Block, SnapshotFile};
 use crate::error::Result;
-use crate::memtable::{Direction, within_lower, within_upper};
+use crate::memtable::{Direction, as_ref_bound, within_lower, within_upper};
 use crate::slice::Slice;
 
 /// A walk over one file's visible keys, within bounds, in one direction.
@@ -95,7 +95,7 @@ impl FileCursor {
         let count = file.block_count();
         let (walk, next_block, past_start) = match direction {
             Direction::Forward => {
-                let first = match as_ref(&lower) {
+                let first = match as_ref_bound(&lower) {
                     Bound::Included(key) | Bound::Excluded(key) => file.first_block_from(key),
                     Bound::Unbounded => 0,
                 };
@@ -109,7 +109,7 @@ impl FileCursor {
             Direction::Backward => {
                 // The first block whose last key is past the bound: versions
                 // of the bound key itself may continue into it.
-                let first = match as_ref(&upper) {
+                let first = match as_ref_bound(&upper) {
                     Bound::Included(key) | Bound::Excluded(key) => file.first_block_after(key),
                     Bound::Unbounded => count,
                 };
@@ -198,12 +198,12 @@ impl FileCursor {
                 }
                 *previous = Some(entry.key.clone());
                 if !self.past_start {
-                    if !within_lower(key, as_ref(&self.lower)) {
+                    if !within_lower(key, as_ref_bound(&self.lower)) {
                         continue;
                     }
                     self.past_start = true;
                 }
-                if !self.block_within_end && !within_upper(key, as_ref(&self.upper)) {
+                if !self.block_within_end && !within_upper(key, as_ref_bound(&self.upper)) {
                     self.exhausted = true;
                     return Ok(());
                 }
@@ -255,13 +255,13 @@ impl FileCursor {
             let bytes = &block.bytes;
             let key = &bytes[entry.key.clone()];
             if !self.past_start {
-                if !within_upper(key, as_ref(&self.upper)) {
+                if !within_upper(key, as_ref_bound(&self.upper)) {
                     *next = at;
                     continue;
                 }
                 self.past_start = true;
             }
-            if !self.block_within_end && !within_lower(key, as_ref(&self.lower)) {
+            if !self.block_within_end && !within_lower(key, as_ref_bound(&self.lower)) {
                 break;
             }
             match &run_key {
@@ -296,8 +296,8 @@ impl FileCursor {
         let Some(index) = self.next_block else {
             return Ok(false);
         };
-        let upper = as_ref(&self.upper);
-        let lower = as_ref(&self.lower);
+        let upper = as_ref_bound(&self.upper);
+        let lower = as_ref_bound(&self.lower);
         match &mut self.walk {
             Walk::Forward {
                 block, previous, ..
@@ -326,14 +326,6 @@ impl FileCursor {
             }
         }
         Ok(true)
-    }
-}
-
-fn as_ref(bound: &Bound<Bytes>) -> Bound<&[u8]> {
-    match bound {
-        Bound::Included(key) => Bound::Included(key),
-        Bound::Excluded(key) => Bound::Excluded(key),
-        Bound::Unbounded => Bound::Unbounded,
     }
 }
 
@@ -425,7 +417,9 @@ mod tests {
     ) -> Seen {
         model
             .iter()
-            .filter(|(key, _)| within_lower(key, as_ref(lower)) && within_upper(key, as_ref(upper)))
+            .filter(|(key, _)| {
+                within_lower(key, as_ref_bound(lower)) && within_upper(key, as_ref_bound(upper))
+            })
             .filter_map(|(key, versions)| {
                 let (version_seq, value) = versions.iter().find(|(s, _)| *s <= seq)?;
                 Some((key.clone(), *version_seq, value.clone()))
