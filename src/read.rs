@@ -299,7 +299,7 @@ fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-/// How many keys a memtable cursor fetches at first; the count doubles
+/// How many keys an in-memory cursor fetches at first; the count doubles
 /// with each refill up to `MAX_CHUNK`, so a short scan stays cheap and a
 /// long one amortises its seeks.
 const FIRST_CHUNK: usize = 16;
@@ -316,8 +316,8 @@ enum InMemory {
 /// direction (a skiplist walk cannot be held across calls, so each chunk
 /// seeks anew past the last key fetched).
 #[derive(Debug)]
-struct MemtableCursor {
-    table: InMemory,
+struct ChunkCursor {
+    source: InMemory,
     seq: u64,
     direction: Direction,
     lower: Bound<Bytes>,
@@ -330,7 +330,7 @@ struct MemtableCursor {
     chunk: usize,
 }
 
-impl MemtableCursor {
+impl ChunkCursor {
     /// Fetches the next chunk if the buffer is empty and keys are left.
     fn fill(&mut self) {
         if !self.buffer.is_empty() || self.exhausted {
@@ -346,7 +346,7 @@ impl MemtableCursor {
             (_, None) => (as_ref_bound(&self.lower), as_ref_bound(&self.upper)),
         };
         let (seq, direction, max, out) = (self.seq, self.direction, self.chunk, &mut self.buffer);
-        self.exhausted = match &self.table {
+        self.exhausted = match &self.source {
             InMemory::Memtable(table) => table.scan_chunk(seq, direction, lower, upper, max, out),
             InMemory::Replayed(run) => run.scan_chunk(seq, direction, lower, upper, max, out),
         };
@@ -357,11 +357,11 @@ impl MemtableCursor {
     }
 }
 
-/// Where a scan reads one source: a memtable a chunk at a time, a
-/// snapshot file in place. Both show their next key as a *head* that the
+/// Where a scan reads one source: a memtable or a replayed run a chunk at
+/// a time, a snapshot file in place. Both show their next key as a *head* that the
 /// merge compares, then takes or skips.
 enum SourceCursor {
-    Memtable(MemtableCursor),
+    InMemory(ChunkCursor),
     File(FileCursor),
 }
 
@@ -386,8 +386,8 @@ impl SourceCursor {
                 ));
             }
         };
-        SourceCursor::Memtable(MemtableCursor {
-            table: in_memory,
+        SourceCursor::InMemory(ChunkCursor {
+            source: in_memory,
             seq,
             direction,
             lower: lower.clone(),
@@ -402,7 +402,7 @@ impl SourceCursor {
     /// Finds the next head, unless there is one or the source is used up.
     fn fill(&mut self) -> Result<()> {
         match self {
-            SourceCursor::Memtable(cursor) => {
+            SourceCursor::InMemory(cursor) => {
                 cursor.fill();
                 Ok(())
             }
@@ -413,7 +413,7 @@ impl SourceCursor {
     /// The next key and the sequence number of its version.
     fn head(&self) -> Option<(&[u8], u64)> {
         match self {
-            SourceCursor::Memtable(cursor) => cursor
+            SourceCursor::InMemory(cursor) => cursor
                 .buffer
                 .front()
                 .map(|resolved| (&resolved.key[..], resolved.seq)),
@@ -424,7 +424,7 @@ impl SourceCursor {
     /// Takes the head: its key and value (`None` for a removal).
     fn take(&mut self) -> Option<(Slice, Option<Bytes>)> {
         match self {
-            SourceCursor::Memtable(cursor) => cursor
+            SourceCursor::InMemory(cursor) => cursor
                 .buffer
                 .pop_front()
                 .map(|resolved| (resolved.key, resolved.value)),
@@ -435,7 +435,7 @@ impl SourceCursor {
     /// Drops the head (hidden by a newer version of its key).
     fn skip(&mut self) {
         match self {
-            SourceCursor::Memtable(cursor) => {
+            SourceCursor::InMemory(cursor) => {
                 cursor.buffer.pop_front();
             }
             SourceCursor::File(cursor) => cursor.skip(),

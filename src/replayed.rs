@@ -73,6 +73,12 @@ impl ReplayedRun {
             .partition_point(|entry| compare(entry, probe).is_lt())
     }
 
+    /// The index of the first entry after `probe` in the run's order.
+    fn first_after(&self, probe: &Probe<'_>) -> usize {
+        self.entries
+            .partition_point(|entry| compare(entry, probe).is_le())
+    }
+
     /// The newest version of `key` at or below `snapshot_seq`: `None` if
     /// the run has none, `Some(None)` if it is a removal.
     pub fn get(&self, key: &[u8], snapshot_seq: u64) -> Option<Option<Bytes>> {
@@ -163,12 +169,6 @@ impl ReplayedRun {
                 true
             }
         }
-    }
-
-    /// The index of the first entry after `probe` in the run's order.
-    fn first_after(&self, probe: &Probe<'_>) -> usize {
-        self.entries
-            .partition_point(|entry| compare(entry, probe).is_le())
     }
 
     /// One past the last version of the key at `at`.
