@@ -202,8 +202,10 @@ pub(crate) fn encode_seq_prefix(first_seq: u64) -> Vec<u8> {
     .encode_to_vec()
 }
 
-/// A record read back from the WAL and checked.
-#[derive(Debug)]
+/// A record read back from the WAL and checked. Replay decodes every record
+/// into one `DecodedBatch` ([`decode_record_into`]), so that the vector of
+/// operations is allocated once, not once per record.
+#[derive(Debug, Default)]
 pub(crate) struct DecodedBatch {
     pub first_seq: u64,
     pub ops: Vec<Operation>,
@@ -221,8 +223,27 @@ impl DecodedBatch {
 /// sequence number, at least one operation, known kinds, keys and values
 /// within the limits. The keys and values are slices of `payload`.
 pub(crate) fn decode_record(payload: Bytes) -> std::result::Result<DecodedBatch, String> {
-    let record =
-        BatchRecord::decode(payload).map_err(|e| format!("record does not decode: {e}"))?;
+    let mut batch = DecodedBatch::default();
+    decode_record_into(payload, &mut batch)?;
+    Ok(batch)
+}
+
+/// [`decode_record`] into `batch`, replacing what it held and reusing its
+/// allocation. On error, what `batch` holds is unspecified.
+pub(crate) fn decode_record_into(
+    payload: Bytes,
+    batch: &mut DecodedBatch,
+) -> std::result::Result<(), String> {
+    let mut record = BatchRecord {
+        first_seq: 0,
+        ops: std::mem::take(&mut batch.ops),
+    };
+    record.ops.clear();
+    let decoded = record.merge(payload);
+    batch.first_seq = record.first_seq;
+    batch.ops = record.ops;
+    decoded.map_err(|e| format!("record does not decode: {e}"))?;
+    let record = &*batch;
     if record.first_seq == 0 {
         return Err("record has no sequence number".into());
     }
@@ -253,10 +274,7 @@ pub(crate) fn decode_record(payload: Bytes) -> std::result::Result<DecodedBatch,
             ));
         }
     }
-    Ok(DecodedBatch {
-        first_seq: record.first_seq,
-        ops: record.ops,
-    })
+    Ok(())
 }
 
 #[cfg(test)]
@@ -326,6 +344,29 @@ mod tests {
         batch.clear();
         batch.insert("k", "v");
         assert!(batch.seal().is_ok());
+    }
+
+    #[test]
+    fn decoding_into_a_used_batch_keeps_nothing_of_the_last_record() {
+        let record = |first_seq: Option<u64>, keys: &[&str]| {
+            let mut batch = WriteBatch::new();
+            for key in keys {
+                batch.insert(key, "v");
+            }
+            let sealed = batch.seal().unwrap();
+            let mut payload = first_seq.map(encode_seq_prefix).unwrap_or_default();
+            payload.extend_from_slice(&sealed.body);
+            (Bytes::from(payload), sealed.ops)
+        };
+        let mut decoded = DecodedBatch::default();
+        let (long, _) = record(Some(10), &["a", "b", "c"]);
+        decode_record_into(long, &mut decoded).unwrap();
+        let (short, short_ops) = record(Some(13), &["d"]);
+        decode_record_into(short, &mut decoded).unwrap();
+        assert_eq!((decoded.first_seq, &decoded.ops), (13, &short_ops));
+        // The sequence number is not inherited either.
+        let (unnumbered, _) = record(None, &["e"]);
+        assert!(decode_record_into(unnumbered, &mut decoded).is_err());
     }
 
     #[test]

@@ -3,12 +3,19 @@
 //! Replay used to insert every recovered version into the memtable's
 //! skiplist, and that took most of its time (searching the skiplist from
 //! its head for each version). A replay only ever adds, and nothing writes
-//! to these versions afterwards, so they are sorted once into a vector
-//! instead: the database opens with an empty memtable in front of the run,
-//! and the checkpoint thread writes the run to a snapshot file like any
-//! frozen memtable. Lookups and scans search it by bisection, in the
-//! memtable's order (key ascending, newest version first).
+//! to these versions afterwards, so they are sorted once instead: the
+//! database opens with an empty memtable in front of the run, and the
+//! checkpoint thread writes the run to a snapshot file like any frozen
+//! memtable. Lookups and scans search it by bisection, in the memtable's
+//! order (key ascending, newest version first).
+//!
+//! The versions stay where replay put them, in log order; what is sorted
+//! is a small index of them, each entry with the key's first sixteen bytes
+//! and the sequence number, so that most compares (in the sort and in a
+//! lookup) need not reach the version. Moving the versions themselves into
+//! order cost more than the sort: a replay spends its time on memory.
 
+use std::cmp::Ordering;
 use std::collections::VecDeque;
 use std::ops::Bound;
 
@@ -21,81 +28,158 @@ use crate::memtable::{
 use crate::proto::{OpKind, Operation};
 use crate::slice::Slice;
 
-/// The recovered versions, sorted. See the module documentation.
+/// The recovered versions and their sorted index. See the module
+/// documentation.
 #[derive(Debug)]
 pub(crate) struct ReplayedRun {
-    entries: Vec<RunEntry>,
+    /// The versions in log order.
+    logged: Vec<LoggedVersion>,
+    /// One entry per version, in the run's order.
+    sorted: Vec<SortedEntry>,
 }
 
-/// One version: the key's prefix (for fast compares, as in the memtable),
-/// its sequence number, key and value (`None` for a removal).
+/// One version as the log held it: its sequence number, key and value
+/// (`None` for a removal).
 #[derive(Debug)]
-struct RunEntry {
-    prefix: Prefix,
+struct LoggedVersion {
     seq: u64,
     key: Bytes,
     value: Option<Bytes>,
 }
 
-impl KeyView for RunEntry {
+/// A version's place in the run's order: its key's prefix (as in the
+/// memtable), its sequence number, and where it is in the log order.
+#[derive(Clone, Copy, Debug)]
+struct SortedEntry {
+    prefix: Prefix,
+    seq: u64,
+    position: usize,
+}
+
+/// A version seen through the index, for compares.
+struct View<'a> {
+    prefix: Prefix,
+    seq: u64,
+    version: &'a LoggedVersion,
+}
+
+impl KeyView for View<'_> {
     fn parts(&self) -> (Prefix, &[u8], u64) {
-        (self.prefix, &self.key, self.seq)
+        (self.prefix, &self.version.key, self.seq)
+    }
+}
+
+/// Collects the versions of a replay, in log order, then sorts them into a
+/// run.
+#[derive(Default)]
+pub(crate) struct RunBuilder {
+    logged: Vec<LoggedVersion>,
+}
+
+impl RunBuilder {
+    /// Adds operation `op`, committed with sequence number `seq`; its key
+    /// and value are moved in, not copied.
+    pub fn push(&mut self, seq: u64, op: Operation) {
+        let value = (op.kind == OpKind::Put as i32).then_some(op.value);
+        self.logged.push(LoggedVersion {
+            seq,
+            key: op.key,
+            value,
+        });
+    }
+
+    /// Sorts the versions into the run.
+    pub fn finish(self) -> ReplayedRun {
+        let logged = self.logged;
+        let mut sorted: Vec<SortedEntry> = logged
+            .iter()
+            .enumerate()
+            .map(|(position, version)| SortedEntry {
+                prefix: key_prefix(&version.key),
+                seq: version.seq,
+                position,
+            })
+            .collect();
+        sorted.sort_unstable_by(|a, b| {
+            // The memtable's order: prefix, key, then newest first. Only
+            // equal prefixes reach the versions' keys.
+            a.prefix
+                .cmp(&b.prefix)
+                .then_with(|| match (logged.get(a.position), logged.get(b.position)) {
+                    (Some(a), Some(b)) => a.key.cmp(&b.key),
+                    _ => Ordering::Equal,
+                })
+                .then(b.seq.cmp(&a.seq))
+        });
+        ReplayedRun { logged, sorted }
     }
 }
 
 impl ReplayedRun {
-    /// Sorts the versions given as `(sequence number, operation)`; the
-    /// operations' keys and values are moved in, not copied.
+    /// Sorts `versions`, given as `(sequence number, operation)`.
+    #[cfg(test)]
     pub fn new(versions: impl Iterator<Item = (u64, Operation)>) -> ReplayedRun {
-        let mut entries: Vec<RunEntry> = versions
-            .map(|(seq, op)| {
-                let value = (op.kind == OpKind::Put as i32).then_some(op.value);
-                RunEntry {
-                    prefix: key_prefix(&op.key),
-                    seq,
-                    key: op.key,
-                    value,
-                }
-            })
-            .collect();
-        entries.sort_unstable_by(|a, b| compare(a, b));
-        ReplayedRun { entries }
+        let mut builder = RunBuilder::default();
+        for (seq, op) in versions {
+            builder.push(seq, op);
+        }
+        builder.finish()
     }
 
     /// Whether the run holds no versions.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.sorted.is_empty()
     }
 
-    /// The index of the first entry at or after `probe` in the run's order.
-    fn first_from(&self, probe: &Probe<'_>) -> usize {
-        self.entries
-            .partition_point(|entry| compare(entry, probe).is_lt())
+    /// The version at `at` in the run's order.
+    fn at(&self, at: usize) -> Option<View<'_>> {
+        self.view(self.sorted.get(at)?)
     }
 
-    /// The index of the first entry after `probe` in the run's order.
-    fn first_after(&self, probe: &Probe<'_>) -> usize {
-        self.entries
-            .partition_point(|entry| compare(entry, probe).is_le())
+    fn view(&self, entry: &SortedEntry) -> Option<View<'_>> {
+        Some(View {
+            prefix: entry.prefix,
+            seq: entry.seq,
+            version: self.logged.get(entry.position)?,
+        })
+    }
+
+    /// Whether the versions at `a` and `b` in the run's order have one key.
+    fn same_key(&self, a: usize, b: usize) -> bool {
+        match (self.at(a), self.at(b)) {
+            (Some(a), Some(b)) => a.prefix == b.prefix && a.version.key == b.version.key,
+            _ => false,
+        }
+    }
+
+    /// The index of the first version at or after `probe` in the run's
+    /// order (with `inclusive` false, the first after it).
+    fn first_from(&self, probe: &Probe<'_>, inclusive: bool) -> usize {
+        self.sorted.partition_point(|entry| {
+            self.view(entry).is_some_and(|view| {
+                let order = compare(&view, probe);
+                order.is_lt() || (!inclusive && order.is_eq())
+            })
+        })
     }
 
     /// The newest version of `key` at or below `snapshot_seq`: `None` if
     /// the run has none, `Some(None)` if it is a removal.
     pub fn get(&self, key: &[u8], snapshot_seq: u64) -> Option<Option<Bytes>> {
         // Versions of `key` newer than the snapshot sort before the probe.
-        let entry = self
-            .entries
-            .get(self.first_from(&Probe::new(key, snapshot_seq)))?;
-        (entry.key == key).then(|| entry.value.clone())
+        let view = self.at(self.first_from(&Probe::new(key, snapshot_seq), true))?;
+        (view.version.key == key).then(|| view.version.value.clone())
     }
 
     /// Every version, in order: what a checkpoint writes.
     pub fn versions(&self) -> impl Iterator<Item = Version> + '_ {
-        self.entries.iter().map(|entry| Version {
-            key: entry.key.clone(),
-            seq: entry.seq,
-            value: entry.value.clone(),
-        })
+        (0..self.sorted.len())
+            .filter_map(|at| self.at(at))
+            .map(|view| Version {
+                key: view.version.key.clone(),
+                seq: view.seq,
+                value: view.version.value.clone(),
+            })
     }
 
     /// Appends to `out` up to `max` keys in `direction` within the bounds,
@@ -115,13 +199,13 @@ impl ReplayedRun {
                 let mut at = match lower {
                     Bound::Unbounded => 0,
                     // The newest possible version of `key` comes first.
-                    Bound::Included(key) => self.first_from(&Probe::new(key, u64::MAX)),
+                    Bound::Included(key) => self.first_from(&Probe::new(key, u64::MAX), true),
                     // Every version of `key` sorts at or before (key, 0).
-                    Bound::Excluded(key) => self.first_after(&Probe::new(key, 0)),
+                    Bound::Excluded(key) => self.first_from(&Probe::new(key, 0), false),
                 };
                 let mut added = 0;
-                while let Some(first) = self.entries.get(at) {
-                    if !within_upper(&first.key, upper) {
+                while let Some(first) = self.at(at) {
+                    if !within_upper(&first.version.key, upper) {
                         return true;
                     }
                     if added == max {
@@ -129,11 +213,8 @@ impl ReplayedRun {
                     }
                     // This key's versions, newest first: the first visible wins.
                     let end = self.run_end(at);
-                    let visible = self.entries[at..end]
-                        .iter()
-                        .find(|entry| entry.seq <= snapshot_seq);
-                    if let Some(entry) = visible {
-                        out.push_back(resolved(entry));
+                    if let Some(visible) = self.first_visible(at..end, snapshot_seq) {
+                        out.push_back(visible);
                         added += 1;
                     }
                     at = end;
@@ -141,27 +222,24 @@ impl ReplayedRun {
                 true
             }
             Direction::Backward => {
-                // One past the last entry within the upper bound.
+                // One past the last version within the upper bound.
                 let mut end = match upper {
-                    Bound::Unbounded => self.entries.len(),
+                    Bound::Unbounded => self.sorted.len(),
                     // The oldest possible version of `key` comes last.
-                    Bound::Included(key) => self.first_after(&Probe::new(key, 0)),
-                    Bound::Excluded(key) => self.first_from(&Probe::new(key, u64::MAX)),
+                    Bound::Included(key) => self.first_from(&Probe::new(key, 0), false),
+                    Bound::Excluded(key) => self.first_from(&Probe::new(key, u64::MAX), true),
                 };
                 let mut added = 0;
-                while let Some(last) = end.checked_sub(1).and_then(|i| self.entries.get(i)) {
-                    if !within_lower(&last.key, lower) {
+                while let Some(last) = end.checked_sub(1).and_then(|at| self.at(at)) {
+                    if !within_lower(&last.version.key, lower) {
                         return true;
                     }
                     if added == max {
                         return false;
                     }
                     let start = self.run_start(end - 1);
-                    let visible = self.entries[start..end]
-                        .iter()
-                        .find(|entry| entry.seq <= snapshot_seq);
-                    if let Some(entry) = visible {
-                        out.push_back(resolved(entry));
+                    if let Some(visible) = self.first_visible(start..end, snapshot_seq) {
+                        out.push_back(visible);
                         added += 1;
                     }
                     end = start;
@@ -171,32 +249,35 @@ impl ReplayedRun {
         }
     }
 
+    /// The newest of the versions at `range` (one key's, newest first) at
+    /// or below `snapshot_seq`.
+    fn first_visible(&self, range: std::ops::Range<usize>, snapshot_seq: u64) -> Option<Resolved> {
+        range
+            .filter_map(|at| self.at(at))
+            .find(|view| view.seq <= snapshot_seq)
+            .map(|view| Resolved {
+                key: Slice::from_shared(&view.version.key),
+                seq: view.seq,
+                value: view.version.value.clone(),
+            })
+    }
+
     /// One past the last version of the key at `at`.
     fn run_end(&self, at: usize) -> usize {
-        let key = &self.entries[at].key;
-        at + 1
-            + self.entries[at + 1..]
-                .iter()
-                .take_while(|entry| entry.key == key)
-                .count()
+        let mut end = at + 1;
+        while end < self.sorted.len() && self.same_key(at, end) {
+            end += 1;
+        }
+        end
     }
 
     /// The first version of the key at `at`.
     fn run_start(&self, at: usize) -> usize {
-        let key = &self.entries[at].key;
-        at - self.entries[..at]
-            .iter()
-            .rev()
-            .take_while(|entry| entry.key == key)
-            .count()
-    }
-}
-
-fn resolved(entry: &RunEntry) -> Resolved {
-    Resolved {
-        key: Slice::from_shared(&entry.key),
-        seq: entry.seq,
-        value: entry.value.clone(),
+        let mut start = at;
+        while start > 0 && self.same_key(at, start - 1) {
+            start -= 1;
+        }
+        start
     }
 }
 

@@ -189,8 +189,11 @@ impl<'a> Reader<'a> {
         let mut records = Vec::new();
         let mut pos = self.page;
         let mut valid_end = self.page as u64;
-        // The record being reassembled: its start offset and payload so far.
-        let mut partial: Option<(u64, Vec<u8>)> = None;
+        // The record being reassembled: its start offset and length so far,
+        // and its fragments' payloads, copied out once the last one is seen
+        // (growing a buffer fragment by fragment copied it over and over).
+        let mut partial: Option<(u64, usize)> = None;
+        let mut pieces: Vec<&'a [u8]> = Vec::new();
         let mut last_run: Option<u32> = None;
         loop {
             let page_index = pos / self.page;
@@ -262,18 +265,25 @@ impl<'a> Reader<'a> {
                     valid_end = fragment.end as u64;
                 }
                 (FragmentKind::First, None) => {
-                    partial = Some((pos as u64, fragment.payload.to_vec()));
+                    pieces.clear();
+                    pieces.push(fragment.payload);
+                    partial = Some((pos as u64, fragment.payload.len()));
                 }
-                (FragmentKind::Middle | FragmentKind::Last, Some((start, mut payload))) => {
-                    if payload.len() + fragment.payload.len() > MAX_RECORD_BYTES {
+                (FragmentKind::Middle | FragmentKind::Last, Some((start, len))) => {
+                    let len = len + fragment.payload.len();
+                    if len > MAX_RECORD_BYTES {
                         return (
                             records,
                             valid_end,
                             self.damage(pos, start, "record larger than the limit"),
                         );
                     }
-                    payload.extend_from_slice(fragment.payload);
+                    pieces.push(fragment.payload);
                     if fragment.kind == FragmentKind::Last {
+                        let mut payload = Vec::with_capacity(len);
+                        for piece in pieces.drain(..) {
+                            payload.extend_from_slice(piece);
+                        }
                         records.push(ScannedRecord {
                             offset: start,
                             end: fragment.end as u64,
@@ -281,7 +291,7 @@ impl<'a> Reader<'a> {
                         });
                         valid_end = fragment.end as u64;
                     } else {
-                        partial = Some((start, payload));
+                        partial = Some((start, len));
                     }
                 }
                 (kind, _) => {
@@ -309,7 +319,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn end_or_unfinished(&self, pos: usize, partial: &Option<(u64, Vec<u8>)>) -> Stop {
+    fn end_or_unfinished(&self, pos: usize, partial: &Option<(u64, usize)>) -> Stop {
         match partial {
             None => Stop::EndOfData { at: pos as u64 },
             Some((start, _)) => self.damage(pos, *start, "record ends before its last fragment"),

@@ -357,6 +357,7 @@ fn prepare_segment(
 }
 
 /// Reads a whole segment file.
-pub fn read_segment(fs: &dyn FileSystem, path: &Path) -> Result<Vec<u8>> {
-    fs.read(path).map_err(|e| Error::io("read", path, e))
+pub fn read_segment(fs: &dyn FileSystem, path: &Path, buffer: &mut Vec<u8>) -> Result<()> {
+    fs.read_into(path, buffer)
+        .map_err(|e| Error::io("read", path, e))
 }
