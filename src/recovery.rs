@@ -1,6 +1,6 @@
 //! Opening a database directory: checking what is there, replaying the WAL
-//! into a sorted run (`replayed`), and repairing what a crash left (temporary files, a torn
-//! tail).
+//! into a sorted run (`replayed`), and repairing what a crash left
+//! (temporary files, a torn tail).
 //!
 //! Recovery runs in two phases. The first only reads: it classifies the
 //! files, reads the manifest, scans every WAL segment and decides what to
