@@ -38,20 +38,19 @@ pub(crate) struct ReplayedRun {
     sorted: Vec<SortedEntry>,
 }
 
-/// One version as the log held it: its sequence number, key and value
-/// (`None` for a removal).
+/// One version as the log held it: its key and value (`None` for a
+/// removal); its sequence number is in the index.
 #[derive(Debug)]
 struct LoggedVersion {
-    seq: u64,
     key: Bytes,
     value: Option<Bytes>,
 }
 
 /// A version's place in the run's order: its key's prefix (as in the
 /// memtable), its sequence number, and where it is in the log order.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct SortedEntry {
-    prefix: Prefix,
+    prefix: u128,
     seq: u64,
     position: usize,
 }
@@ -74,6 +73,8 @@ impl KeyView for View<'_> {
 #[derive(Default)]
 pub(crate) struct RunBuilder {
     logged: Vec<LoggedVersion>,
+    /// The index, in log order until `finish` sorts it.
+    index: Vec<SortedEntry>,
 }
 
 impl RunBuilder {
@@ -81,39 +82,102 @@ impl RunBuilder {
     /// and value are moved in, not copied.
     pub fn push(&mut self, seq: u64, op: Operation) {
         let value = (op.kind == OpKind::Put as i32).then_some(op.value);
-        self.logged.push(LoggedVersion {
+        self.index.push(SortedEntry {
+            prefix: prefix_word(&op.key),
             seq,
-            key: op.key,
-            value,
+            position: self.logged.len(),
         });
+        self.logged.push(LoggedVersion { key: op.key, value });
     }
 
     /// Sorts the versions into the run.
     pub fn finish(self) -> ReplayedRun {
-        let logged = self.logged;
-        let mut sorted: Vec<SortedEntry> = logged
-            .iter()
-            .enumerate()
-            .map(|(position, version)| SortedEntry {
-                prefix: key_prefix(&version.key),
-                seq: version.seq,
-                position,
-            })
-            .collect();
-        sorted.sort_unstable_by(|a, b| {
-            // The memtable's order: prefix, key, then newest first. Only
-            // equal prefixes reach the versions' keys.
-            a.prefix
-                .cmp(&b.prefix)
-                .then_with(|| match (logged.get(a.position), logged.get(b.position)) {
-                    (Some(a), Some(b)) => a.key.cmp(&b.key),
-                    _ => Ordering::Equal,
-                })
-                .then(b.seq.cmp(&a.seq))
-        });
-        ReplayedRun { logged, sorted }
+        let sorted = sort_index(self.index, &self.logged);
+        ReplayedRun {
+            logged: self.logged,
+            sorted,
+        }
     }
 }
+
+/// A key's prefix (see [`key_prefix`]) as one number, which orders the
+/// same way.
+fn prefix_word(key: &[u8]) -> u128 {
+    let [high, low] = key_prefix(key);
+    (u128::from(high) << 64) | u128::from(low)
+}
+
+/// Puts `index` in the memtable's order (prefix, key, then newest first).
+///
+/// A comparison sort of a replay's index took longer than decoding it, so
+/// a large index is first spread into buckets by the next bits of the
+/// prefix after those that every entry shares (a counting sort: two passes,
+/// no compares), and only each bucket is sorted by comparison. Keys that
+/// share a long common start (a table prefix) are thus still spread out by
+/// the bits where they differ.
+fn sort_index(mut index: Vec<SortedEntry>, logged: &[LoggedVersion]) -> Vec<SortedEntry> {
+    let compare = |a: &SortedEntry, b: &SortedEntry| {
+        // Only equal prefixes reach the versions' keys.
+        a.prefix
+            .cmp(&b.prefix)
+            .then_with(|| match (logged.get(a.position), logged.get(b.position)) {
+                (Some(a), Some(b)) => a.key.cmp(&b.key),
+                _ => Ordering::Equal,
+            })
+            .then(b.seq.cmp(&a.seq))
+    };
+    let Some(first) = index.first().map(|entry| entry.prefix) else {
+        return index;
+    };
+    let differing = index
+        .iter()
+        .fold(0u128, |bits, entry| bits | (entry.prefix ^ first));
+    // Bits every prefix shares, from the top; all of them if every prefix
+    // is the same, and then there is nothing to bucket by.
+    let shared = differing.leading_zeros();
+    if index.len() < BUCKET_SORT_MIN || shared == u128::BITS {
+        index.sort_unstable_by(compare);
+        return index;
+    }
+    // About one bucket per entry, at most 2^16 of them.
+    let bucket_bits = (usize::BITS - index.len().leading_zeros()).min(16);
+    // The `bucket_bits` bits after the shared ones (zeros past the end).
+    let bucket =
+        |entry: &SortedEntry| (entry.prefix << shared >> (u128::BITS - bucket_bits)) as usize;
+    // starts[b] is where bucket b begins in the output, then where its
+    // next entry goes.
+    let mut starts = vec![0usize; (1 << bucket_bits) + 1];
+    for entry in &index {
+        if let Some(count) = starts.get_mut(bucket(entry) + 1) {
+            *count += 1;
+        }
+    }
+    let mut total = 0;
+    for start in &mut starts {
+        total += *start;
+        *start = total;
+    }
+    let bounds = starts.clone();
+    let mut sorted = vec![SortedEntry::default(); index.len()];
+    for entry in &index {
+        // In bounds: the counts above add up to the index's length.
+        if let Some(next) = starts.get_mut(bucket(entry)) {
+            if let Some(slot) = sorted.get_mut(*next) {
+                *slot = *entry;
+            }
+            *next += 1;
+        }
+    }
+    for window in bounds.windows(2) {
+        if let Some(bucket) = sorted.get_mut(window[0]..window[1]) {
+            bucket.sort_unstable_by(compare);
+        }
+    }
+    sorted
+}
+
+/// Below this many entries, the index is sorted by comparison alone.
+const BUCKET_SORT_MIN: usize = 4096;
 
 impl ReplayedRun {
     /// Sorts `versions`, given as `(sequence number, operation)`.
@@ -138,7 +202,7 @@ impl ReplayedRun {
 
     fn view(&self, entry: &SortedEntry) -> Option<View<'_>> {
         Some(View {
-            prefix: entry.prefix,
+            prefix: [(entry.prefix >> 64) as u64, entry.prefix as u64],
             seq: entry.seq,
             version: self.logged.get(entry.position)?,
         })
@@ -342,6 +406,51 @@ mod tests {
             if done {
                 return out;
             }
+        }
+    }
+
+    /// Enough versions for the bucket sort, in key families that make it
+    /// pick different bits: random keys, keys after a shared table prefix
+    /// (with some versions each), keys that are prefixes of one another,
+    /// and keys equal in their first sixteen bytes. Whatever the family,
+    /// the run's order is the one a plain sort of (key, newest first) gives.
+    #[test]
+    fn a_large_run_is_in_key_order_newest_first() {
+        let mut random = crate::test_random(0x51_7cc1_b727_220au64);
+        let families: [&dyn Fn(u64) -> Vec<u8>; 4] = [
+            &|n| n.to_be_bytes().repeat(2),
+            &|n| format!("table/users/{:06}", n % 3000).into_bytes(),
+            &|n| vec![b'k'; (n % 40) as usize],
+            &|n| format!("sixteen-byte-pre{n:x}").into_bytes(),
+        ];
+        for (f, key_of) in families.iter().enumerate() {
+            let mut expected: Vec<(Vec<u8>, u64)> = Vec::new();
+            let mut builder = RunBuilder::default();
+            let count = 3 * BUCKET_SORT_MIN as u64;
+            let mut seqs: Vec<u64> = (1..=count).collect();
+            for i in (1..seqs.len()).rev() {
+                seqs.swap(i, random(i as u64 + 1) as usize);
+            }
+            for seq in seqs {
+                let n = random(u64::MAX);
+                let key = key_of(if f == 0 { n } else { n % 5000 });
+                expected.push((key.clone(), seq));
+                builder.push(
+                    seq,
+                    Operation {
+                        kind: OpKind::Put as i32,
+                        key: Bytes::from(key),
+                        value: Bytes::new(),
+                    },
+                );
+            }
+            expected.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+            let run = builder.finish();
+            let found: Vec<(Vec<u8>, u64)> = run
+                .versions()
+                .map(|version| (version.key.to_vec(), version.seq))
+                .collect();
+            assert!(found == expected, "family {f} is out of order");
         }
     }
 
