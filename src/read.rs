@@ -453,24 +453,131 @@ pub struct Iter {
     snapshot: Snapshot,
     lower: Bound<Bytes>,
     upper: Bound<Bytes>,
-    front: Vec<SourceCursor>,
-    back: Vec<SourceCursor>,
-    /// Cursors of each end that may have run empty since its last step
-    /// (at first, all of them): only a cursor a step took keys from can,
-    /// so a step refills these instead of looking at every cursor.
-    front_to_refill: Vec<usize>,
-    back_to_refill: Vec<usize>,
-    /// The first eight bytes of each cursor's head (see [`key_prefix`]),
-    /// `None` for a cursor without one: the merge compares these, and the
-    /// whole keys only when two are equal.
-    front_heads: Vec<Option<u64>>,
-    back_heads: Vec<Option<u64>>,
-    /// Last key returned from the front / the back: the two ends stop when
-    /// they meet. (A short key's `Slice` is a copy, not a shared handle.)
-    front_last: Option<Slice>,
-    back_last: Option<Slice>,
+    front: End,
+    back: End,
     finished: bool,
 }
+
+/// One end of an [`Iter`]: a cursor per source, walking in its direction.
+struct End {
+    direction: Direction,
+    cursors: Vec<SourceCursor>,
+    /// Cursors that may have run empty since the last step (at first, all
+    /// of them): only a cursor a step took keys from can, so a step refills
+    /// these instead of looking at every cursor.
+    to_refill: Vec<usize>,
+    /// Each cursor's [`merge_rank`]: the merge compares these, and whole
+    /// keys only when two are equal.
+    ranks: Vec<u64>,
+    /// The last key this end returned: the two ends stop when they meet.
+    /// (A short key's `Slice` is a copy, not a shared handle.)
+    last: Option<Slice>,
+}
+
+impl End {
+    fn new(
+        snapshot: &Snapshot,
+        direction: Direction,
+        lower: &Bound<Bytes>,
+        upper: &Bound<Bytes>,
+    ) -> End {
+        let cursors: Vec<SourceCursor> = snapshot
+            .view
+            .sources
+            .iter()
+            .map(|source| SourceCursor::new(source, snapshot.seq, direction, lower, upper))
+            .collect();
+        End {
+            direction,
+            to_refill: (0..cursors.len()).collect(),
+            ranks: vec![NO_HEAD; cursors.len()],
+            cursors,
+            last: None,
+        }
+    }
+
+    /// Refills the cursors a step took from, and updates their ranks. A
+    /// failed fill leaves its cursor (and the rest) on the list, so the
+    /// next call tries again.
+    fn refill(&mut self) -> Result<()> {
+        while let Some(&index) = self.to_refill.last() {
+            if let (Some(cursor), Some(rank)) =
+                (self.cursors.get_mut(index), self.ranks.get_mut(index))
+            {
+                cursor.fill()?;
+                *rank = merge_rank(cursor.head().map(|(key, _)| key), self.direction);
+            }
+            self.to_refill.pop();
+        }
+        Ok(())
+    }
+
+    /// The cursor whose head comes first in this end's direction (of
+    /// cursors holding that same key, the one with the newest version), and
+    /// whether another cursor holds that key too; `None` once every cursor
+    /// is used up.
+    fn winner(&self) -> Option<(usize, bool)> {
+        // One pass over the ranks settles it unless two are equal, or the
+        // first is the one a cursor without a head has too.
+        let mut winner = 0;
+        let mut winner_rank = NO_HEAD;
+        let mut tied = false;
+        for (index, &rank) in self.ranks.iter().enumerate() {
+            if rank < winner_rank {
+                (winner, winner_rank, tied) = (index, rank, false);
+            } else if rank == winner_rank {
+                tied = true;
+            }
+        }
+        if !tied && winner_rank != NO_HEAD {
+            return Some((winner, false));
+        }
+        // Equal ranks: compare the keys of those cursors, then versions.
+        let mut best: Option<(usize, &[u8], u64)> = None;
+        let mut duplicates = false;
+        for (index, cursor) in self.cursors.iter().enumerate() {
+            if self.ranks.get(index) != Some(&winner_rank) {
+                continue;
+            }
+            let Some((key, seq)) = cursor.head() else {
+                continue;
+            };
+            let Some((_, best_key, best_seq)) = best else {
+                best = Some((index, key, seq));
+                continue;
+            };
+            let mut order = match self.direction {
+                Direction::Forward => key.cmp(best_key),
+                Direction::Backward => best_key.cmp(key),
+            };
+            if order.is_eq() {
+                duplicates = true;
+                order = best_seq.cmp(&seq);
+            }
+            if order.is_lt() {
+                best = Some((index, key, seq));
+            }
+        }
+        best.map(|(index, _, _)| (index, duplicates))
+    }
+}
+
+/// A cursor's place in the merge order of its end, as one number: its
+/// head key's first eight bytes (see [`key_prefix`]), inverted for the
+/// back end so that the smallest rank always comes first; [`NO_HEAD`] for
+/// a cursor without a head. Equal ranks say nothing about the keys.
+fn merge_rank(key: Option<&[u8]>, direction: Direction) -> u64 {
+    match (key, direction) {
+        (None, _) => NO_HEAD,
+        (Some(key), Direction::Forward) => key_prefix(key),
+        (Some(key), Direction::Backward) => !key_prefix(key),
+    }
+}
+
+/// The rank of a cursor without a head: last. A key can have it too (eight
+/// `0xff` bytes forward, eight zeros backward), so a merge whose first rank
+/// is this one looks at the keys.
+const NO_HEAD: u64 = u64::MAX;
 
 impl fmt::Debug for Iter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -484,26 +591,9 @@ impl fmt::Debug for Iter {
 
 impl Iter {
     fn new(snapshot: Snapshot, lower: Bound<Bytes>, upper: Bound<Bytes>) -> Iter {
-        let cursors = |direction| -> Vec<SourceCursor> {
-            snapshot
-                .view
-                .sources
-                .iter()
-                .map(|source| SourceCursor::new(source, snapshot.seq, direction, &lower, &upper))
-                .collect()
-        };
-        let front = cursors(Direction::Forward);
-        let back = cursors(Direction::Backward);
-        let sources = front.len();
         Iter {
-            front,
-            back,
-            front_to_refill: (0..sources).collect(),
-            back_to_refill: (0..sources).collect(),
-            front_heads: vec![None; sources],
-            back_heads: vec![None; sources],
-            front_last: None,
-            back_last: None,
+            front: End::new(&snapshot, Direction::Forward, &lower, &upper),
+            back: End::new(&snapshot, Direction::Backward, &lower, &upper),
             finished: false,
             snapshot,
             lower,
@@ -513,102 +603,43 @@ impl Iter {
 
     /// The next live entry in `direction`, merging all sources.
     fn step(&mut self, direction: Direction) -> Result<Option<(Slice, Slice)>> {
-        let (cursors, to_refill, heads) = match direction {
-            Direction::Forward => (
-                &mut self.front,
-                &mut self.front_to_refill,
-                &mut self.front_heads,
-            ),
-            Direction::Backward => (
-                &mut self.back,
-                &mut self.back_to_refill,
-                &mut self.back_heads,
-            ),
+        let (end, other) = match direction {
+            Direction::Forward => (&mut self.front, &self.back),
+            Direction::Backward => (&mut self.back, &self.front),
         };
         loop {
             if self.finished {
                 return Ok(None);
             }
-            // A failed fill leaves its cursor (and the rest) on the list,
-            // so the next call tries again.
-            while let Some(&index) = to_refill.last() {
-                if let (Some(cursor), Some(head)) = (cursors.get_mut(index), heads.get_mut(index)) {
-                    cursor.fill()?;
-                    *head = cursor.head().map(|(key, _)| key_prefix(key));
-                }
-                to_refill.pop();
-            }
-            // The cursor whose head comes first in this direction; of
-            // cursors holding that same key, the one with the newest
-            // version. One pass that only reads; `duplicates` says whether
-            // another cursor holds the winner's key too.
-            let mut winner: Option<(usize, u64)> = None;
-            let mut duplicates = false;
-            for (index, head) in heads.iter().enumerate() {
-                let Some(prefix) = *head else {
-                    continue;
-                };
-                let Some((best, best_prefix)) = winner else {
-                    winner = Some((index, prefix));
-                    continue;
-                };
-                let mut order = match direction {
-                    Direction::Forward => prefix.cmp(&best_prefix),
-                    Direction::Backward => best_prefix.cmp(&prefix),
-                };
-                if order.is_eq() {
-                    // Equal prefixes: compare the keys, then the versions.
-                    let (Some((key, seq)), Some((best_key, best_seq))) = (
-                        cursors.get(index).and_then(SourceCursor::head),
-                        cursors.get(best).and_then(SourceCursor::head),
-                    ) else {
-                        continue;
-                    };
-                    order = match direction {
-                        Direction::Forward => key.cmp(best_key),
-                        Direction::Backward => best_key.cmp(key),
-                    };
-                    if order.is_eq() {
-                        duplicates = true;
-                        order = best_seq.cmp(&seq);
-                    }
-                }
-                if order.is_lt() {
-                    winner = Some((index, prefix));
-                }
-            }
-            let Some((index, _)) = winner else {
+            end.refill()?;
+            let Some((index, duplicates)) = end.winner() else {
                 self.finished = true;
                 return Ok(None);
             };
-            let Some((key, value)) = cursors.get_mut(index).and_then(SourceCursor::take) else {
+            let Some((key, value)) = end.cursors.get_mut(index).and_then(SourceCursor::take) else {
                 self.finished = true;
                 return Ok(None);
             };
-            to_refill.push(index);
+            end.to_refill.push(index);
             if duplicates {
                 // Older versions of the same key in other sources are hidden.
-                for (other, cursor) in cursors.iter_mut().enumerate() {
+                for (other, cursor) in end.cursors.iter_mut().enumerate() {
                     if cursor.head().is_some_and(|(head, _)| head == &key[..]) {
                         cursor.skip();
-                        to_refill.push(other);
+                        end.to_refill.push(other);
                     }
                 }
             }
             // Stop where the other end has already been.
-            let crossed = match direction {
-                Direction::Forward => self.back_last.as_ref().is_some_and(|b| key[..] >= b[..]),
-                Direction::Backward => self.front_last.as_ref().is_some_and(|f| key[..] <= f[..]),
-            };
+            let crossed = other.last.as_ref().is_some_and(|met| match direction {
+                Direction::Forward => key[..] >= met[..],
+                Direction::Backward => key[..] <= met[..],
+            });
             if crossed {
                 self.finished = true;
                 return Ok(None);
             }
-            let last = match direction {
-                Direction::Forward => &mut self.front_last,
-                Direction::Backward => &mut self.back_last,
-            };
-            *last = Some(key.clone());
+            end.last = Some(key.clone());
             if let Some(value) = value {
                 return Ok(Some((key, Slice::from_bytes(value))));
             }

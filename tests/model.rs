@@ -19,14 +19,18 @@ fn random_key(rng: &mut Rng) -> Vec<u8> {
     // A small key space so that keys are overwritten and removed often; the
     // empty key and keys that are prefixes of others are included, and keys
     // of eight bytes and more, some sharing their first eight (the merge
-    // compares those first).
-    let n = rng.below(56);
+    // compares those first), among them eight 0xff bytes or eight zeros
+    // (the first eight bytes the merge gives a cursor with no key left, in
+    // one direction or the other).
+    let n = rng.below(60);
     match n {
         0 => Vec::new(),
         1..=5 => vec![b'k'; n as usize],
         6..=39 => format!("key{:02}", n).into_bytes(),
         40..=47 => format!("shared-prefix-{:02}", n).into_bytes(),
-        _ => format!("{:02}-differs-early", n).into_bytes(),
+        48..=55 => format!("{:02}-differs-early", n).into_bytes(),
+        56 | 57 => [[0xff; 8].as_slice(), &[n as u8][..(n as usize - 56)]].concat(),
+        _ => [[0; 8].as_slice(), &[n as u8][..(n as usize - 58)]].concat(),
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes};
 
 use super::format::{BlockCursor, BlockPosition, EntryRef};
-use super::reader::{Block, SnapshotFile};
+use super::reader::SnapshotFile;
 use crate::error::Result;
 use crate::memtable::{Direction, as_ref_bound, within_lower, within_upper};
 use crate::slice::Slice;
@@ -64,7 +64,10 @@ enum Walk {
     /// Backward: a block's entries are decoded into a list and read from
     /// its end (the format can only be decoded front to back).
     Backward {
-        block: Option<(usize, Block)>,
+        /// The block's index and bytes.
+        block: Option<(usize, Bytes)>,
+        /// The block's entries; one list, reused from block to block.
+        entries: Vec<EntryRef>,
         /// `entries[next - 1]` is read next.
         next: usize,
     },
@@ -115,6 +118,7 @@ impl FileCursor {
                 };
                 let walk = Walk::Backward {
                     block: None,
+                    entries: Vec::new(),
                     next: 0,
                 };
                 let first = first.min(count.saturating_sub(1));
@@ -228,12 +232,23 @@ impl FileCursor {
     /// Backward, a key's versions come oldest first: its head is the last
     /// version at or below `seq` before the key changes, and a key may
     /// continue into the previous block.
+    ///
+    /// Within a block, the key being read and the best version so far are
+    /// positions in the block's entry list; only when the walk leaves a
+    /// block in the middle of a key are they copied out (the key) or given
+    /// a handle on the block (the version).
     fn fill_backward(&mut self) -> Result<()> {
-        let mut run_key: Option<Slice> = None;
-        let mut best: Option<Head> = None;
+        // The key whose versions are being read: at a position in the
+        // current block, or copied out of a block the walk has left.
+        let mut key_at: Option<usize> = None;
+        let mut key_left_behind: Option<Slice> = None;
+        // Its newest version at or below `seq` so far, likewise.
+        let mut best_at: Option<usize> = None;
+        let mut best_left_behind: Option<Head> = None;
         loop {
             let Walk::Backward {
-                block: Some((_, block)),
+                block: Some((_, bytes)),
+                entries,
                 next,
             } = &mut self.walk
             else {
@@ -243,16 +258,24 @@ impl FileCursor {
                 continue;
             };
             let Some(at) = next.checked_sub(1) else {
-                // The block is used up.
+                // The block is used up; what is kept of it must outlive it.
+                if let Some(entry) = key_at.take().and_then(|i| entries.get(i)) {
+                    key_left_behind = Some(Slice::from_part(bytes, entry.key.clone()));
+                }
+                if let Some(entry) = best_at.take().and_then(|i| entries.get(i)) {
+                    best_left_behind = Some(Head {
+                        bytes: bytes.clone(),
+                        entry: entry.clone(),
+                    });
+                }
                 if let Walk::Backward { block, .. } = &mut self.walk {
                     *block = None;
                 }
                 continue;
             };
-            let Some(entry) = block.entries.get(at) else {
+            let Some(entry) = entries.get(at) else {
                 break;
             };
-            let bytes = &block.bytes;
             let key = &bytes[entry.key.clone()];
             if !self.past_start {
                 if !within_upper(key, as_ref_bound(&self.upper)) {
@@ -264,29 +287,49 @@ impl FileCursor {
             if !self.block_within_end && !within_lower(key, as_ref_bound(&self.lower)) {
                 break;
             }
-            match &run_key {
+            let run_key = match key_at {
+                Some(i) => entries.get(i).map(|run| &bytes[run.key.clone()]),
+                None => key_left_behind.as_deref(),
+            };
+            match run_key {
                 Some(run) if !same_key(run, key) => {
-                    if best.is_some() {
+                    if best_at.is_some() || best_left_behind.is_some() {
                         // The run is over; this entry starts the next one.
-                        self.head = best;
-                        return Ok(());
+                        break;
                     }
-                    // No version of that key is visible: start again here.
-                    run_key = Some(Slice::from_part(bytes, entry.key.clone()));
+                    // No version of that key is visible: start again here
+                    // (a position in the block comes before a copy).
+                    key_at = Some(at);
                 }
                 Some(_) => {}
-                None => run_key = Some(Slice::from_part(bytes, entry.key.clone())),
+                None => key_at = Some(at),
             }
             if entry.seq <= self.seq {
-                best = Some(Head {
-                    bytes: bytes.clone(),
-                    entry: entry.clone(),
-                });
+                // A position in the block comes before a version kept.
+                best_at = Some(at);
             }
             *next = at;
         }
-        self.exhausted = true;
-        self.head = best;
+        // The head: the best version in the current block, or the one kept
+        // from a block the walk has left.
+        let in_block = match (&self.walk, best_at) {
+            (
+                Walk::Backward {
+                    block: Some((_, bytes)),
+                    entries,
+                    ..
+                },
+                Some(i),
+            ) => entries.get(i).map(|entry| Head {
+                bytes: bytes.clone(),
+                entry: entry.clone(),
+            }),
+            _ => None,
+        };
+        self.head = in_block.or(best_left_behind);
+        if self.head.is_none() {
+            self.exhausted = true;
+        }
         Ok(())
     }
 
@@ -313,15 +356,22 @@ impl FileCursor {
                 *previous = None;
                 self.next_block = Some(index + 1).filter(|&i| i < self.file.block_count());
             }
-            Walk::Backward { block, next } => {
-                let loaded = self.file.block(index)?;
+            Walk::Backward {
+                block,
+                entries,
+                next,
+            } => {
+                // On error the list is left unspecified, but no block is
+                // current, so nothing reads it.
+                *block = None;
+                let bytes = self.file.block_into(index, entries)?;
                 // Every key of block `index` is at or above the previous
                 // block's last key.
                 self.block_within_end = index
                     .checked_sub(1)
                     .is_some_and(|previous| within_lower(self.file.last_key(previous), lower));
-                *next = loaded.entries.len();
-                *block = Some((index, loaded));
+                *next = entries.len();
+                *block = Some((index, bytes));
                 self.next_block = index.checked_sub(1);
             }
         }

@@ -168,19 +168,29 @@ pub fn decode_block(block: &[u8]) -> Result<Vec<EntryRef>, String> {
 /// length is still checked against the block, so damage cannot make the
 /// reader panic or read outside the block.
 pub fn parse_block(block: &[u8]) -> Result<Vec<EntryRef>, String> {
+    let mut entries = Vec::new();
+    parse_block_into(block, &mut entries)?;
+    Ok(entries)
+}
+
+/// [`parse_block`] into `entries`, replacing what it held: a walk over many
+/// blocks keeps one allocation. On error, what `entries` holds is
+/// unspecified.
+pub fn parse_block_into(block: &[u8], entries: &mut Vec<EntryRef>) -> Result<(), String> {
+    entries.clear();
     let mut cursor = BlockCursor::new(block)?;
     // Each entry takes at least 10 bytes, which bounds the allocation.
     if cursor.left > cursor.body_end / 10 {
         return Err(format!("block claims {} entries", cursor.left));
     }
-    let mut entries: Vec<EntryRef> = Vec::with_capacity(cursor.left);
+    entries.reserve(cursor.left);
     while let Some(entry) = cursor.next_entry()? {
         entries.push(entry);
     }
     if !cursor.at_end() {
         return Err("bytes left after the last entry".into());
     }
-    Ok(entries)
+    Ok(())
 }
 
 /// Where a [`BlockCursor`] stands in its block: a reader that cannot keep

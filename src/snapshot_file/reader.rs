@@ -17,7 +17,7 @@ use bytes::Bytes;
 use super::bloom;
 use super::format::{
     BlockCursor, EntryRef, FOOTER_BYTES, Footer, FooterError, IndexEntry, SNAPSHOT_FORMAT_VERSION,
-    decode_block, decode_bloom, decode_index, parse_block,
+    decode_block, decode_bloom, decode_index, parse_block_into,
 };
 use crate::error::{Error, Result};
 use crate::io::FileSystem;
@@ -191,9 +191,17 @@ impl SnapshotFile {
 
     /// Loads block `i` with its entries decoded.
     pub(super) fn block(&self, i: usize) -> Result<Block> {
-        let bytes = self.block_bytes(i)?;
-        let entries = parse_block(&bytes).map_err(self.damaged_block(i))?;
+        let mut entries = Vec::new();
+        let bytes = self.block_into(i, &mut entries)?;
         Ok(Block { bytes, entries })
+    }
+
+    /// Loads block `i`, decoding its entries into `entries` (replacing what
+    /// it held; unspecified on error).
+    pub(super) fn block_into(&self, i: usize, entries: &mut Vec<EntryRef>) -> Result<Bytes> {
+        let bytes = self.block_bytes(i)?;
+        parse_block_into(&bytes, entries).map_err(self.damaged_block(i))?;
+        Ok(bytes)
     }
 
     /// The newest version of `key` (whose [`bloom::key_hash`] is
