@@ -464,7 +464,8 @@ struct SegmentReader<'scope, 'env> {
     ready: Option<Receiver<Result<ScannedSegment>>>,
     /// Buffers the replay is done with, for the thread to read into again
     /// (a fresh 8 MiB buffer per segment cost more in page faults than
-    /// the read).
+    /// the read). The replay must hand back each buffer it is done with, or
+    /// the thread waits for one, until the replay stops.
     spare: Option<SyncSender<Vec<u8>>>,
     /// The buffer to read into when there is no thread.
     buffer: Vec<u8>,
@@ -492,8 +493,22 @@ impl<'scope, 'env> SegmentReader<'scope, 'env> {
         let (ready_sender, ready) = sync_channel(1);
         let (spare, spare_receiver) = sync_channel::<Vec<u8>>(2);
         let read_ahead = move || {
+            // Two buffers: one the replay decodes while the thread reads
+            // into the other. Every fresh buffer costs its page faults.
+            let mut buffers = 0;
             for &number in numbers {
-                let mut data = spare_receiver.try_recv().unwrap_or_default();
+                let mut data = match spare_receiver.try_recv() {
+                    Ok(data) => data,
+                    Err(_) if buffers < 2 => {
+                        buffers += 1;
+                        Vec::new()
+                    }
+                    Err(_) => match spare_receiver.recv() {
+                        Ok(data) => data,
+                        // The replay stopped early.
+                        Err(_) => return,
+                    },
+                };
                 let path = dir.join(files::wal_segment_name(number));
                 let scanned = read_segment(fs, &path, &mut data).map(|()| {
                     let scan = scan_segment(&data, number);
