@@ -149,6 +149,7 @@ impl Storage {
         file_numbers: Arc<AtomicU64>,
         manifest: Manifest,
         files: Vec<Arc<SnapshotFile>>,
+        leftovers: Vec<PathBuf>,
     ) -> Arc<Storage> {
         let storage = Arc::new(Storage {
             fs,
@@ -176,7 +177,10 @@ impl Storage {
         let worker = storage.clone();
         let handle = std::thread::Builder::new()
             .name("mapstore-checkpoint".into())
-            .spawn(move || worker.run());
+            .spawn(move || {
+                worker.remove_leftovers(&leftovers);
+                worker.run()
+            });
         match handle {
             Ok(handle) => *lock(&storage.thread) = Some(handle),
             // Without a thread nothing is checkpointed; writes stop at the
@@ -307,6 +311,16 @@ impl Storage {
     }
 
     /// The background loop.
+    /// Removes what a crash left that nothing reads (see
+    /// `Recovered::leftovers`), before anything else, so that it is done
+    /// by the time `close` returns. A removal that fails is left to the
+    /// next open, which finds the same file again.
+    fn remove_leftovers(&self, leftovers: &[PathBuf]) {
+        for path in leftovers {
+            let _ = self.fs.remove_file(path);
+        }
+    }
+
     fn run(&self) {
         loop {
             let job = {

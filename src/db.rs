@@ -125,6 +125,7 @@ impl Db {
             file_numbers.clone(),
             recovered.manifest,
             recovered.files,
+            recovered.leftovers,
         );
         if let Some(run) = replayed {
             // Every replayed segment is numbered below `next_file_number`,

@@ -26,7 +26,9 @@ pub enum FileKind {
     Manifest,
     WalSegment(u64),
     SnapshotFile(u64),
-    Temp,
+    /// A file being written under a temporary name; with the number of the
+    /// WAL segment or snapshot file it is to become, if it is one.
+    Temp(Option<u64>),
     Lost,
 }
 
@@ -58,8 +60,9 @@ pub fn classify(name: &str) -> Option<FileKind> {
         MANIFEST => return Some(FileKind::Manifest),
         _ => {}
     }
-    if name.ends_with(TEMP_SUFFIX) {
-        return Some(FileKind::Temp);
+    if let Some(base) = name.strip_suffix(TEMP_SUFFIX) {
+        let number = numbered(base, WAL_SUFFIX).or_else(|| numbered(base, SNAPSHOT_SUFFIX));
+        return Some(FileKind::Temp(number));
     }
     if name.contains(LOST_MARKER) {
         return Some(FileKind::Lost);
@@ -94,8 +97,13 @@ mod tests {
         );
         assert_eq!(
             classify(&temp_name(&wal_segment_name(3))),
-            Some(FileKind::Temp)
+            Some(FileKind::Temp(Some(3)))
         );
+        assert_eq!(
+            classify(&temp_name(&snapshot_file_name(4))),
+            Some(FileKind::Temp(Some(4)))
+        );
+        assert_eq!(classify(&temp_name(MANIFEST)), Some(FileKind::Temp(None)));
         assert_eq!(
             classify(&lost_name(&wal_segment_name(3), 4096)),
             Some(FileKind::Lost)

@@ -45,10 +45,12 @@ pub struct RecoveryReport {
     pub torn_tail: Option<(PathBuf, u64, String)>,
     /// Files that point-in-time recovery moved damaged log data into.
     pub moved_aside: Vec<PathBuf>,
-    /// Temporary files of interrupted writes that were removed.
+    /// Temporary files of interrupted writes found; they are removed in
+    /// the background once the database is open (before `close` returns).
     pub temp_files_removed: usize,
     /// Files a crash left behind that the MANIFEST no longer needs (snapshot
-    /// files it does not name, WAL segments a checkpoint covers), removed.
+    /// files it does not name, WAL segments a checkpoint covers); removed
+    /// like the temporary files.
     pub orphans_removed: usize,
     /// Whether the database was created by this open.
     pub created: bool,
@@ -66,6 +68,9 @@ pub(crate) struct Recovered {
     pub last_seq: u64,
     pub next_file_number: u64,
     pub report: RecoveryReport,
+    /// Files to remove in the background: temporary files of interrupted
+    /// writes, and files the MANIFEST no longer needs.
+    pub leftovers: Vec<PathBuf>,
 }
 
 /// Checks that `dir` can hold a database without touching it: creates it if
@@ -139,7 +144,12 @@ pub(crate) fn recover(
                 snapshot_files_present.push(number);
                 max_file_number = max_file_number.max(number);
             }
-            Some(FileKind::Temp) => temp_files.push(dir.join(name)),
+            Some(FileKind::Temp(number)) => {
+                temp_files.push(dir.join(name));
+                // Its number is never used again either, so the file can be
+                // removed after open (see `leftovers`) without a clash.
+                max_file_number = max_file_number.max(number.unwrap_or(0));
+            }
             _ => {}
         }
     }
@@ -286,9 +296,11 @@ pub(crate) fn recover(
                     replayed.push(seq, op);
                 }
             }
+            let mut garbage_after = false;
             if damage.is_none() {
                 match scan.end {
                     SegmentEnd::Clean { trailing_garbage } => {
+                        garbage_after = trailing_garbage;
                         if trailing_garbage && mode == RecoveryMode::Strict {
                             damage = Some((
                                 scan.valid_end,
@@ -308,8 +320,13 @@ pub(crate) fn recover(
             report.wal_bytes_replayed += kept_end;
             match damage {
                 None => {
-                    if is_last && (data.len() as u64) > kept_end {
-                        // The preallocated zeros after the data of the last segment.
+                    // The zeros that preallocation left after the data need
+                    // no cut (it cost a truncate and an fsync per open): a
+                    // later replay reads them as the end of the data again,
+                    // and the segment goes once a checkpoint covers it.
+                    // Other bytes there are cut, so no later replay meets
+                    // them in a segment that is no longer the last.
+                    if is_last && garbage_after {
                         repairs.push(Repair::Cut { path, at: kept_end });
                     }
                 }
@@ -338,16 +355,12 @@ pub(crate) fn recover(
 
     let replayed = replayed.finish();
 
-    // Phase 2: repair, in crash-safe order.
-    for path in &orphans {
-        fs.remove_file(path)
-            .map_err(|e| Error::io("remove", path, e))?;
-    }
-    for path in &temp_files {
-        fs.remove_file(path)
-            .map_err(|e| Error::io("remove", path, e))?;
-        report.temp_files_removed += 1;
-    }
+    // Phase 2: repair, in crash-safe order. What a crash left that nothing
+    // reads (temporary files, orphans) is removed by the checkpoint thread
+    // once the database is open: unlinking a preallocated 8 MiB segment
+    // took longer than some replays. No name of theirs is used again, and
+    // a removal that a crash undoes is done again by the next open.
+    report.temp_files_removed = temp_files.len();
     if !has_manifest {
         manifest::write(fs, dir, &fresh_manifest(&manifest, max_file_number))?;
     }
@@ -361,7 +374,10 @@ pub(crate) fn recover(
             report.moved_aside.push(aside);
         }
     }
-    if !temp_files.is_empty() || !report.moved_aside.is_empty() {
+    // Removing temporary files needs no directory fsync: if a crash undoes
+    // a removal, the next open removes the file again (and no name of one
+    // is ever used again). The renames aside must be durable before a cut.
+    if !report.moved_aside.is_empty() {
         fs.sync_dir(dir)
             .map_err(|e| Error::io("fsync directory", dir, e))?;
     }
@@ -380,6 +396,8 @@ pub(crate) fn recover(
 
     report.last_seq = last_seq;
     report.orphans_removed = orphans.len();
+    let mut leftovers = temp_files;
+    leftovers.extend(orphans);
     let next_file_number = manifest.next_file_number.max(max_file_number + 1);
     let manifest = if has_manifest {
         manifest
@@ -393,6 +411,7 @@ pub(crate) fn recover(
         last_seq,
         next_file_number,
         report,
+        leftovers,
     })
 }
 
@@ -435,6 +454,14 @@ pub(crate) fn write_new_file(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let temp = dir.join(files::temp_name(&name));
+    // One an interrupted earlier attempt left (leftovers are removed only
+    // after open).
+    match fs.remove_file(&temp) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io("remove", &temp, error));
+        }
+        _ => {}
+    }
     let mut file = fs
         .create_new(&temp)
         .map_err(|e| Error::io("create", &temp, e))?;

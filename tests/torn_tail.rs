@@ -15,7 +15,10 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use common::directory_listing;
+use mapstore::testing::FaultyFileSystem;
 use mapstore::{Db, Durability, Error, Options, RecoveryMode};
 
 const PAGE: usize = 4096;
@@ -213,6 +216,14 @@ fn six_commits(temp: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
     (dir, segment, bytes)
 }
 
+/// [`six_commits`] with a byte of commit 3 (on page 3) flipped on disk.
+fn six_commits_with_commit_three_damaged(temp: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+    let (dir, segment, mut bytes) = six_commits(temp);
+    bytes[3 * PAGE + 20] ^= 0xff;
+    fs::write(&segment, &bytes).unwrap();
+    (dir, segment, bytes)
+}
+
 #[test]
 fn a_corrupted_middle_record_is_reported_with_file_and_offset() {
     let temp = tempfile::tempdir().unwrap();
@@ -250,9 +261,7 @@ fn a_corrupted_middle_record_is_reported_with_file_and_offset() {
 #[test]
 fn point_in_time_recovery_keeps_the_prefix_and_moves_the_rest_aside() {
     let temp = tempfile::tempdir().unwrap();
-    let (dir, segment, mut bytes) = six_commits(temp.path());
-    bytes[3 * PAGE + 20] ^= 0xff;
-    fs::write(&segment, &bytes).unwrap();
+    let (dir, segment, bytes) = six_commits_with_commit_three_damaged(temp.path());
 
     let db = Db::open_with(&dir, options(RecoveryMode::PointInTime)).unwrap();
     assert_eq!(db.snapshot().seq(), 2);
@@ -336,4 +345,79 @@ fn strict_mode_refuses_a_torn_tail_that_the_default_cuts() {
     db.close().unwrap();
     // The cut is durable: strict mode now accepts the log.
     Db::open_with(&dir, options(RecoveryMode::Strict)).unwrap();
+}
+
+/// A crash leaves the last segment ending in the zeros its preallocation
+/// wrote: recovery keeps them (a later replay finds the same end, and the
+/// segment goes with the next checkpoint) instead of paying for a cut and
+/// an fsync. Non-zero bytes after the last record, which the default mode
+/// accepts, are cut off.
+#[test]
+fn a_zero_tail_is_kept_and_bytes_after_the_last_record_are_cut() {
+    for garbage in [false, true] {
+        let temp = tempfile::tempdir().unwrap();
+        let segment = build(temp.path(), 3, 40);
+        let data_end = fs::metadata(&segment).unwrap().len();
+        let record_end = last_record(&fs::read(&segment).unwrap()).1 as u64;
+        // As preallocated: zeros to the segment size, and for the second
+        // case a few stray bytes in the middle of a page after the data.
+        let mut bytes = fs::read(&segment).unwrap();
+        bytes.resize(64 * 1024, 0);
+        if garbage {
+            let stray = (data_end as usize).next_multiple_of(PAGE) + 100;
+            bytes[stray..stray + 3].copy_from_slice(b"???");
+        }
+        fs::write(&segment, &bytes).unwrap();
+
+        // No write can succeed, so the background checkpoint cannot
+        // replace the segment while the test looks at it.
+        let faulty = Arc::new(FaultyFileSystem::new());
+        faulty.fail_writes_no_space(true);
+        let options = options(RecoveryMode::TolerateCorruptedTail).file_system(faulty.clone());
+        let db = Db::open_with(temp.path(), options).unwrap();
+        for i in 1..=3 {
+            assert_eq!(db.get(key(i)).unwrap().map(|v| v.len()), Some(40));
+        }
+        let expected = if garbage { record_end } else { 64 * 1024 };
+        assert_eq!(
+            fs::metadata(&segment).unwrap().len(),
+            expected,
+            "with stray bytes: {garbage}"
+        );
+        drop(db);
+    }
+}
+
+/// A point-in-time recovery that a crash interrupted may have left the
+/// temporary file of its moved-aside copy; the next one replaces it.
+#[test]
+fn point_in_time_recovery_replaces_the_temporary_copy_a_crash_left() {
+    let temp = tempfile::tempdir().unwrap();
+    let (dir, _, bytes) = six_commits_with_commit_three_damaged(temp.path());
+    // Learn the name of the copy from a recovery of a copy of the database.
+    let trial = temp.path().join("trial");
+    fs::create_dir(&trial).unwrap();
+    for entry in fs::read_dir(&dir).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), trial.join(entry.file_name())).unwrap();
+    }
+    let db = Db::open_with(&trial, options(RecoveryMode::PointInTime)).unwrap();
+    let name = db.recovery_report().moved_aside[0]
+        .file_name()
+        .unwrap()
+        .to_owned();
+    drop(db);
+
+    let mut leftover = name.clone();
+    leftover.push(".tmp");
+    fs::write(dir.join(&leftover), b"half a copy").unwrap();
+    let db = Db::open_with(&dir, options(RecoveryMode::PointInTime)).unwrap();
+    assert_eq!(db.snapshot().seq(), 2);
+    let moved = fs::read(dir.join(&name)).unwrap();
+    assert!(
+        moved == bytes[bytes.len() - moved.len()..],
+        "the copy is not the cut bytes"
+    );
+    db.close().unwrap();
+    assert!(!dir.join(&leftover).exists());
 }
