@@ -483,9 +483,9 @@ type ScannedSegment = (Vec<u8>, std::result::Result<SegmentScan, ScanError>);
 /// With more than one segment, a thread of its own reads and scans (checks
 /// and reassembles) the next segment while replay decodes the current one:
 /// the two take about as long, and a database that is opening has cores to
-/// spare. It runs at most two segments ahead, and stops when the replay
-/// stops asking.
-struct SegmentReader<'scope, 'env> {
+/// spare. With two buffers it reads at most one segment ahead of the one
+/// being decoded, and it stops when the replay stops asking.
+struct SegmentReader<'env> {
     fs: &'env dyn FileSystem,
     /// The segments the thread has read, in order.
     ready: Option<Receiver<Result<ScannedSegment>>>,
@@ -496,12 +496,11 @@ struct SegmentReader<'scope, 'env> {
     spare: Option<SyncSender<Vec<u8>>>,
     /// The buffer to read into when there is no thread.
     buffer: Vec<u8>,
-    _scope: std::marker::PhantomData<&'scope ()>,
 }
 
-impl<'scope, 'env> SegmentReader<'scope, 'env> {
+impl<'env> SegmentReader<'env> {
     /// Starts reading `numbers` ahead, if there is more than one.
-    fn start(
+    fn start<'scope>(
         scope: &'scope Scope<'scope, 'env>,
         fs: &'env dyn FileSystem,
         dir: &'env Path,
@@ -512,7 +511,6 @@ impl<'scope, 'env> SegmentReader<'scope, 'env> {
             ready: None,
             spare: None,
             buffer: Vec::new(),
-            _scope: std::marker::PhantomData,
         };
         if numbers.len() < 2 {
             return reader;
