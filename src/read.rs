@@ -358,8 +358,8 @@ impl ChunkCursor {
 }
 
 /// Where a scan reads one source: a memtable or a replayed run a chunk at
-/// a time, a snapshot file in place. Both show their next key as a *head* that the
-/// merge compares, then takes or skips.
+/// a time, a snapshot file in place. Both show their next key as a *head*
+/// that the merge compares, then takes or skips.
 enum SourceCursor {
     InMemory(ChunkCursor),
     File(FileCursor),

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::thread::Scope;
+use std::thread::JoinHandle;
 
 use bytes::Bytes;
 
@@ -232,126 +232,121 @@ pub(crate) fn recover(
     // Replayed operations are sorted into one run after the scan.
     let mut replayed = RunBuilder::default();
     let mut batch = DecodedBatch::default();
-    std::thread::scope(|scope| -> Result<()> {
-        let mut reader = SegmentReader::start(scope, fs, dir, &live);
-        for (index, &number) in live.iter().enumerate() {
-            let path = dir.join(files::wal_segment_name(number));
-            if cut_everything_after {
-                repairs.push(Repair::MoveAside { path });
+    let mut reader = SegmentReader::start(shared_fs, dir, &live);
+    for (index, &number) in live.iter().enumerate() {
+        let path = dir.join(files::wal_segment_name(number));
+        if cut_everything_after {
+            repairs.push(Repair::MoveAside { path });
+            continue;
+        }
+        let is_last = index + 1 == live.len();
+        let (data, scan) = reader.next(number, &path)?;
+        let scan = match scan {
+            Ok(scan) => scan,
+            Err(ScanError::UnsupportedVersion(found)) => {
+                return Err(Error::UnsupportedFormatVersion {
+                    path,
+                    found,
+                    supported: WAL_FORMAT_VERSION,
+                });
+            }
+            Err(ScanError::BadHeader(reason)) => {
+                return Err(Error::corruption(path, 0, reason));
+            }
+            Err(ScanError::WrongSegmentNumber { found }) => {
+                return Err(Error::corruption(
+                    path,
+                    16,
+                    format!("header names segment {found}"),
+                ));
+            }
+        };
+        report.segments_replayed += 1;
+
+        // Apply the records, checking that sequence numbers continue.
+        let mut damage: Option<(u64, String, bool)> = None; // (offset, reason, may be a torn tail)
+        let mut kept_end = scan.valid_end;
+        for record in scan.records {
+            if let Err(reason) = decode_record_into(Bytes::from(record.payload), &mut batch) {
+                damage = Some((record.offset, reason, false));
+                kept_end = record.offset;
+                break;
+            }
+            if batch.last_seq() <= manifest.checkpoint_seq && report.batches_replayed == 0 {
+                // Already in the snapshot files: replay starts after the checkpoint.
                 continue;
             }
-            let is_last = index + 1 == live.len();
-            let (data, scan) = reader.next(number, &path)?;
-            let scan = match scan {
-                Ok(scan) => scan,
-                Err(ScanError::UnsupportedVersion(found)) => {
-                    return Err(Error::UnsupportedFormatVersion {
-                        path,
-                        found,
-                        supported: WAL_FORMAT_VERSION,
-                    });
-                }
-                Err(ScanError::BadHeader(reason)) => {
-                    return Err(Error::corruption(path, 0, reason));
-                }
-                Err(ScanError::WrongSegmentNumber { found }) => {
-                    return Err(Error::corruption(
-                        path,
-                        16,
-                        format!("header names segment {found}"),
-                    ));
-                }
-            };
-            report.segments_replayed += 1;
-
-            // Apply the records, checking that sequence numbers continue.
-            let mut damage: Option<(u64, String, bool)> = None; // (offset, reason, may be a torn tail)
-            let mut kept_end = scan.valid_end;
-            for record in scan.records {
-                if let Err(reason) = decode_record_into(Bytes::from(record.payload), &mut batch) {
-                    damage = Some((record.offset, reason, false));
-                    kept_end = record.offset;
-                    break;
-                }
-                if batch.last_seq() <= manifest.checkpoint_seq && report.batches_replayed == 0 {
-                    // Already in the snapshot files: replay starts after the checkpoint.
-                    continue;
-                }
-                if batch.first_seq != last_seq + 1 {
-                    damage = Some((
-                        record.offset,
-                        format!(
-                            "record starts at sequence {} but {} was expected",
-                            batch.first_seq,
-                            last_seq + 1
-                        ),
-                        false,
-                    ));
-                    kept_end = record.offset;
-                    break;
-                }
-                last_seq = batch.last_seq();
-                report.batches_replayed += 1;
-                for (seq, op) in (batch.first_seq..).zip(batch.ops.drain(..)) {
-                    replayed.push(seq, op);
-                }
+            if batch.first_seq != last_seq + 1 {
+                damage = Some((
+                    record.offset,
+                    format!(
+                        "record starts at sequence {} but {} was expected",
+                        batch.first_seq,
+                        last_seq + 1
+                    ),
+                    false,
+                ));
+                kept_end = record.offset;
+                break;
             }
-            let mut garbage_after = false;
-            if damage.is_none() {
-                match scan.end {
-                    SegmentEnd::Clean { trailing_garbage } => {
-                        garbage_after = trailing_garbage;
-                        if trailing_garbage && mode == RecoveryMode::Strict {
-                            damage = Some((
-                                scan.valid_end,
-                                "non-zero bytes after the last record".into(),
-                                false,
-                            ));
-                        }
-                    }
-                    SegmentEnd::TornTail { offset, reason } => {
-                        damage = Some((offset, reason, true))
-                    }
-                    SegmentEnd::Corrupt { offset, reason } => {
-                        damage = Some((offset, reason, false))
-                    }
-                }
+            last_seq = batch.last_seq();
+            report.batches_replayed += 1;
+            for (seq, op) in (batch.first_seq..).zip(batch.ops.drain(..)) {
+                replayed.push(seq, op);
             }
-            report.wal_bytes_replayed += kept_end;
-            match damage {
-                None => {
-                    // The zeros that preallocation left after the data need
-                    // no cut (it cost a truncate and an fsync per open): a
-                    // later replay reads them as the end of the data again,
-                    // and the segment goes once a checkpoint covers it.
-                    // Other bytes there are cut, so no later replay meets
-                    // them in a segment that is no longer the last.
-                    if is_last && garbage_after {
-                        repairs.push(Repair::Cut { path, at: kept_end });
-                    }
-                }
-                Some((offset, reason, torn)) => {
-                    let tolerated = torn && is_last && mode != RecoveryMode::Strict;
-                    if tolerated {
-                        report.torn_tail = Some((path.clone(), kept_end, reason));
-                        repairs.push(Repair::Cut { path, at: kept_end });
-                    } else if mode == RecoveryMode::PointInTime {
-                        let rest = data[kept_end as usize..].to_vec();
-                        repairs.push(Repair::CopyAsideAndCut {
-                            path,
-                            at: kept_end,
-                            rest,
-                        });
-                        cut_everything_after = true;
-                    } else {
-                        return Err(Error::corruption(path, offset, reason));
-                    }
-                }
-            }
-            reader.recycle(data);
         }
-        Ok(())
-    })?;
+        let mut garbage_after = false;
+        if damage.is_none() {
+            match scan.end {
+                SegmentEnd::Clean { trailing_garbage } => {
+                    garbage_after = trailing_garbage;
+                    if trailing_garbage && mode == RecoveryMode::Strict {
+                        damage = Some((
+                            scan.valid_end,
+                            "non-zero bytes after the last record".into(),
+                            false,
+                        ));
+                    }
+                }
+                SegmentEnd::TornTail { offset, reason } => damage = Some((offset, reason, true)),
+                SegmentEnd::Corrupt { offset, reason } => damage = Some((offset, reason, false)),
+            }
+        }
+        report.wal_bytes_replayed += kept_end;
+        match damage {
+            None => {
+                // The zeros that preallocation left after the data need
+                // no cut (it cost a truncate and an fsync per open): a
+                // later replay reads them as the end of the data again,
+                // and the segment goes once a checkpoint covers it.
+                // Other bytes there are cut, so no later replay meets
+                // them in a segment that is no longer the last.
+                if is_last && garbage_after {
+                    repairs.push(Repair::Cut { path, at: kept_end });
+                }
+            }
+            Some((offset, reason, torn)) => {
+                let tolerated = torn && is_last && mode != RecoveryMode::Strict;
+                if tolerated {
+                    report.torn_tail = Some((path.clone(), kept_end, reason));
+                    repairs.push(Repair::Cut { path, at: kept_end });
+                } else if mode == RecoveryMode::PointInTime {
+                    let rest = data[kept_end as usize..].to_vec();
+                    repairs.push(Repair::CopyAsideAndCut {
+                        path,
+                        at: kept_end,
+                        rest,
+                    });
+                    cut_everything_after = true;
+                } else {
+                    return Err(Error::corruption(path, offset, reason));
+                }
+            }
+        }
+        reader.recycle(data);
+    }
+    // The read-ahead thread stops before any repair touches a segment.
+    drop(reader);
 
     let replayed = replayed.finish();
 
@@ -484,9 +479,9 @@ type ScannedSegment = (Vec<u8>, std::result::Result<SegmentScan, ScanError>);
 /// and reassembles) the next segment while replay decodes the current one:
 /// the two take about as long, and a database that is opening has cores to
 /// spare. With two buffers it reads at most one segment ahead of the one
-/// being decoded, and it stops when the replay stops asking.
-struct SegmentReader<'env> {
-    fs: &'env dyn FileSystem,
+/// being decoded; dropping the reader stops the thread and waits for it.
+struct SegmentReader<'a> {
+    fs: &'a dyn FileSystem,
     /// The segments the thread has read, in order.
     ready: Option<Receiver<Result<ScannedSegment>>>,
     /// Buffers the replay is done with, for the thread to read into again
@@ -494,22 +489,19 @@ struct SegmentReader<'env> {
     /// the read). The replay must hand back each buffer it is done with, or
     /// the thread waits for one, until the replay stops.
     spare: Option<SyncSender<Vec<u8>>>,
+    thread: Option<JoinHandle<()>>,
     /// The buffer to read into when there is no thread.
     buffer: Vec<u8>,
 }
 
-impl<'env> SegmentReader<'env> {
+impl<'a> SegmentReader<'a> {
     /// Starts reading `numbers` ahead, if there is more than one.
-    fn start<'scope>(
-        scope: &'scope Scope<'scope, 'env>,
-        fs: &'env dyn FileSystem,
-        dir: &'env Path,
-        numbers: &'env [u64],
-    ) -> Self {
+    fn start(fs: &'a Arc<dyn FileSystem>, dir: &Path, numbers: &[u64]) -> Self {
         let mut reader = SegmentReader {
-            fs,
+            fs: &**fs,
             ready: None,
             spare: None,
+            thread: None,
             buffer: Vec::new(),
         };
         if numbers.len() < 2 {
@@ -517,11 +509,12 @@ impl<'env> SegmentReader<'env> {
         }
         let (ready_sender, ready) = sync_channel(1);
         let (spare, spare_receiver) = sync_channel::<Vec<u8>>(2);
+        let (fs, dir, numbers) = (fs.clone(), dir.to_path_buf(), numbers.to_vec());
         let read_ahead = move || {
             // Two buffers: one the replay decodes while the thread reads
             // into the other. Every fresh buffer costs its page faults.
             let mut buffers = 0;
-            for &number in numbers {
+            for number in numbers {
                 let mut data = match spare_receiver.try_recv() {
                     Ok(data) => data,
                     Err(_) if buffers < 2 => {
@@ -535,7 +528,7 @@ impl<'env> SegmentReader<'env> {
                     },
                 };
                 let path = dir.join(files::wal_segment_name(number));
-                let scanned = read_segment(fs, &path, &mut data).map(|()| {
+                let scanned = read_segment(&*fs, &path, &mut data).map(|()| {
                     let scan = scan_segment(&data, number);
                     (data, scan)
                 });
@@ -546,13 +539,13 @@ impl<'env> SegmentReader<'env> {
             }
         };
         // Without a thread, the replay reads the segments itself.
-        if std::thread::Builder::new()
+        if let Ok(thread) = std::thread::Builder::new()
             .name("mapstore-wal-read".into())
-            .spawn_scoped(scope, read_ahead)
-            .is_ok()
+            .spawn(read_ahead)
         {
             reader.ready = Some(ready);
             reader.spare = Some(spare);
+            reader.thread = Some(thread);
         }
         reader
     }
@@ -579,6 +572,19 @@ impl<'env> SegmentReader<'env> {
             // If the thread has enough spares, the buffer is dropped.
             Some(spare) => drop(spare.try_send(data)),
             None => self.buffer = data,
+        }
+    }
+}
+
+impl Drop for SegmentReader<'_> {
+    /// Closes both channels, which ends the thread wherever it waits, and
+    /// joins it, so that no read outlives recovery.
+    fn drop(&mut self) {
+        self.ready = None;
+        self.spare = None;
+        if let Some(thread) = self.thread.take() {
+            // A panic in the thread has nothing left to report to.
+            let _ = thread.join();
         }
     }
 }
