@@ -310,7 +310,6 @@ impl Storage {
         }
     }
 
-    /// The background loop.
     /// Removes what a crash left that nothing reads (see
     /// `Recovered::leftovers`), before anything else, so that it is done
     /// by the time `close` returns. A removal that fails is left to the
@@ -321,6 +320,7 @@ impl Storage {
         }
     }
 
+    /// The background loop.
     fn run(&self) {
         loop {
             let job = {
