@@ -132,6 +132,8 @@ struct WrittenGroup {
     memtable: Arc<Memtable>,
     /// Each batch's first sequence number.
     firsts: Vec<u64>,
+    /// The group's first and last sequence numbers.
+    first_seq: u64,
     last_seq: u64,
     /// Whether the WAL has grown enough since the last freeze to need one.
     wal_full: bool,
@@ -278,7 +280,7 @@ impl CommitPipeline {
                 }
                 // Every batch of the group is applied: once every earlier
                 // group is too, readers may see them.
-                self.publish_in_order(written.firsts[0], written.last_seq);
+                self.publish_in_order(written.first_seq, written.last_seq);
                 for (pending, first) in group.iter().zip(&written.firsts) {
                     pending
                         .slot
@@ -362,8 +364,8 @@ impl CommitPipeline {
     fn write(&self, group: &[Pending]) -> Result<WrittenGroup> {
         let mut leader = lock(&self.leader);
         if let Some(cause) = &leader.failure {
-            // A freeze failed after this group was queued: the WAL is not
-            // in a state to write to.
+            // A WAL write, fsync or freeze failed after this group was
+            // queued: the WAL is not in a state to write to.
             return Err(Error::WritesStopped {
                 cause: cause.clone(),
             });
@@ -397,6 +399,7 @@ impl CommitPipeline {
             leader.failure = Some(error.to_string());
             return Err(error);
         }
+        let first_seq = leader.next_seq;
         leader.next_seq = next_seq;
         self.groups.fetch_add(1, Ordering::Relaxed);
         self.commits
@@ -407,6 +410,7 @@ impl CommitPipeline {
         Ok(WrittenGroup {
             memtable,
             firsts,
+            first_seq,
             last_seq: next_seq - 1,
             wal_full: leader.wal.bytes_since_rotation() >= self.limits.wal_bytes,
         })
@@ -416,7 +420,7 @@ impl CommitPipeline {
     /// group before `first_seq` has been published: groups are applied in
     /// parallel but readers must see them in order.
     fn publish_in_order(&self, first_seq: u64, last_seq: u64) {
-        self.wait_until_published(first_seq - 1);
+        self.wait_until_published(first_seq.saturating_sub(1));
         // Published under the lock that waiters check under, so a waiter
         // cannot miss it.
         let waiters = lock(&self.publish_waiters);
