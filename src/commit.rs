@@ -556,7 +556,11 @@ impl CommitPipeline {
         let stopped = queue.stopped.clone();
         drop(queue);
         if let Some(cause) = stopped {
-            // The log's state is unknown; do not sync or truncate it.
+            // The log's state is unknown; do not sync or truncate it. The
+            // segment being prepared is still stopped and removed, so that
+            // nothing writes to the directory once `close` returns (a
+            // leftover would otherwise be removed by the next open).
+            let _ = lock(&self.leader).wal.abandon();
             return Err(Error::WritesStopped { cause });
         }
         lock(&self.leader).wal.close()

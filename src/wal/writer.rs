@@ -219,6 +219,13 @@ impl WalWriter {
         self.discard_prepared()
     }
 
+    /// Stops preparing the next segment and removes it, leaving the active
+    /// segment as it is: for closing after a failure, when the log's state
+    /// on disk is unknown and must not be synced or cut.
+    pub fn abandon(&mut self) -> Result<()> {
+        self.discard_prepared()
+    }
+
     /// Makes the prepared segment the active one and starts preparing the next.
     fn switch_segment(&mut self) -> Result<()> {
         // Everything in the old segment must be durable before the new one can
