@@ -48,7 +48,24 @@ impl Slice {
     /// `range` of `buffer`: copied inline when short, otherwise shared
     /// (one reference count, where `buffer.slice(range)` then `from_bytes`
     /// would take one and drop it again for a short slice).
+    #[inline]
     pub(crate) fn from_part(buffer: &Bytes, range: std::ops::Range<usize>) -> Self {
+        let len = range.len();
+        if len <= INLINE_BYTES {
+            // A copy of a fixed size is a few moves, where one of the
+            // part's own length is a call to `memcpy`. The bytes past the
+            // part that it takes along are never read.
+            if let Some(chunk) = buffer
+                .get(range.start..)
+                .and_then(|rest| rest.first_chunk::<INLINE_BYTES>())
+            {
+                return Slice(Repr::Inline {
+                    // At most INLINE_BYTES, checked above.
+                    len: len as u8,
+                    bytes: *chunk,
+                });
+            }
+        }
         Slice::inline(&buffer[range.clone()])
             .unwrap_or_else(|| Slice(Repr::Shared(buffer.slice(range))))
     }
@@ -240,6 +257,29 @@ mod tests {
         let long = Slice::from(&[b'a'; 40][..]);
         assert!(short > long, "byte order, not representation or length");
         assert_eq!(Slice::default(), Slice::from(""));
+    }
+
+    /// A short part of a longer buffer is copied with the bytes after it;
+    /// those never show in what the slice compares, orders or hashes as.
+    #[test]
+    fn a_part_shows_only_its_own_bytes() {
+        let buffer = Bytes::from((0..64u8).collect::<Vec<u8>>());
+        for start in [0, 1, 30, 42, 50, 63, 64] {
+            for len in [0, 1, 7, 16, INLINE_BYTES] {
+                let Some(bytes) = buffer.get(start..start + len) else {
+                    continue;
+                };
+                let part = Slice::from_part(&buffer, start..start + len);
+                assert_eq!(&part[..], bytes, "{start}+{len}");
+                assert_eq!(part, Slice::copy_from(bytes));
+                assert_eq!(hash_of(&part), hash_of(bytes));
+                assert_eq!(
+                    part.clone().cmp(&Slice::copy_from(bytes)),
+                    std::cmp::Ordering::Equal
+                );
+                assert!(buffer.is_unique(), "a short part took a reference");
+            }
+        }
     }
 
     /// A short part does not keep its buffer alive; a long part does.

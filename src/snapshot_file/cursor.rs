@@ -11,7 +11,7 @@
 use std::ops::{Bound, Range};
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 
 use super::format::{BlockCursor, BlockPosition, EntryRef};
 use super::reader::SnapshotFile;
@@ -40,8 +40,13 @@ pub(crate) struct FileCursor {
     /// Whether a key was within the bound the walk started from: keys come
     /// in order, so every later one is too.
     past_start: bool,
-    /// The newest visible version of the next key, found by `fill`.
-    head: Option<Head>,
+    /// The newest visible version of the next key, found by `fill`: a
+    /// place in `head_block`.
+    head: Option<EntryRef>,
+    /// The block the head lies in, and its index. It changes only when a
+    /// head comes from another block, so a head takes no reference count
+    /// of its own: a key's only one is the value's, taken by `take`.
+    head_block: Option<(usize, Bytes)>,
     /// No key is left in the bounds.
     exhausted: bool,
 }
@@ -73,16 +78,19 @@ enum Walk {
     },
 }
 
-/// A version held as its block's bytes and its place in them.
-struct Head {
-    bytes: Bytes,
+/// Makes `entry` of block `index` the head (`FileCursor::head` and
+/// `head_block`), taking a handle on the block only if it is a new one.
+fn place_head(
+    head: &mut Option<EntryRef>,
+    head_block: &mut Option<(usize, Bytes)>,
+    index: usize,
+    bytes: &Bytes,
     entry: EntryRef,
-}
-
-impl Head {
-    fn key(&self) -> &[u8] {
-        &self.bytes[self.entry.key.clone()]
+) {
+    if head_block.as_ref().is_none_or(|(held, _)| *held != index) {
+        *head_block = Some((index, bytes.clone()));
     }
+    *head = Some(entry);
 }
 
 impl FileCursor {
@@ -135,29 +143,38 @@ impl FileCursor {
             block_within_end: false,
             past_start,
             head: None,
+            head_block: None,
             exhausted: false,
         }
     }
 
     /// The head's key and sequence number, if `fill` found one.
+    #[inline]
     pub fn head(&self) -> Option<(&[u8], u64)> {
-        self.head.as_ref().map(|head| (head.key(), head.entry.seq))
+        let entry = self.head.as_ref()?;
+        let (_, bytes) = self.head_block.as_ref()?;
+        Some((bytes.get(entry.key())?, entry.seq))
     }
 
-    /// Takes the head as an owned key and value (`None` for a removal).
-    pub fn take(&mut self) -> Option<(Slice, Option<Bytes>)> {
-        let Head { mut bytes, entry } = self.head.take()?;
-        let key = Slice::from_part(&bytes, entry.key);
-        let value = entry.value.map(|range| {
-            // Narrow the block's own handle: no second reference count.
-            bytes.truncate(range.end);
-            bytes.advance(range.start);
-            bytes
-        });
+    /// Whether the head is a removal.
+    #[inline]
+    pub fn head_is_removal(&self) -> bool {
+        self.head.as_ref().is_some_and(EntryRef::is_removal)
+    }
+
+    /// Takes the head as an owned key and value; `None`, and the head
+    /// stays, if there is none or it is a removal.
+    #[inline]
+    pub fn take(&mut self) -> Option<(Slice, Slice)> {
+        let (_, bytes) = self.head_block.as_ref()?;
+        let entry = self.head.take_if(|entry| !entry.is_removal())?;
+        let key = Slice::from_part(bytes, entry.key());
+        let value = Slice::from_part(bytes, entry.value()?);
         Some((key, value))
     }
 
     /// Drops the head (an older version than another source's).
+    #[inline]
     pub fn skip(&mut self) {
         self.head = None;
     }
@@ -192,7 +209,7 @@ impl FileCursor {
             let corrupt = self.file.damaged_block(*index);
             let mut reader = BlockCursor::resume(bytes, *position);
             while let Some(entry) = reader.next_entry().map_err(corrupt)? {
-                let key = &bytes[entry.key.clone()];
+                let key = &bytes[entry.key()];
                 let previous_key = match previous.take() {
                     Some(range) => Some(&bytes[range]),
                     None => index.checked_sub(1).map(|i| self.file.last_key(i)),
@@ -200,7 +217,7 @@ impl FileCursor {
                 if !previous_key.is_some_and(|previous| same_key(previous, key)) {
                     *settled = false;
                 }
-                *previous = Some(entry.key.clone());
+                *previous = Some(entry.key());
                 if !self.past_start {
                     if !within_lower(key, as_ref_bound(&self.lower)) {
                         continue;
@@ -216,10 +233,7 @@ impl FileCursor {
                 }
                 *settled = true;
                 *position = reader.position();
-                self.head = Some(Head {
-                    bytes: bytes.clone(),
-                    entry,
-                });
+                place_head(&mut self.head, &mut self.head_block, *index, bytes, entry);
                 return Ok(());
             }
             // The block is used up.
@@ -244,10 +258,10 @@ impl FileCursor {
         let mut key_left_behind: Option<Slice> = None;
         // Its newest version at or below `seq` so far, likewise.
         let mut best_at: Option<usize> = None;
-        let mut best_left_behind: Option<Head> = None;
+        let mut best_left_behind: Option<(usize, Bytes, EntryRef)> = None;
         loop {
             let Walk::Backward {
-                block: Some((_, bytes)),
+                block: Some((index, bytes)),
                 entries,
                 next,
             } = &mut self.walk
@@ -260,13 +274,10 @@ impl FileCursor {
             let Some(at) = next.checked_sub(1) else {
                 // The block is used up; what is kept of it must outlive it.
                 if let Some(entry) = key_at.take().and_then(|i| entries.get(i)) {
-                    key_left_behind = Some(Slice::from_part(bytes, entry.key.clone()));
+                    key_left_behind = Some(Slice::from_part(bytes, entry.key()));
                 }
                 if let Some(entry) = best_at.take().and_then(|i| entries.get(i)) {
-                    best_left_behind = Some(Head {
-                        bytes: bytes.clone(),
-                        entry: entry.clone(),
-                    });
+                    best_left_behind = Some((*index, bytes.clone(), entry.clone()));
                 }
                 if let Walk::Backward { block, .. } = &mut self.walk {
                     *block = None;
@@ -276,7 +287,7 @@ impl FileCursor {
             let Some(entry) = entries.get(at) else {
                 break;
             };
-            let key = &bytes[entry.key.clone()];
+            let key = &bytes[entry.key()];
             if !self.past_start {
                 if !within_upper(key, as_ref_bound(&self.upper)) {
                     *next = at;
@@ -288,7 +299,7 @@ impl FileCursor {
                 break;
             }
             let run_key = match key_at {
-                Some(i) => entries.get(i).map(|run| &bytes[run.key.clone()]),
+                Some(i) => entries.get(i).map(|run| &bytes[run.key()]),
                 None => key_left_behind.as_deref(),
             };
             match run_key {
@@ -315,20 +326,23 @@ impl FileCursor {
         let in_block = match (&self.walk, best_at) {
             (
                 Walk::Backward {
-                    block: Some((_, bytes)),
+                    block: Some((index, bytes)),
                     entries,
                     ..
                 },
                 Some(i),
-            ) => entries.get(i).map(|entry| Head {
-                bytes: bytes.clone(),
-                entry: entry.clone(),
-            }),
+            ) => entries.get(i).map(|entry| (*index, bytes, entry)),
             _ => None,
         };
-        self.head = in_block.or(best_left_behind);
-        if self.head.is_none() {
-            self.exhausted = true;
+        let left_behind = best_left_behind
+            .as_ref()
+            .map(|(index, bytes, entry)| (*index, bytes, entry));
+        match in_block.or(left_behind) {
+            Some((index, bytes, entry)) => {
+                let entry = entry.clone();
+                place_head(&mut self.head, &mut self.head_block, index, bytes, entry);
+            }
+            None => self.exhausted = true,
         }
         Ok(())
     }
@@ -451,11 +465,16 @@ mod tests {
         let mut seen = Vec::new();
         loop {
             cursor.fill().unwrap();
-            let Some((_, head_seq)) = cursor.head() else {
+            let Some((key, head_seq)) = cursor.head() else {
                 return seen;
             };
+            if cursor.head_is_removal() {
+                seen.push((key.to_vec(), head_seq, None));
+                cursor.skip();
+                continue;
+            }
             let (key, value) = cursor.take().unwrap();
-            seen.push((key.to_vec(), head_seq, value.map(|v| v.to_vec())));
+            seen.push((key.to_vec(), head_seq, Some(value.to_vec())));
         }
     }
 

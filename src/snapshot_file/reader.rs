@@ -175,7 +175,7 @@ impl SnapshotFile {
     /// put together wrongly).
     fn check_block(&self, i: usize, bytes: &[u8]) -> Result<()> {
         let entries = decode_block(bytes).map_err(self.damaged_block(i))?;
-        let last = entries.last().map(|e| &bytes[e.key.clone()]);
+        let last = entries.last().map(|e| &bytes[e.key()]);
         if entries.is_empty() || last != Some(self.last_key(i)) {
             return Err(self.damaged_block(i)(
                 "block does not end with the key the index names".into(),
@@ -219,11 +219,11 @@ impl SnapshotFile {
             // Entries are sorted (checked with the CRC): walk to the first
             // version of `key` visible at `seq`, or stop past the key.
             while let Some(entry) = cursor.next_entry().map_err(corrupt)? {
-                match bytes[entry.key.clone()].cmp(key) {
+                match bytes[entry.key()].cmp(key) {
                     std::cmp::Ordering::Less => continue,
                     std::cmp::Ordering::Greater => return Ok(None),
                     std::cmp::Ordering::Equal if entry.seq <= seq => {
-                        return Ok(Some(entry.value.map(|range| bytes.slice(range))));
+                        return Ok(Some(entry.value().map(|range| bytes.slice(range))));
                     }
                     std::cmp::Ordering::Equal => {}
                 }
@@ -276,9 +276,9 @@ impl Iterator for FileVersions {
                 if let Some(entry) = block.entries.get(*position) {
                     *position += 1;
                     return Some(Ok(Version {
-                        key: block.bytes.slice(entry.key.clone()),
+                        key: block.bytes.slice(entry.key()),
                         seq: entry.seq,
-                        value: entry.value.clone().map(|r| block.bytes.slice(r)),
+                        value: entry.value().map(|r| block.bytes.slice(r)),
                     }));
                 }
             }
@@ -348,7 +348,7 @@ mod tests {
                 return out;
             };
             out.push((key.to_vec(), seq));
-            cursor.take();
+            cursor.skip();
         }
     }
 

@@ -1,6 +1,6 @@
 //! The write-ahead log (specified in `format/wal.md`).
 //!
-//! - [`format`]: the bytes of a segment — header, fragment headers, framing.
+//! - [`format`](mod@format): the bytes of a segment — header, fragment headers, framing.
 //! - [`writer`]: preparing segments and writing groups of records.
 //! - [`reader`]: reading a segment back and telling a torn tail from corruption.
 
