@@ -21,7 +21,7 @@ use super::format::{
 };
 use crate::error::{Error, Result};
 use crate::io::FileSystem;
-use crate::memtable::Version;
+use crate::memtable::{Prefix, Version, key_prefix};
 use crate::mmap::PageReleaser;
 
 /// An open snapshot file.
@@ -36,6 +36,11 @@ pub(crate) struct SnapshotFile {
     /// The index section, with key ranges relative to it.
     index_bytes: Bytes,
     index: Vec<IndexEntry>,
+    /// Each block's last key as a [`key_prefix`], in one dense array: a
+    /// lookup searches the index on these, which stay in the cache, and
+    /// compares whole keys (scattered through `index_bytes`) only among
+    /// blocks whose prefix ties with its key's.
+    index_prefixes: Vec<Prefix>,
     /// Bit `i` is set once block `i` passed its full check.
     verified: Box<[AtomicU64]>,
     bloom_bits: Bytes,
@@ -100,6 +105,10 @@ impl SnapshotFile {
         let (bloom_probes, bits) =
             decode_bloom(&bloom_section).map_err(|reason| corrupt(footer.bloom_offset, reason))?;
         let bloom_bits = bloom_section.slice(bits);
+        let index_prefixes = index
+            .iter()
+            .map(|entry| key_prefix(&index_bytes[entry.last_key.clone()]))
+            .collect();
         let verified = (0..index.len().div_ceil(64))
             .map(|_| AtomicU64::new(0))
             .collect();
@@ -110,6 +119,7 @@ impl SnapshotFile {
             pages: None,
             index_bytes,
             index,
+            index_prefixes,
             verified,
             bloom_bits,
             bloom_probes,
@@ -146,14 +156,28 @@ impl SnapshotFile {
 
     /// The first block whose last key is at or after `key`.
     pub(super) fn first_block_from(&self, key: &[u8]) -> usize {
-        self.index
-            .partition_point(|entry| &self.index_bytes[entry.last_key.clone()] < key)
+        self.search_index(key, |last_key| last_key < key)
     }
 
     /// The first block whose last key is after `key`.
     pub(super) fn first_block_after(&self, key: &[u8]) -> usize {
-        self.index
-            .partition_point(|entry| &self.index_bytes[entry.last_key.clone()] <= key)
+        self.search_index(key, |last_key| last_key <= key)
+    }
+
+    /// The first block whose last key is not `before` `key` (`before`
+    /// holds for a prefix of the blocks, as for `partition_point`).
+    fn search_index(&self, key: &[u8], before: impl Fn(&[u8]) -> bool) -> usize {
+        // A block whose prefix is below the key's has its last key below
+        // the key, and one whose prefix is above has it above; only ties
+        // need the whole keys.
+        let prefix = key_prefix(key);
+        let prefixes = &self.index_prefixes;
+        let tied_from = prefixes.partition_point(|block| *block < prefix);
+        let tied = prefixes.get(tied_from..).unwrap_or_default();
+        let tied_to = tied_from + tied.partition_point(|block| *block == prefix);
+        let tied_blocks = self.index.get(tied_from..tied_to).unwrap_or_default();
+        tied_from
+            + tied_blocks.partition_point(|entry| before(&self.index_bytes[entry.last_key.clone()]))
     }
 
     /// The bytes of block `i`, fully checked the first time it is read.
@@ -433,5 +457,49 @@ mod tests {
         }
         assert_eq!(file.get(b"b", bloom::key_hash(b"b"), 1000).unwrap(), None);
         assert_eq!(file.versions().count(), 202);
+    }
+
+    /// The index search on key prefixes finds the same blocks as a search
+    /// on whole keys, where many blocks' last keys share their first 16
+    /// bytes, for keys in the file, between its keys and outside them.
+    #[test]
+    fn index_search_agrees_with_whole_keys_when_prefixes_tie() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs: Arc<dyn FileSystem> = Arc::new(RealFileSystem);
+        let path = dir.path().join("1.snap");
+        let mut writer = SnapshotFileWriter::create(&*fs, dir.path(), path.clone()).unwrap();
+        let mut keys: Vec<Vec<u8>> = (0..40u32)
+            .map(|i| format!("short{i:02}").into_bytes())
+            .collect();
+        // 16 shared bytes, then what tells them apart.
+        keys.extend((0..400u32).map(|i| format!("tenant/0001/user{i:05}").into_bytes()));
+        keys.extend((0..40u32).map(|i| format!("zz{i:02}").into_bytes()));
+        keys.sort();
+        for key in &keys {
+            writer.add(key, 1, Some(&[9u8; 200])).unwrap();
+        }
+        writer.finish().unwrap();
+        let file = SnapshotFile::open(fs, &path, 1).unwrap();
+        let tied = file
+            .index_prefixes
+            .windows(2)
+            .filter(|pair| pair[0] == pair[1])
+            .count();
+        assert!(tied >= 10, "{tied} blocks share a prefix with the next");
+        let mut probes = keys.clone();
+        probes.extend(keys.iter().map(|key| [&key[..], b"!"].concat()));
+        probes.extend([
+            b"".to_vec(),
+            b"tenant/0001/user".to_vec(),
+            b"tenant/0001/user~".to_vec(),
+            b"~".to_vec(),
+        ]);
+        for probe in &probes {
+            let last_keys = || (0..file.block_count()).map(|i| file.last_key(i));
+            let from = last_keys().take_while(|last| *last < &probe[..]).count();
+            let after = last_keys().take_while(|last| *last <= &probe[..]).count();
+            assert_eq!(file.first_block_from(probe), from, "from {probe:?}");
+            assert_eq!(file.first_block_after(probe), after, "after {probe:?}");
+        }
     }
 }
