@@ -436,7 +436,7 @@ impl SourceCursor {
     /// Takes the head as an owned key and value; `None`, and the head
     /// stays, if there is none or it is a removal.
     #[inline]
-    fn take(&mut self) -> Option<(Slice, Slice)> {
+    fn take_value(&mut self) -> Option<(Slice, Slice)> {
         match self {
             SourceCursor::InMemory(cursor) => {
                 // A removal stays.
@@ -444,7 +444,7 @@ impl SourceCursor {
                 let resolved = cursor.buffer.pop_front()?;
                 Some((resolved.key, Slice::from_bytes(resolved.value?)))
             }
-            SourceCursor::File(cursor) => cursor.take(),
+            SourceCursor::File(cursor) => cursor.take_value(),
         }
     }
 
@@ -680,10 +680,10 @@ impl Iter {
             Direction::Forward => &mut self.front,
             Direction::Backward => &mut self.back,
         };
-        // `step` found a live head there: `take` returns it.
+        // `step` found a live head there: `take_value` returns it.
         end.cursors
             .get_mut(index)
-            .and_then(SourceCursor::take)
+            .and_then(SourceCursor::take_value)
             .map(Ok)
     }
 }

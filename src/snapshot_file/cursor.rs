@@ -22,9 +22,10 @@ use crate::slice::Slice;
 /// A walk over one file's visible keys, within bounds, in one direction.
 ///
 /// [`fill`](Self::fill) finds the next head; [`head`](Self::head) shows it;
-/// [`take`](Self::take) or [`skip`](Self::skip) lets it go. A `fill`
-/// that meets a damaged block fails, and fails again if called again: the
-/// walk does not go past the damage.
+/// [`take_value`](Self::take_value) (a value) or [`skip`](Self::skip) (a
+/// value or a removal) lets it go. A `fill` that meets a damaged block
+/// fails, and fails again if called again: the walk does not go past the
+/// damage.
 pub(crate) struct FileCursor {
     file: Arc<SnapshotFile>,
     seq: u64,
@@ -45,7 +46,7 @@ pub(crate) struct FileCursor {
     head: Option<EntryRef>,
     /// The block the head lies in, and its index. It changes only when a
     /// head comes from another block, so a head takes no reference count
-    /// of its own: a key's only one is the value's, taken by `take`.
+    /// of its own: a key's only one is the value's, taken by `take_value`.
     head_block: Option<(usize, Bytes)>,
     /// No key is left in the bounds.
     exhausted: bool,
@@ -165,7 +166,7 @@ impl FileCursor {
     /// Takes the head as an owned key and value; `None`, and the head
     /// stays, if there is none or it is a removal.
     #[inline]
-    pub fn take(&mut self) -> Option<(Slice, Slice)> {
+    pub fn take_value(&mut self) -> Option<(Slice, Slice)> {
         let (_, bytes) = self.head_block.as_ref()?;
         let entry = self.head.take_if(|entry| !entry.is_removal())?;
         let key = Slice::from_part(bytes, entry.key());
@@ -473,7 +474,7 @@ mod tests {
                 cursor.skip();
                 continue;
             }
-            let (key, value) = cursor.take().unwrap();
+            let (key, value) = cursor.take_value().unwrap();
             seen.push((key.to_vec(), head_seq, Some(value.to_vec())));
         }
     }
