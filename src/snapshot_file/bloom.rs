@@ -31,15 +31,11 @@ pub fn key_hash(key: &[u8]) -> u64 {
 
 /// Bytes in one line of the filter; a filter is a whole number of lines.
 pub const LINE_BYTES: usize = 64;
-pub(crate) const LINE_BITS: u64 = LINE_BYTES as u64 * 8;
+const LINE_BITS: u64 = LINE_BYTES as u64 * 8;
 
 /// The line of a filter of `line_count` lines that `hash` uses, and the bit
 /// positions within that line.
-pub(crate) fn probes(
-    hash: u64,
-    probe_count: u8,
-    line_count: usize,
-) -> (usize, impl Iterator<Item = u64>) {
+fn probes(hash: u64, probe_count: u8, line_count: usize) -> (usize, impl Iterator<Item = u64>) {
     // Maps the high 32 bits onto 0..line_count without a division.
     let line = (((hash >> 32) * line_count as u64) >> 32) as usize;
     let first = hash % LINE_BITS;

@@ -297,10 +297,7 @@ impl<'a> BlockCursor<'a> {
         }
         self.left -= 1;
         let body = &self.block[..self.body_end];
-        // Decoded with a local copy of the position, which can stay in a
-        // register, and stored once.
-        let mut at = self.pos;
-        let pos = &mut at;
+        let pos = &mut self.pos;
         let kind = *body.get(*pos).ok_or("entry runs past the block")?;
         *pos += 1;
         let seq = get_u64(body, pos)?;
@@ -316,7 +313,7 @@ impl<'a> BlockCursor<'a> {
             Some(len) => checked_end(key_end, len, self.body_end)?,
             None => key_end,
         };
-        self.pos = value_end;
+        *pos = value_end;
         // Every offset is at most the block's length, which `new` checked
         // fits in a u32 (`resume` takes a block a `new` cursor accepted).
         Ok(Some(EntryRef {
