@@ -164,14 +164,14 @@ impl EntryRef {
     }
 }
 
-/// Seals a block: `entry count u32 | entries | CRC32 of both`.
-pub fn seal_block(entry_count: u32, entries: &[u8]) -> Vec<u8> {
-    let mut block = Vec::with_capacity(entries.len() + 8);
-    block.extend_from_slice(&entry_count.to_le_bytes());
-    block.extend_from_slice(entries);
-    let crc = crc32fast::hash(&block);
-    block.extend_from_slice(&crc.to_le_bytes());
-    block
+/// Seals a block, `entry count u32 | entries | CRC32 of both`, appending it
+/// to `out`.
+pub fn seal_block_into(out: &mut Vec<u8>, entry_count: u32, entries: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(&entry_count.to_le_bytes());
+    out.extend_from_slice(entries);
+    let crc = crc32fast::hash(&out[start..]);
+    out.extend_from_slice(&crc.to_le_bytes());
 }
 
 /// Checks a block's CRC and decodes its entries, with ranges relative to
@@ -546,7 +546,8 @@ mod tests {
         encode_entry(&mut entries, b"a", 9, Some(b"new"));
         encode_entry(&mut entries, b"a", 3, None);
         encode_entry(&mut entries, b"b", 4, Some(b""));
-        let block = seal_block(3, &entries);
+        let mut block = Vec::new();
+        seal_block_into(&mut block, 3, &entries);
         let decoded = decode_block(&block).unwrap();
         assert_eq!(decoded.len(), 3);
         assert_eq!(&block[decoded[0].key()], b"a");
@@ -566,7 +567,9 @@ mod tests {
         let mut entries = Vec::new();
         encode_entry(&mut entries, b"b", 1, Some(b"x"));
         encode_entry(&mut entries, b"a", 2, Some(b"y"));
-        assert!(decode_block(&seal_block(2, &entries)).is_err());
+        let mut block = Vec::new();
+        seal_block_into(&mut block, 2, &entries);
+        assert!(decode_block(&block).is_err());
     }
 
     #[test]

@@ -377,6 +377,44 @@ mod tests {
     }
 
     #[test]
+    fn a_file_written_in_several_chunks_reads_back_whole() {
+        // About 3.5 MB: the writer gathers blocks a megabyte at a time, so
+        // this file takes several writes, each at its own offset.
+        let dir = tempfile::tempdir().unwrap();
+        let fs: Arc<dyn FileSystem> = Arc::new(RealFileSystem);
+        let path = dir.path().join("1.snap");
+        let mut writer = SnapshotFileWriter::create(&*fs, dir.path(), path.clone()).unwrap();
+        let value = |i: u32| vec![(i % 251) as u8; 100 + (i % 7) as usize];
+        let count = 30_000u32;
+        for i in 0..count {
+            writer
+                .add(&i.to_be_bytes(), u64::from(i) + 1, Some(&value(i)))
+                .unwrap();
+        }
+        writer.finish().unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() > 3 << 20);
+        let file = Arc::new(SnapshotFile::open(fs, &path, 1).unwrap());
+        for i in (0..count).step_by(97).chain([count - 1]) {
+            let key = i.to_be_bytes();
+            let got = file.get(&key, bloom::key_hash(&key), u64::MAX).unwrap();
+            assert_eq!(got.flatten().as_deref(), Some(&value(i)[..]), "key {i}");
+        }
+        let all = scan(
+            &file,
+            u64::MAX,
+            Direction::Forward,
+            Bound::Unbounded,
+            Bound::Unbounded,
+        );
+        assert_eq!(all.len(), count as usize);
+        assert!(
+            all.iter()
+                .zip(0u32..)
+                .all(|((key, _), i)| key[..] == i.to_be_bytes())
+        );
+    }
+
+    #[test]
     fn versions_spanning_blocks_resolve_in_both_directions() {
         let dir = tempfile::tempdir().unwrap();
         let file = spanning_file(dir.path());
