@@ -119,7 +119,15 @@ impl<'a> SnapshotFileWriter<'a> {
         self.summary.entry_count += 1;
         self.summary.smallest_seq = self.summary.smallest_seq.min(seq);
         self.summary.largest_seq = self.summary.largest_seq.max(seq);
-        self.last = Some((key.to_vec(), seq));
+        // The buffer is reused: one allocation per file, not per entry.
+        match &mut self.last {
+            Some((last_key, last_seq)) => {
+                last_key.clear();
+                last_key.extend_from_slice(key);
+                *last_seq = seq;
+            }
+            None => self.last = Some((key.to_vec(), seq)),
+        }
         Ok(())
     }
 
@@ -128,7 +136,7 @@ impl<'a> SnapshotFileWriter<'a> {
         if self.block_entries == 0 {
             return Ok(());
         }
-        let Some((last_key, _)) = self.last.clone() else {
+        let Some(last_key) = self.last.as_ref().map(|(key, _)| key.clone()) else {
             return Ok(());
         };
         // Zeros up to the block's aligned offset, then the block.
