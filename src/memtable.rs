@@ -322,6 +322,8 @@ struct HelperState {
     /// its own is finished.
     submitted: u64,
     finished: u64,
+    /// Set if the thread ended (an insert panicked): jobs are refused.
+    gone: bool,
 }
 
 static APPLY_HELPER: ApplyHelper = ApplyHelper {
@@ -329,6 +331,7 @@ static APPLY_HELPER: ApplyHelper = ApplyHelper {
         job: None,
         submitted: 0,
         finished: 0,
+        gone: false,
     }),
     changed: Condvar::new(),
 };
@@ -360,7 +363,7 @@ impl ApplyHelper {
                 .is_ok()
         });
         let mut state = self.lock();
-        if !started || state.submitted != state.finished {
+        if !started || state.gone || state.submitted != state.finished {
             return Err(job);
         }
         state.job = Some(job);
@@ -389,8 +392,8 @@ impl ApplyHelper {
                 }
             };
             drop(state);
-            // Counted as finished even if an insert panicked, so that the
-            // submitter never waits forever.
+            // Counted as finished even if an insert panicked (and the
+            // thread marked gone), so that no submitter waits forever.
             let _finished = FinishJob(self);
             for (key, value) in inserts {
                 versions.insert(key, value);
@@ -406,6 +409,7 @@ impl Drop for FinishJob {
     fn drop(&mut self) {
         let mut state = self.0.lock();
         state.finished += 1;
+        state.gone |= std::thread::panicking();
         drop(state);
         self.0.changed.notify_all();
     }
