@@ -160,8 +160,10 @@ impl<'a> SnapshotFileWriter<'a> {
         Ok(())
     }
 
-    /// Writes the buffered blocks. The zeros that would pad the last one to
-    /// its alignment are left out: they are not written to the file.
+    /// Writes the buffered blocks. The zeros that pad the last one up to
+    /// the next block's alignment are not in the buffer yet: the next block
+    /// adds them in front of itself, and after the last block the index
+    /// follows directly.
     fn write_out(&mut self) -> Result<()> {
         self.file
             .write_all_at(self.out_offset, &self.out)
