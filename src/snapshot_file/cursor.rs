@@ -74,6 +74,9 @@ enum Walk {
         block: Option<(usize, Bytes)>,
         /// The block's entries; one list, reused from block to block.
         entries: Vec<EntryRef>,
+        /// For each entry, whether it is its key's first (newest) version:
+        /// walking backward, a key's versions end there.
+        key_starts: Vec<bool>,
         /// `entries[next - 1]` is read next.
         next: usize,
     },
@@ -128,6 +131,7 @@ impl FileCursor {
                 let walk = Walk::Backward {
                     block: None,
                     entries: Vec::new(),
+                    key_starts: Vec::new(),
                     next: 0,
                 };
                 let first = first.min(count.saturating_sub(1));
@@ -245,25 +249,21 @@ impl FileCursor {
     }
 
     /// Backward, a key's versions come oldest first: its head is the last
-    /// version at or below `seq` before the key changes, and a key may
-    /// continue into the previous block.
+    /// version at or below `seq` before the key's first entry (which the
+    /// block's `key_starts` marks), and a key may continue into the
+    /// previous block.
     ///
-    /// Within a block, the key being read and the best version so far are
-    /// positions in the block's entry list; only when the walk leaves a
-    /// block in the middle of a key are they copied out (the key) or given
-    /// a handle on the block (the version).
+    /// Within a block, the best version so far is a position in the block's
+    /// entry list; only when the walk leaves a block in the middle of a key
+    /// is it given a handle on the block.
     fn fill_backward(&mut self) -> Result<()> {
-        // The key whose versions are being read: at a position in the
-        // current block, or copied out of a block the walk has left.
-        let mut key_at: Option<usize> = None;
-        let mut key_left_behind: Option<Slice> = None;
-        // Its newest version at or below `seq` so far, likewise.
         let mut best_at: Option<usize> = None;
         let mut best_left_behind: Option<(usize, Bytes, EntryRef)> = None;
         loop {
             let Walk::Backward {
                 block: Some((index, bytes)),
                 entries,
+                key_starts,
                 next,
             } = &mut self.walk
             else {
@@ -273,10 +273,8 @@ impl FileCursor {
                 continue;
             };
             let Some(at) = next.checked_sub(1) else {
-                // The block is used up; what is kept of it must outlive it.
-                if let Some(entry) = key_at.take().and_then(|i| entries.get(i)) {
-                    key_left_behind = Some(Slice::from_part(bytes, entry.key()));
-                }
+                // The block is used up in the middle of a key; the best
+                // version so far must outlive the block.
                 if let Some(entry) = best_at.take().and_then(|i| entries.get(i)) {
                     best_left_behind = Some((*index, bytes.clone(), entry.clone()));
                 }
@@ -285,7 +283,7 @@ impl FileCursor {
                 }
                 continue;
             };
-            let Some(entry) = entries.get(at) else {
+            let (Some(entry), Some(&starts_key)) = (entries.get(at), key_starts.get(at)) else {
                 break;
             };
             let key = &bytes[entry.key()];
@@ -299,28 +297,15 @@ impl FileCursor {
             if !self.block_within_end && !within_lower(key, as_ref_bound(&self.lower)) {
                 break;
             }
-            let run_key = match key_at {
-                Some(i) => entries.get(i).map(|run| &bytes[run.key()]),
-                None => key_left_behind.as_deref(),
-            };
-            match run_key {
-                Some(run) if !same_key(run, key) => {
-                    if best_at.is_some() || best_left_behind.is_some() {
-                        // The run is over; this entry starts the next one.
-                        break;
-                    }
-                    // No version of that key is visible: start again here
-                    // (a position in the block comes before a copy).
-                    key_at = Some(at);
-                }
-                Some(_) => {}
-                None => key_at = Some(at),
-            }
             if entry.seq <= self.seq {
-                // A position in the block comes before a version kept.
+                // Newer than any version kept so far.
                 best_at = Some(at);
             }
             *next = at;
+            if starts_key && (best_at.is_some() || best_left_behind.is_some()) {
+                // The key's versions are all read.
+                break;
+            }
         }
         // The head: the best version in the current block, or the one kept
         // from a block the walk has left.
@@ -374,12 +359,22 @@ impl FileCursor {
             Walk::Backward {
                 block,
                 entries,
+                key_starts,
                 next,
             } => {
                 // On error the list is left unspecified, but no block is
                 // current, so nothing reads it.
                 *block = None;
                 let bytes = self.file.block_into(index, entries)?;
+                // A key's first entry in a block starts it unless the
+                // previous block ends with the same key.
+                let mut previous_key = index.checked_sub(1).map(|i| self.file.last_key(i));
+                key_starts.clear();
+                for entry in entries.iter() {
+                    let key = &bytes[entry.key()];
+                    key_starts.push(!previous_key.is_some_and(|previous| same_key(previous, key)));
+                    previous_key = Some(key);
+                }
                 // Every key of block `index` is at or above the previous
                 // block's last key.
                 self.block_within_end = index
