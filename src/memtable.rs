@@ -301,10 +301,11 @@ fn entry(prefix: Prefix, seq: u64, op: &Operation) -> (InternalKey, Option<Bytes
     (key, value)
 }
 
+/// Every version in a memtable, in key order and newest first per key.
+type VersionMap = SkipMap<InternalKey, Option<Bytes>>;
+
 /// Versions handed to the helper, and the skiplist they go into.
 type HelperJob = (Arc<VersionMap>, Vec<(InternalKey, Option<Bytes>)>);
-
-type VersionMap = SkipMap<InternalKey, Option<Bytes>>;
 
 /// The thread that inserts the upper half of a large batch while the
 /// committing thread inserts the lower half. There is one per process,
