@@ -16,6 +16,13 @@
 //! the memtable to a checkpoint) first waits for every group written
 //! before it to be published, so the frozen memtable is complete.
 //!
+//! A group's memtable insert begins before its WAL write: a large group
+//! (a batch fill) is handed to the memtable's helper thread, which inserts
+//! while the leader writes and fsyncs, and the leader inserts whatever is
+//! left once its fsync returns. The versions stay unseen until the group
+//! is published; if its write fails they are never published, and no
+//! freeze is allowed after the failure, so they never reach a file.
+//!
 //! Waiting writers sleep on their own slot, not on a shared condition
 //! variable: a finished leader wakes exactly the writers of its group (their
 //! results are ready) and hands the lead to the first queued writer, so no
@@ -36,7 +43,7 @@ use std::thread::Thread;
 use crate::batch::{SealedBatch, encode_seq_prefix};
 use crate::checkpoint::{FrozenContent, FrozenMemtable, Storage};
 use crate::error::{Error, Result};
-use crate::memtable::Memtable;
+use crate::memtable::{Apply, Memtable};
 use crate::read::{ReadState, ReadView, Source};
 use crate::wal::writer::WalWriter;
 
@@ -137,6 +144,8 @@ struct WrittenGroup {
     last_seq: u64,
     /// Whether the WAL has grown enough since the last freeze to need one.
     wal_full: bool,
+    /// The group's insert into `memtable`, begun before its WAL write.
+    apply: Apply,
 }
 
 /// When the active memtable is frozen for a checkpoint.
@@ -260,6 +269,10 @@ impl CommitPipeline {
 
         let written = self.write(&group);
 
+        #[cfg(test)]
+        if written.is_err() {
+            tests::pause_after_failed_write();
+        }
         let mut queue = lock(&self.queue);
         match &written {
             Ok(_) => queue.groups_applying += 1,
@@ -275,9 +288,7 @@ impl CommitPipeline {
             Ok(written) => {
                 #[cfg(test)]
                 std::thread::sleep(tests::PAUSE_BEFORE_APPLY.get());
-                for (pending, first) in group.iter().zip(&written.firsts) {
-                    written.memtable.apply(*first, &pending.batch.ops);
-                }
+                written.apply.finish();
                 // Every batch of the group is applied: once every earlier
                 // group is too, readers may see them.
                 self.publish_in_order(written.first_seq, written.last_seq);
@@ -394,9 +405,22 @@ impl CommitPipeline {
             .zip(group)
             .map(|(prefix, pending)| [&prefix[..], &pending.batch.body[..]])
             .collect();
+        // The memtable insert starts before the WAL write: a large group is
+        // handed to the helper thread, which inserts while this thread
+        // writes and fsyncs (a batch of 1,000 keys takes about as long to
+        // insert as to fsync). The versions stay unseen until the group is
+        // published, after its fsync; if the write fails, never. (A freeze
+        // after a failure is refused, so they never reach a file either.)
+        let apply = memtable.start_apply(
+            group
+                .iter()
+                .zip(&firsts)
+                .flat_map(|(pending, first)| (*first..).zip(&pending.batch.ops)),
+        );
         let sync = group.iter().any(|pending| pending.sync);
         if let Err(error) = leader.wal.append_group(&records, sync) {
             leader.failure = Some(error.to_string());
+            apply.finish();
             return Err(error);
         }
         let first_seq = leader.next_seq;
@@ -413,6 +437,7 @@ impl CommitPipeline {
             first_seq,
             last_seq: next_seq - 1,
             wal_full: leader.wal.bytes_since_rotation() >= self.limits.wal_bytes,
+            apply,
         })
     }
 
@@ -478,6 +503,14 @@ impl CommitPipeline {
     /// waiting. Returns the last sequence number frozen (or already in
     /// files, when the memtable was empty).
     fn freeze(&self, leader: &mut LeaderState, backpressure: bool) -> Result<u64> {
+        if let Some(cause) = &leader.failure {
+            // The active memtable may hold versions of the group whose
+            // write failed: never published, and never to be written to a
+            // snapshot file (their sequence numbers are reused on reopen).
+            return Err(Error::WritesStopped {
+                cause: cause.clone(),
+            });
+        }
         let last_seq = leader.next_seq - 1;
         // Groups written before this freeze may still be applying to the
         // active memtable: it is complete (and `is_empty` is right about
@@ -589,15 +622,78 @@ fn check_open(queue: &Queue) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use std::cell::Cell;
+    use std::cell::{Cell, RefCell};
+    use std::sync::atomic::AtomicBool;
     use std::time::Duration;
 
-    use crate::Db;
+    use super::*;
+    use crate::testing::FaultyFileSystem;
+    use crate::{Db, Options, WriteBatch};
 
     thread_local! {
         /// How long a leader on this thread pauses between its group's WAL
         /// write and its memtable apply: tests widen races with it.
         pub static PAUSE_BEFORE_APPLY: Cell<Duration> = const { Cell::new(Duration::ZERO) };
+
+        /// Raised by a leader on this thread whose WAL write failed, which
+        /// then pauses before it stops later writes.
+        static FAILED_WRITE: RefCell<Option<(Arc<AtomicBool>, Duration)>> =
+            const { RefCell::new(None) };
+    }
+
+    pub fn pause_after_failed_write() {
+        FAILED_WRITE.with_borrow(|hook| {
+            if let Some((raised, pause)) = hook {
+                raised.store(true, Ordering::SeqCst);
+                std::thread::sleep(*pause);
+            }
+        });
+    }
+
+    /// A large group's versions go into the memtable while its WAL write
+    /// runs. If that write fails, a checkpoint that comes before the
+    /// failure has stopped writes must still be refused: it would write
+    /// versions never committed to a snapshot file, under sequence numbers
+    /// that are given out again.
+    #[test]
+    fn a_checkpoint_is_refused_while_a_failed_group_stops_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let faulty = Arc::new(FaultyFileSystem::new());
+        let db = Db::open_with(dir.path(), Options::default().file_system(faulty.clone())).unwrap();
+        db.insert("before", "1").unwrap();
+        let raised = Arc::new(AtomicBool::new(false));
+        faulty.fail_syncs(true);
+        let writer = {
+            let db = db.clone();
+            let raised = raised.clone();
+            std::thread::spawn(move || {
+                FAILED_WRITE.set(Some((raised, Duration::from_millis(300))));
+                let mut batch = WriteBatch::new();
+                for i in 0..1_000 {
+                    batch.insert(format!("failed{i:04}"), "x");
+                }
+                db.write(batch)
+            })
+        };
+        while !raised.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        faulty.fail_syncs(false);
+        let checkpointed = db.checkpoint();
+        assert!(
+            matches!(checkpointed, Err(Error::WritesStopped { .. })),
+            "{checkpointed:?}"
+        );
+        assert!(matches!(writer.join().unwrap(), Err(Error::Io { .. })));
+        assert_eq!(db.get("failed0000").unwrap(), None);
+        assert_eq!(db.iter().count(), 1);
+        assert_eq!(db.iter().rev().count(), 1);
+        assert!(db.close().is_err());
+
+        let db = Db::open(dir.path()).unwrap();
+        assert_eq!(db.get("before").unwrap().as_deref(), Some(&b"1"[..]));
+        db.insert("after", "2").unwrap();
+        assert!(db.contains_key("after").unwrap());
     }
 
     /// A checkpoint that freezes the memtable while a group written before
