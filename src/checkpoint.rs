@@ -20,7 +20,7 @@
 //! The manifest and the file list change only on this thread, one job at a
 //! time, so no two jobs race to install a manifest.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -40,6 +40,7 @@ use crate::read::{ReadState, ReadView, Source};
 use crate::replayed::ReplayedRun;
 use crate::snapshot_file::writer::FileSummary;
 use crate::snapshot_file::{SnapshotFile, SnapshotFileWriter};
+use crate::wal::recycle::{Offer, RecycledSegments};
 
 /// A memtable that no longer takes writes, waiting to be checkpointed
 /// (or, after a crash, the run of versions the WAL replay recovered).
@@ -98,6 +99,9 @@ pub(crate) struct StorageConfig {
     pub dir: PathBuf,
     pub max_frozen_memtables: usize,
     pub max_snapshot_files: usize,
+    /// Where obsolete WAL segments go for the writer to reuse; `None` to
+    /// delete them.
+    pub recycled: Option<Arc<RecycledSegments>>,
 }
 
 struct State {
@@ -264,8 +268,24 @@ impl Storage {
         state.merges_requested += 1;
         let target = state.merges_requested;
         self.changed.notify_all();
-        self.wait_until(state, |state| state.merges_done >= target)
-            .map(drop)
+        drop(self.wait_until(state, |state| state.merges_done >= target)?);
+        // A compaction is asked for to reclaim space: that includes the
+        // obsolete WAL segments kept for reuse.
+        self.remove_kept_segments();
+        Ok(())
+    }
+
+    /// Deletes the obsolete WAL segments kept for reuse. A failure leaves
+    /// the file to the next open, which removes every segment a
+    /// checkpoint covers.
+    fn remove_kept_segments(&self) {
+        if let Some(recycled) = &self.config.recycled {
+            for number in recycled.take_all() {
+                let _ = self
+                    .fs
+                    .remove_file(&self.config.dir.join(files::wal_segment_name(number)));
+            }
+        }
     }
 
     /// The error to refuse writes with once background work has failed
@@ -308,6 +328,8 @@ impl Storage {
         if let Some(handle) = lock(&self.thread).take() {
             let _ = handle.join();
         }
+        // Nothing reuses them any more (the WAL writer is closed first).
+        self.remove_kept_segments();
     }
 
     /// Removes what a crash left that nothing reads (see
@@ -457,7 +479,12 @@ impl Storage {
             }
             ReadView { sources }
         });
-        remove_wal_segments_before(&*self.fs, &self.config.dir, frozen.wal_start_segment)?;
+        retire_wal_segments_before(
+            &*self.fs,
+            &self.config.dir,
+            frozen.wal_start_segment,
+            self.config.recycled.as_deref(),
+        )?;
         {
             let mut state = self.state();
             state.manifest = manifest;
@@ -553,24 +580,40 @@ fn file_meta(number: u64, summary: &FileSummary) -> SnapshotFileMeta {
     }
 }
 
-/// Removes the WAL segments numbered below `first_kept` (a checkpoint covers
-/// them). A crash midway leaves some behind; recovery ignores and removes them.
-pub(crate) fn remove_wal_segments_before(
+/// Retires the WAL segments numbered below `first_kept` (a durable
+/// checkpoint covers them): each is kept for the WAL writer to reuse if
+/// `recycled` wants it, else removed. A crash midway leaves some behind;
+/// recovery ignores and removes them.
+pub(crate) fn retire_wal_segments_before(
     fs: &dyn FileSystem,
     dir: &Path,
     first_kept: u64,
+    recycled: Option<&RecycledSegments>,
 ) -> Result<()> {
     let names = fs
         .list_dir(dir)
         .map_err(|e| Error::io("list directory", dir, e))?;
+    let mut listed = BTreeSet::new();
     for name in names {
         if let Some(FileKind::WalSegment(number)) = files::classify(&name) {
-            if number < first_kept {
-                let path = dir.join(&name);
-                fs.remove_file(&path)
-                    .map_err(|e| Error::io("remove", &path, e))?;
+            listed.insert(number);
+            if number >= first_kept {
+                continue;
+            }
+            if recycled.is_some_and(|recycled| recycled.offer(number) == Offer::Kept) {
+                continue;
+            }
+            let path = dir.join(&name);
+            match fs.remove_file(&path) {
+                Ok(()) => {}
+                // Already gone: nothing left to do.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(Error::io("remove", &path, error)),
             }
         }
+    }
+    if let Some(recycled) = recycled {
+        recycled.forget_missing(&listed);
     }
     Ok(())
 }

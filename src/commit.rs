@@ -56,6 +56,9 @@ pub struct CommitStats {
     pub groups: u64,
     /// fsyncs of the WAL (group syncs and explicit syncs).
     pub wal_syncs: u64,
+    /// WAL segments started in the file of an obsolete segment instead of
+    /// a new, zero-filled one.
+    pub wal_segments_reused: u64,
 }
 
 #[derive(Debug)]
@@ -604,6 +607,9 @@ impl CommitPipeline {
             commits: self.commits.load(Ordering::Relaxed),
             groups: self.groups.load(Ordering::Relaxed),
             wal_syncs: self.wal_syncs.load(Ordering::Relaxed),
+            // Under the leader's lock, which a commit holds through its
+            // fsync: stats are not read on a hot path.
+            wal_segments_reused: lock(&self.leader).wal.reused_segments(),
         }
     }
 }

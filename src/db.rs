@@ -14,10 +14,11 @@ use crate::error::{Error, Result};
 use crate::files;
 use crate::io::{FileLock, FileSystem};
 use crate::memtable::Memtable;
-use crate::options::{Durability, Options};
+use crate::options::{Durability, Options, RecoveryMode};
 use crate::read::{Iter, ReadState, ReadView, Snapshot, Source};
 use crate::recovery::{self, RecoveryReport};
 use crate::slice::Slice;
+use crate::wal::recycle::RecycledSegments;
 use crate::wal::writer::{WalConfig, WalWriter};
 
 /// A handle to an open database.
@@ -114,12 +115,18 @@ impl Db {
         sources.extend(recovered.files.iter().cloned().map(Source::File));
         let read_state = Arc::new(ReadState::new(ReadView { sources }, recovered.last_seq));
         let file_numbers = Arc::new(AtomicU64::new(recovered.next_file_number));
+        // WAL segments a checkpoint covers are reused, except under
+        // `Strict`: a reused segment's tail after a crash holds the old
+        // segment's records, which read as a torn tail (`format/wal.md`).
+        let recycled = (options.recovery_mode != RecoveryMode::Strict)
+            .then(|| Arc::new(RecycledSegments::new()));
         let storage = Storage::start(
             fs.clone(),
             StorageConfig {
                 dir: path.clone(),
                 max_frozen_memtables: options.max_frozen_memtables,
                 max_snapshot_files: options.max_snapshot_files,
+                recycled: recycled.clone(),
             },
             read_state.clone(),
             file_numbers.clone(),
@@ -145,6 +152,7 @@ impl Db {
                 segment_bytes: options.wal_segment_bytes,
             },
             file_numbers,
+            recycled,
         );
         let pipeline = CommitPipeline::new(
             wal,

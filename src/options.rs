@@ -34,6 +34,12 @@ pub enum RecoveryMode {
     /// [`RecoveryReport::moved_aside`](crate::RecoveryReport::moved_aside) lists.
     PointInTime,
     /// Refuse to open on any anomaly, a torn tail included.
+    ///
+    /// A database opened this way never reuses obsolete WAL segments (it
+    /// zero-fills every new one): after a crash, a reused segment's old
+    /// records read as a torn tail. One written in another mode and then
+    /// opened with `Strict` after a crash is refused for that reason
+    /// (`format/wal.md`, "Reused segments").
     Strict,
 }
 

@@ -92,9 +92,14 @@ fn checkpoint_trims_the_wal_and_reopen_reads_the_files() {
         db.insert(key(i), vec![b'v'; 50]).unwrap();
     }
     db.checkpoint().unwrap();
-    // Everything is in snapshot files; only the active segment is left.
-    assert_eq!(files_with_extension(dir.path(), "wal").len(), 1);
+    // Everything is in snapshot files: besides the active segment, only
+    // the few obsolete ones kept for reuse are left (at most four), and a
+    // compaction removes those.
+    let segments = files_with_extension(dir.path(), "wal").len();
+    assert!((1..=5).contains(&segments), "{segments} segments");
     assert!(!files_with_extension(dir.path(), "snap").is_empty());
+    db.compact().unwrap();
+    assert_eq!(files_with_extension(dir.path(), "wal").len(), 1);
     db.insert("after", "checkpoint").unwrap();
     db.close().unwrap();
 
@@ -467,4 +472,39 @@ fn a_replayed_wal_is_readable_at_once_and_checkpointed_in_the_background() {
         Some(&b"kept"[..])
     );
     check(&db, "reopened");
+}
+
+/// Segments a checkpoint made obsolete are reused for the next ones, and
+/// everything written reads back after a reopen; never under `Strict`,
+/// where a reused segment's old records after a crash would be refused.
+#[test]
+fn obsolete_wal_segments_are_reused_except_under_strict() {
+    for strict in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = small_memtable().wal_segment_bytes(16 * 1024);
+        if strict {
+            options = options.recovery_mode(mapstore::RecoveryMode::Strict);
+        }
+        let db = Db::open_with(dir.path(), options.clone()).unwrap();
+        for i in 0..4000 {
+            db.insert(key(i), vec![b'v'; 60]).unwrap();
+            if i % 500 == 499 {
+                db.checkpoint().unwrap();
+            }
+        }
+        let reused = db.commit_stats().wal_segments_reused;
+        if strict {
+            assert_eq!(reused, 0);
+        } else {
+            assert!(reused >= 4, "{reused} segments reused");
+        }
+        db.close().unwrap();
+        // Close deletes the segments kept for reuse: only the last is left.
+        assert_eq!(files_with_extension(dir.path(), "wal").len(), 1);
+        let db = Db::open_with(dir.path(), options).unwrap();
+        for i in (0..4000).step_by(37) {
+            assert_eq!(db.get(key(i)).unwrap().as_deref(), Some(&[b'v'; 60][..]));
+        }
+        assert_eq!(db.iter().count(), 4000);
+    }
 }

@@ -1,6 +1,7 @@
 //! Writing the WAL: segment files are prepared ahead of use (zero-filled,
-//! fsynced, renamed into place, directory fsynced), and groups of records are
-//! framed and written at page-aligned offsets.
+//! or reused from a segment a checkpoint covers; fsynced, renamed into
+//! place, directory fsynced), and groups of records are framed and written
+//! at page-aligned offsets.
 //!
 //! The writer knows nothing of batches or the memtable: it writes records
 //! (opaque byte strings) and makes them durable. The group commit protocol
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use super::format::{Framer, SegmentHeader, WAL_FORMAT_VERSION};
+use super::recycle::RecycledSegments;
 use crate::error::{Error, Result};
 use crate::files;
 use crate::io::{FileSystem, WritableFile};
@@ -30,12 +32,17 @@ pub struct WalWriter {
     fs: Arc<dyn FileSystem>,
     config: WalConfig,
     file_numbers: Arc<AtomicU64>,
+    /// Obsolete segments to reuse; `None` when segments are never reused
+    /// (`RecoveryMode::Strict`).
+    recycled: Option<Arc<RecycledSegments>>,
     active: Option<ActiveSegment>,
     next: Preparer,
     /// Reused buffer for framing a group.
     frame_buffer: Vec<u8>,
     /// Bytes written since the last rotation (what a replay would read).
     bytes_since_rotation: u64,
+    /// Segments activated that reused an obsolete segment's file.
+    reused_segments: u64,
 }
 
 #[derive(Debug)]
@@ -49,6 +56,22 @@ struct ActiveSegment {
     /// everything written is synced (the next write starts a new run on a
     /// fresh page).
     unsynced_run: Option<u32>,
+    /// Whether the file is a reused segment, whose bytes past what this
+    /// writer wrote are the old segment's, not zeros.
+    reused: bool,
+}
+
+impl ActiveSegment {
+    /// Cuts the file at the write position (everything before it synced)
+    /// and makes the new length durable.
+    fn cut_after_records(&mut self) -> Result<()> {
+        self.file
+            .set_len(self.write_pos)
+            .map_err(|e| Error::io("truncate", &self.path, e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io("fsync", &self.path, e))
+    }
 }
 
 /// A segment file fully written under its temporary name.
@@ -57,6 +80,7 @@ struct PreparedSegment {
     number: u64,
     temp_path: PathBuf,
     file: Box<dyn WritableFile>,
+    reused: bool,
 }
 
 /// Prepares the next segment on a background thread, so that a writer
@@ -70,15 +94,19 @@ struct Preparer {
 impl WalWriter {
     /// A writer that will put its first record in a new segment, numbered from
     /// `file_numbers`. Preparation of that segment starts now in the background.
+    /// With `recycled`, a segment is prepared from an obsolete one when the
+    /// pool has one.
     pub fn new(
         fs: Arc<dyn FileSystem>,
         config: WalConfig,
         file_numbers: Arc<AtomicU64>,
+        recycled: Option<Arc<RecycledSegments>>,
     ) -> WalWriter {
         let mut writer = WalWriter {
             fs,
             config,
             file_numbers,
+            recycled,
             active: None,
             next: Preparer {
                 handle: None,
@@ -86,6 +114,7 @@ impl WalWriter {
             },
             frame_buffer: Vec::new(),
             bytes_since_rotation: 0,
+            reused_segments: 0,
         };
         writer.start_preparing();
         writer
@@ -124,8 +153,17 @@ impl WalWriter {
             self.frame_into(buffer, records)?;
         }
         let page = self.config.page_bytes as u64;
+        let segment_bytes = self.config.segment_bytes;
         let active = self.active_mut()?;
         let start = active.write_pos;
+        if sync && active.reused {
+            // The fsync below ends the page, whose rest must then be zeros
+            // (see `sync`): padded here, in the group's own write, `sync`
+            // finds nothing left to write.
+            let end = start + buffer.len() as u64;
+            let padded = end.div_ceil(page).saturating_mul(page).min(segment_bytes);
+            buffer.resize((padded.max(end) - start) as usize, 0);
+        }
         active
             .file
             .write_all_at(start, buffer)
@@ -171,11 +209,24 @@ impl WalWriter {
     /// never written again, so a torn later write cannot damage them.
     pub fn sync(&mut self) -> Result<()> {
         let page = self.config.page_bytes as u64;
+        let segment_bytes = self.config.segment_bytes;
         let Some(active) = self.active.as_mut() else {
             return Ok(());
         };
         if active.unsynced_run.is_none() {
             return Ok(());
+        }
+        if active.reused {
+            // The fsync ends the page: its rest must be zeros, not the old
+            // segment's bytes, or a reader would take them for damage in
+            // front of the next sync run (and so for corruption).
+            let padded = active
+                .write_pos
+                .div_ceil(page)
+                .saturating_mul(page)
+                .min(segment_bytes);
+            write_zeros(&mut *active.file, active.write_pos, padded)
+                .map_err(|e| Error::io("write", &active.path, e))?;
         }
         active
             .file
@@ -189,6 +240,11 @@ impl WalWriter {
     /// Bytes of records written since the last [`rotate`](Self::rotate).
     pub fn bytes_since_rotation(&self) -> u64 {
         self.bytes_since_rotation
+    }
+
+    /// Segments activated so far that reused an obsolete segment's file.
+    pub fn reused_segments(&self) -> u64 {
+        self.reused_segments
     }
 
     /// Makes everything written so far durable and moves to a new segment;
@@ -207,14 +263,7 @@ impl WalWriter {
     pub fn close(&mut self) -> Result<()> {
         self.sync()?;
         if let Some(active) = self.active.as_mut() {
-            active
-                .file
-                .set_len(active.write_pos)
-                .map_err(|e| Error::io("truncate", &active.path, e))?;
-            active
-                .file
-                .sync_all()
-                .map_err(|e| Error::io("fsync", &active.path, e))?;
+            active.cut_after_records()?;
         }
         self.discard_prepared()
     }
@@ -232,6 +281,17 @@ impl WalWriter {
         // hold records: recovery treats any damage before the last segment as
         // corruption, never as a torn tail.
         self.sync()?;
+        if let Some(active) = self.active.as_mut().filter(|active| active.reused) {
+            // A reused segment that is no longer the last is cut after its
+            // records (durably, before the next segment is renamed in): the
+            // old segment's bytes there would read as damage, and damage
+            // before the last segment is corruption. Cutting is one metadata
+            // change; zeroing the rest could take a whole segment of writes.
+            active.cut_after_records()?;
+            if let Some(recycled) = &self.recycled {
+                recycled.note_cut(active.number, active.write_pos);
+            }
+        }
         let prepared = match self.next.handle.take() {
             Some(handle) => handle.join().unwrap_or_else(|_| {
                 Err(Error::io(
@@ -244,6 +304,7 @@ impl WalWriter {
                 &*self.fs,
                 &self.config,
                 &self.file_numbers,
+                self.recycled.as_deref(),
                 &AtomicBool::new(false),
             )?,
         };
@@ -257,12 +318,19 @@ impl WalWriter {
         self.fs
             .sync_dir(&self.config.dir)
             .map_err(|e| Error::io("fsync directory", &self.config.dir, e))?;
+        if let Some(recycled) = &self.recycled {
+            recycled.note_created(prepared.number);
+        }
+        if prepared.reused {
+            self.reused_segments += 1;
+        }
         self.active = Some(ActiveSegment {
             number: prepared.number,
             path,
             file: prepared.file,
             write_pos: self.config.page_bytes as u64,
             unsynced_run: None,
+            reused: prepared.reused,
         });
         self.start_preparing();
         Ok(())
@@ -272,9 +340,10 @@ impl WalWriter {
         let fs = self.fs.clone();
         let config = self.config.clone();
         let numbers = self.file_numbers.clone();
+        let recycled = self.recycled.clone();
         let cancel = self.next.cancel.clone();
         self.next.handle = Some(std::thread::spawn(move || {
-            prepare_segment(&*fs, &config, &numbers, &cancel)
+            prepare_segment(&*fs, &config, &numbers, recycled.as_deref(), &cancel)
         }));
     }
 
@@ -314,32 +383,96 @@ fn no_active_segment() -> Error {
     }
 }
 
-/// Writes a new segment under a temporary name: the header page, then zeros
-/// up to the segment size, then fsync. Writing real zeros (not `fallocate`)
-/// means later writes overwrite allocated blocks and `fdatasync` has no
-/// extent or size metadata to flush.
+/// Prepares segment number `file_numbers.next()` under a temporary name:
+/// from an obsolete segment of `recycled` if it has one, else as a new file.
 fn prepare_segment(
     fs: &dyn FileSystem,
     config: &WalConfig,
     file_numbers: &AtomicU64,
+    recycled: Option<&RecycledSegments>,
     cancel: &AtomicBool,
 ) -> Result<PreparedSegment> {
     let number = file_numbers.fetch_add(1, Ordering::SeqCst);
     let temp_path = config
         .dir
         .join(files::temp_name(&files::wal_segment_name(number)));
-    let mut file = fs
-        .create_new(&temp_path)
-        .map_err(|e| Error::io("create", &temp_path, e))?;
+    if let Some((old, cut)) = recycled.and_then(RecycledSegments::take) {
+        let old_path = config.dir.join(files::wal_segment_name(old));
+        match reuse_segment(fs, config, &old_path, &temp_path, number, cut) {
+            Ok(file) => {
+                return Ok(PreparedSegment {
+                    number,
+                    temp_path,
+                    file,
+                    reused: true,
+                });
+            }
+            Err(_) => {
+                // Whatever is left of it (under either name) is an obsolete
+                // segment or a temporary file, which the next open removes
+                // if this does not. A new segment is written instead.
+                let _ = fs.remove_file(&temp_path);
+            }
+        }
+    }
+    new_segment(fs, config, number, temp_path, cancel)
+}
+
+/// Renames obsolete segment `old_path` to `temp_path` and rewrites its
+/// header page for segment `number`, then fsyncs it. The records after the header stay: their checksums name the
+/// old segment, so they read as the end of the log (`format/wal.md`,
+/// "Reused segments"). A segment the writer `cut` short is filled up with
+/// zeros again, so that every write lands on allocated blocks.
+fn reuse_segment(
+    fs: &dyn FileSystem,
+    config: &WalConfig,
+    old_path: &Path,
+    temp_path: &Path,
+    number: u64,
+    cut: Option<u64>,
+) -> std::io::Result<Box<dyn WritableFile>> {
+    fs.rename(old_path, temp_path)?;
+    let mut file = fs.open_writable(temp_path)?;
+    file.write_all_at(0, &header_page(config, number))?;
+    if let Some(length) = cut {
+        write_zeros(
+            &mut *file,
+            length.max(config.page_bytes as u64),
+            config.segment_bytes,
+        )?;
+    }
+    file.sync_all()?;
+    Ok(file)
+}
+
+/// Page 0 of segment `number`: the header, then zeros.
+fn header_page(config: &WalConfig, number: u64) -> Vec<u8> {
     let header = SegmentHeader {
         format_version: WAL_FORMAT_VERSION,
         page_bytes: config.page_bytes as u32,
         segment_number: number,
     };
+    let mut page = vec![0u8; config.page_bytes];
+    page[..super::format::SEGMENT_HEADER_BYTES].copy_from_slice(&header.encode());
+    page
+}
+
+/// Writes a new segment under a temporary name: the header page, then zeros
+/// up to the segment size, then fsync. Writing real zeros (not `fallocate`)
+/// means later writes overwrite allocated blocks and `fdatasync` has no
+/// extent or size metadata to flush.
+fn new_segment(
+    fs: &dyn FileSystem,
+    config: &WalConfig,
+    number: u64,
+    temp_path: PathBuf,
+    cancel: &AtomicBool,
+) -> Result<PreparedSegment> {
+    let mut file = fs
+        .create_new(&temp_path)
+        .map_err(|e| Error::io("create", &temp_path, e))?;
     let result = (|| {
-        let mut first_page = vec![0u8; config.page_bytes];
-        first_page[..super::format::SEGMENT_HEADER_BYTES].copy_from_slice(&header.encode());
-        file.write_all_at(0, &first_page)?;
+        file.write_all_at(0, &header_page(config, number))?;
         let zeros = vec![0u8; 1 << 20];
         let mut offset = config.page_bytes as u64;
         while offset < config.segment_bytes && !cancel.load(Ordering::Relaxed) {
@@ -354,6 +487,7 @@ fn prepare_segment(
             number,
             temp_path,
             file,
+            reused: false,
         }),
         Err(error) => {
             drop(file);
@@ -361,6 +495,19 @@ fn prepare_segment(
             Err(Error::io("prepare WAL segment", temp_path, error))
         }
     }
+}
+
+/// Writes zeros over `start..end` of `file`.
+fn write_zeros(file: &mut dyn WritableFile, start: u64, end: u64) -> std::io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; end.saturating_sub(start).min(CHUNK) as usize];
+    let mut offset = start;
+    while offset < end {
+        let len = (end - offset).min(CHUNK) as usize;
+        file.write_all_at(offset, &zeros[..len])?;
+        offset += len as u64;
+    }
+    Ok(())
 }
 
 /// Reads a whole segment file.
