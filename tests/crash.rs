@@ -29,7 +29,12 @@ const CHILD_CHECKPOINTS: &str = "MAPSTORE_CRASH_CHILD_CHECKPOINTS";
 fn options(checkpoints: bool) -> Options {
     let options = common::small_options(Durability::Sync);
     if checkpoints {
-        options.memtable_size(16 * 1024).max_snapshot_files(3)
+        // Small segments, so that the ones checkpoints make obsolete are
+        // reused many times before a kill.
+        options
+            .memtable_size(16 * 1024)
+            .max_snapshot_files(3)
+            .wal_segment_bytes(16 * 1024)
     } else {
         options
     }
@@ -53,6 +58,8 @@ fn child_main(dir: &Path, first_batch: u64, checkpoints: bool) -> ! {
                     } else {
                         db.checkpoint().expect("child: checkpoint failed");
                     }
+                    // WAL segments the checkpoints made obsolete are reused.
+                    println!("reused {}", db.commit_stats().wal_segments_reused);
                 }
             });
         }
@@ -115,6 +122,7 @@ fn kill_and_check(test_name: &str, checkpoints: bool) {
     let mut torn_tails = 0;
     let mut total_acknowledged = 0;
     let mut files_after_crash = 0;
+    let mut kills_after_reuse = 0;
     for iteration in 0..iterations {
         if iteration % 10 == 0 {
             // A fresh database every 10 kills keeps the log (which only grows
@@ -169,9 +177,15 @@ fn kill_and_check(test_name: &str, checkpoints: bool) {
         child.wait().unwrap();
         reader.join().unwrap();
         // Every complete "ack" line was printed after its commit returned.
+        let mut reused_before_kill = false;
         for line in lines.1.try_iter() {
             let mut parts = line.split_whitespace();
-            if parts.next() != Some("ack") {
+            let tag = parts.next();
+            if tag == Some("reused") {
+                reused_before_kill |= parts.next().is_some_and(|n| n != "0");
+                continue;
+            }
+            if tag != Some("ack") {
                 continue;
             }
             let (Some(batch), Some(seq)) = (parts.next(), parts.next()) else {
@@ -184,6 +198,7 @@ fn kill_and_check(test_name: &str, checkpoints: bool) {
             max_acked_seq = max_acked_seq.max(seq);
         }
 
+        kills_after_reuse += u64::from(reused_before_kill);
         let db = Db::open_with(&path, options(checkpoints))
             .unwrap_or_else(|e| panic!("iteration {iteration}: reopen failed: {e}"));
         if db.recovery_report().torn_tail.is_some() {
@@ -238,12 +253,16 @@ fn kill_and_check(test_name: &str, checkpoints: bool) {
     }
     total_acknowledged += acknowledged.len();
     eprintln!(
-        "{iterations} kills, {total_acknowledged} acknowledged batches checked, {torn_tails} torn tails cut, {files_after_crash} snapshot files reopened"
+        "{iterations} kills, {total_acknowledged} acknowledged batches checked, {torn_tails} torn tails cut, {files_after_crash} snapshot files reopened, {kills_after_reuse} kills after a WAL segment was reused"
     );
     if checkpoints {
         assert!(
             files_after_crash > 0,
             "no checkpoint ever completed before a kill"
+        );
+        assert!(
+            kills_after_reuse > 0,
+            "no WAL segment was ever reused before a kill"
         );
     }
     assert!(

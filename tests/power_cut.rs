@@ -326,9 +326,9 @@ fn checkpoints_merges_and_reopens_survive_every_power_cut() {
 /// next segment's name with a new header, the old records left behind the
 /// new ones. Every crash point must still recover exactly what was
 /// acknowledged, and the old records must never come back: single commits
-/// end their page in a reused segment, a checkpoint switches away from a
-/// reused segment (which is cut after its records), and a reused segment
-/// is reused again.
+/// end their page in a reused segment, a group larger than a segment fills
+/// one past its size, a checkpoint switches away from a reused segment
+/// (which is cut after its records), and a reused segment is reused again.
 #[test]
 fn reused_wal_segments_survive_every_power_cut() {
     let full = crash_everywhere(
@@ -340,9 +340,16 @@ fn reused_wal_segments_survive_every_power_cut() {
             Step::Checkpoint,
             Step::Insert("d".into(), vec![4; 100]),
             batch("e", 30, 100),
+            // Larger than a segment: each goes alone into a segment and
+            // runs past the segment size; once that file is reused, the
+            // next one ends inside what the first left behind.
+            batch("k", 5, 2000),
             Step::Remove("a0001".into()),
             batch("f", 30, 100),
             Step::Checkpoint,
+            batch("l", 4, 2000),
+            batch("m", 4, 2000),
+            batch("n", 4, 2000),
             Step::Insert("g".into(), vec![5; 300]),
             batch("h", 30, 110),
             batch("i", 30, 110),

@@ -153,7 +153,6 @@ impl WalWriter {
             self.frame_into(buffer, records)?;
         }
         let page = self.config.page_bytes as u64;
-        let segment_bytes = self.config.segment_bytes;
         let active = self.active_mut()?;
         let start = active.write_pos;
         if sync && active.reused {
@@ -161,8 +160,8 @@ impl WalWriter {
             // (see `sync`): padded here, in the group's own write, `sync`
             // finds nothing left to write.
             let end = start + buffer.len() as u64;
-            let padded = end.div_ceil(page).saturating_mul(page).min(segment_bytes);
-            buffer.resize((padded.max(end) - start) as usize, 0);
+            let padded = end.div_ceil(page).saturating_mul(page);
+            buffer.resize((padded - start) as usize, 0);
         }
         active
             .file
@@ -209,7 +208,6 @@ impl WalWriter {
     /// never written again, so a torn later write cannot damage them.
     pub fn sync(&mut self) -> Result<()> {
         let page = self.config.page_bytes as u64;
-        let segment_bytes = self.config.segment_bytes;
         let Some(active) = self.active.as_mut() else {
             return Ok(());
         };
@@ -219,12 +217,11 @@ impl WalWriter {
         if active.reused {
             // The fsync ends the page: its rest must be zeros, not the old
             // segment's bytes, or a reader would take them for damage in
-            // front of the next sync run (and so for corruption).
-            let padded = active
-                .write_pos
-                .div_ceil(page)
-                .saturating_mul(page)
-                .min(segment_bytes);
+            // front of the next sync run, or at the end of a segment that
+            // is no longer the last (corruption either way). Also past the
+            // segment size: a group larger than a segment runs past it,
+            // over whatever a longer old file held there.
+            let padded = active.write_pos.div_ceil(page).saturating_mul(page);
             write_zeros(&mut *active.file, active.write_pos, padded)
                 .map_err(|e| Error::io("write", &active.path, e))?;
         }
