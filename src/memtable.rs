@@ -608,14 +608,17 @@ impl Memtable {
             .fetch_add(bytes, AtomicOrdering::Relaxed);
         // Most comparisons decide on the prefix, without reading key bytes.
         sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.key.cmp(&b.2.key)));
-        let entries = sorted
-            .iter()
-            .map(|&(prefix, seq, op)| entry(prefix, seq, op));
+        let entries = |versions: &[(Prefix, u64, &Operation)]| -> Vec<VersionEntry> {
+            versions
+                .iter()
+                .map(|&(prefix, seq, op)| entry(prefix, seq, op))
+                .collect()
+        };
         if sorted.len() < PARALLEL_APPLY_MIN_VERSIONS || !parallel_apply() {
             return Apply {
                 work: ApplyWork::Alone {
                     versions: self.versions.clone(),
-                    entries: entries.collect(),
+                    entries: entries(&sorted),
                 },
             };
         }
@@ -624,13 +627,11 @@ impl Memtable {
         // and of their order: chunks of neighbouring keys can go to either
         // thread. Chunks are claimed from the end of the list, so the list
         // is built highest keys first and the lowest are inserted first.
-        let mut chunks: Vec<Vec<VersionEntry>> =
-            Vec::with_capacity(sorted.len().div_ceil(VERSIONS_PER_CHUNK));
-        let mut entries = entries.peekable();
-        while entries.peek().is_some() {
-            chunks.push(entries.by_ref().take(VERSIONS_PER_CHUNK).collect());
-        }
-        chunks.reverse();
+        let chunks = sorted
+            .chunks(VERSIONS_PER_CHUNK)
+            .rev()
+            .map(entries)
+            .collect();
         let shared = Arc::new(SharedInserts {
             versions: self.versions.clone(),
             state: Mutex::new(SharedState {
