@@ -1,4 +1,5 @@
-//! Read-only memory maps of immutable files. This is the only module of
+//! Read-only memory maps of immutable files, and a hint to the processor
+//! to load mapped bytes ahead of their use. This is the only module of
 //! mapstore with `unsafe` code.
 //!
 //! A map is wrapped in [`Bytes`], so keys and values read from a snapshot
@@ -107,6 +108,31 @@ pub(crate) fn map_read_only(path: &Path) -> io::Result<MappedFile> {
     })
 }
 
+/// Asks the processor to start loading `bytes` into its caches without
+/// waiting for them, one request per 64-byte cache line.
+///
+/// A reverse scan calls it on the block it will read next: it walks the
+/// file's blocks from the last to the first, an order in which the
+/// processor does not fetch ahead by itself, and each block's loads then
+/// stall its decoding (measured: 3 to 5% fewer cycles per reverse scan
+/// with this hint). Only a hint: it changes no result, and does nothing on
+/// other processors than x86-64.
+#[inline]
+pub(crate) fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: `_mm_prefetch` is unsafe only because it needs the SSE
+        // target feature, which is part of the x86-64 baseline every
+        // x86-64 processor has and Rust compiles for. A prefetch reads
+        // nothing into the program and never faults, whatever the address;
+        // this one is inside a live slice anyway.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast::<i8>()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,15 +158,33 @@ mod tests {
         assert!(map_read_only(&dir.path().join("missing")).is_err());
     }
 
+    /// A mapped file of `len` patterned bytes, with those bytes.
+    fn mapped_file_of(len: u32) -> (tempfile::TempDir, Vec<u8>, MappedFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let contents: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &contents).unwrap();
+        let mapped = map_read_only(&path).unwrap();
+        (dir, contents, mapped)
+    }
+
+    /// A prefetch of any slice (empty, shorter than a cache line, not a
+    /// multiple of one, of a map or of the heap) changes nothing.
+    #[test]
+    fn prefetching_changes_no_bytes() {
+        let (_dir, contents, mapped) = mapped_file_of(3 * 4096 + 7);
+        for range in [0..0, 0..1, 5..70, 4096..8192, 0..contents.len()] {
+            prefetch(&mapped.bytes[range.clone()]);
+            prefetch(&contents[range]);
+        }
+        assert_eq!(mapped.bytes[..], contents[..]);
+    }
+
     /// Released pages read back the same bytes, through the map and
     /// through slices taken before the release.
     #[test]
     fn released_pages_read_back_unchanged() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let contents: Vec<u8> = (0..5 * 4096 + 100u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, &contents).unwrap();
-        let mapped = map_read_only(&path).unwrap();
+        let (_dir, contents, mapped) = mapped_file_of(5 * 4096 + 100);
         let held = mapped.bytes.slice(4000..9000);
         assert_eq!(mapped.bytes[..], contents[..]);
         let pages = mapped.pages.expect("a real map");

@@ -74,9 +74,6 @@ enum Walk {
         block: Option<(usize, Bytes)>,
         /// The block's entries; one list, reused from block to block.
         entries: Vec<EntryRef>,
-        /// For each entry, whether it is its key's first (newest) version:
-        /// walking backward, a key's versions end there.
-        key_starts: Vec<bool>,
         /// `entries[next - 1]` is read next.
         next: usize,
     },
@@ -131,7 +128,6 @@ impl FileCursor {
                 let walk = Walk::Backward {
                     block: None,
                     entries: Vec::new(),
-                    key_starts: Vec::new(),
                     next: 0,
                 };
                 let first = first.min(count.saturating_sub(1));
@@ -249,8 +245,8 @@ impl FileCursor {
     }
 
     /// Backward, a key's versions come oldest first: its head is the last
-    /// version at or below `seq` before the key's first entry (which the
-    /// block's `key_starts` marks), and a key may continue into the
+    /// version at or below `seq` before the key's first entry (the one
+    /// after an entry of another key), and a key may continue into the
     /// previous block.
     ///
     /// Within a block, the best version so far is a position in the block's
@@ -263,7 +259,6 @@ impl FileCursor {
             let Walk::Backward {
                 block: Some((index, bytes)),
                 entries,
-                key_starts,
                 next,
             } = &mut self.walk
             else {
@@ -283,7 +278,7 @@ impl FileCursor {
                 }
                 continue;
             };
-            let (Some(entry), Some(&starts_key)) = (entries.get(at), key_starts.get(at)) else {
+            let Some(entry) = entries.get(at) else {
                 break;
             };
             let key = &bytes[entry.key()];
@@ -302,9 +297,17 @@ impl FileCursor {
                 best_at = Some(at);
             }
             *next = at;
-            if starts_key && (best_at.is_some() || best_left_behind.is_some()) {
-                // The key's versions are all read.
-                break;
+            if best_at.is_some() || best_left_behind.is_some() {
+                // The entry before this one, or the previous block's last
+                // (which the index names), tells whether the key's versions
+                // are all read.
+                let before = match at.checked_sub(1) {
+                    Some(before) => entries.get(before).map(|entry| &bytes[entry.key()]),
+                    None => index.checked_sub(1).map(|i| self.file.last_key(i)),
+                };
+                if !before.is_some_and(|before| same_key(before, key)) {
+                    break;
+                }
             }
         }
         // The head: the best version in the current block, or the one kept
@@ -359,22 +362,17 @@ impl FileCursor {
             Walk::Backward {
                 block,
                 entries,
-                key_starts,
                 next,
             } => {
                 // On error the list is left unspecified, but no block is
                 // current, so nothing reads it.
                 *block = None;
-                let bytes = self.file.block_into(index, entries)?;
-                // A key's first entry in a block starts it unless the
-                // previous block ends with the same key.
-                let mut previous_key = index.checked_sub(1).map(|i| self.file.last_key(i));
-                key_starts.clear();
-                for entry in entries.iter() {
-                    let key = &bytes[entry.key()];
-                    key_starts.push(!previous_key.is_some_and(|previous| same_key(previous, key)));
-                    previous_key = Some(key);
+                // The processor does not fetch ahead in this order by
+                // itself: ask for the block this walk reads after this one.
+                if let Some(previous) = index.checked_sub(1) {
+                    self.file.prefetch_block(previous);
                 }
+                let bytes = self.file.block_into(index, entries)?;
                 // Every key of block `index` is at or above the previous
                 // block's last key.
                 self.block_within_end = index

@@ -210,7 +210,17 @@ pub fn parse_block_into(block: &[u8], entries: &mut Vec<EntryRef>) -> Result<(),
         return Err(format!("block claims {} entries", cursor.left));
     }
     entries.reserve(cursor.left);
-    while cursor.push_next_entry(entries)? {}
+    while cursor.left > 0 {
+        // The short path's entry goes straight into the list. Pushing what
+        // `next_entry` returns builds it on the stack inside a
+        // `Result<Option<_>>` and copies it, which stalls the processor:
+        // in a loop over one cached block of 16-byte keys and 100-byte
+        // values, 7 to 9 ns an entry this way, 17 to 20 that way.
+        match cursor.next_short_value() {
+            Some(entry) => entries.push(entry),
+            None => entries.extend(cursor.next_entry_in_full()?),
+        }
+    }
     if !cursor.at_end() {
         return Err("bytes left after the last entry".into());
     }
@@ -273,28 +283,56 @@ impl<'a> BlockCursor<'a> {
         }
     }
 
-    /// Appends the next entry to `entries`; false after the last.
-    ///
-    /// The same as pushing what [`next_entry`](Self::next_entry) returns,
-    /// but written so that the entry goes straight into the list: built
-    /// on the stack field by field and then copied in wider moves, it
-    /// stalled the processor (a quarter of the decoding's samples in
-    /// `perf`, on that copy).
-    #[inline]
-    fn push_next_entry(&mut self, entries: &mut Vec<EntryRef>) -> Result<bool, String> {
-        let Some(entry) = self.next_entry()? else {
-            return Ok(false);
-        };
-        entries.push(entry);
-        Ok(true)
-    }
-
     /// The next entry, or `None` after the last.
     #[inline(always)]
     pub fn next_entry(&mut self) -> Result<Option<EntryRef>, String> {
         if self.left == 0 {
             return Ok(None);
         }
+        if let Some(entry) = self.next_short_value() {
+            return Ok(Some(entry));
+        }
+        self.next_entry_in_full()
+    }
+
+    /// The next entry if it is a value whose key and value are both
+    /// shorter than 128 bytes (the common case: each length is one varint
+    /// byte, so the whole header is 11 bytes at fixed places), or `None`
+    /// to leave it to [`next_entry_in_full`](Self::next_entry_in_full).
+    ///
+    /// Decoding an entry is a chain: where the next one starts depends on
+    /// this one's lengths. Reading the header in one piece and checking
+    /// it with one branch shortens that chain; a walk that decodes a whole
+    /// block at once (a reverse scan) spent a fifth of its time here.
+    #[inline(always)]
+    fn next_short_value(&mut self) -> Option<EntryRef> {
+        let header: &[u8; 11] = self.block[..self.body_end].get(self.pos..)?.first_chunk()?;
+        let [kind, s0, s1, s2, s3, s4, s5, s6, s7, key_len, value_len] = *header;
+        if kind != KIND_VALUE || (key_len | value_len) >= 0x80 {
+            return None;
+        }
+        let key_start = self.pos + 11;
+        let key_end = key_start + usize::from(key_len);
+        let value_end = key_end + usize::from(value_len);
+        if value_end > self.body_end {
+            return None;
+        }
+        self.left -= 1;
+        self.pos = value_end;
+        // The offsets are at most the block's length, which fits in a u32
+        // (as in `next_entry_in_full`).
+        Some(EntryRef {
+            seq: u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+            key_start: key_start as u32,
+            key_end: key_end as u32,
+            value_end: value_end as u32,
+            is_removal: false,
+        })
+    }
+
+    /// The next entry of any kind and size (`left` is not zero), checking
+    /// every length.
+    fn next_entry_in_full(&mut self) -> Result<Option<EntryRef>, String> {
         self.left -= 1;
         let body = &self.block[..self.body_end];
         let pos = &mut self.pos;
@@ -560,6 +598,55 @@ mod tests {
             damaged[i] ^= 0x10;
             assert!(decode_block(&damaged).is_err(), "flip at {i} accepted");
         }
+    }
+
+    /// Entries whose lengths take one varint byte are decoded by a short
+    /// path; every other entry by the full one. Across the boundary (127
+    /// and 128 bytes), removals and values, both must give what was
+    /// encoded.
+    #[test]
+    fn short_and_long_entries_decode_to_what_was_encoded() {
+        let lengths = [0usize, 1, 16, 126, 127, 128, 129, 300];
+        let mut expected = Vec::new();
+        let mut body = Vec::new();
+        for (i, &key_len) in lengths.iter().enumerate() {
+            let mut key = vec![b'k'; key_len];
+            if let Some(last) = key.last_mut() {
+                *last = i as u8;
+            }
+            let values = lengths.iter().map(|&len| Some(vec![0xa5; len]));
+            for (seq, value) in (1..).zip(values.chain([None])) {
+                encode_entry(&mut body, &key, seq, value.as_deref());
+                expected.push((key.clone(), seq, value));
+            }
+        }
+        let mut block = Vec::new();
+        seal_block_into(&mut block, expected.len() as u32, &body);
+        let decoded = parse_block(&block).unwrap();
+        let mut one_by_one = BlockCursor::new(&block).unwrap();
+        let mut seen = Vec::new();
+        for entry in &decoded {
+            assert_eq!(one_by_one.next_entry(), Ok(Some(entry.clone())));
+            let value = entry.value().map(|range| block[range].to_vec());
+            seen.push((block[entry.key()].to_vec(), entry.seq, value));
+        }
+        assert_eq!(one_by_one.next_entry(), Ok(None));
+        assert_eq!(seen, expected);
+    }
+
+    /// A short entry whose value would run into the block's CRC is
+    /// refused, even though the bytes it claims are inside the block.
+    #[test]
+    fn a_short_entry_running_into_the_crc_is_refused() {
+        let mut body = Vec::new();
+        encode_entry(&mut body, b"key", 1, Some(&[7; 20]));
+        // Four bytes of the value are cut off: the CRC takes their place.
+        body.truncate(body.len() - 4);
+        let mut block = Vec::new();
+        seal_block_into(&mut block, 1, &body);
+        let mut cursor = BlockCursor::new(&block).unwrap();
+        assert!(cursor.next_entry().is_err());
+        assert!(parse_block(&block).is_err());
     }
 
     #[test]

@@ -228,6 +228,19 @@ impl SnapshotFile {
         Ok(bytes)
     }
 
+    /// Starts loading block `i`'s bytes into the processor's caches (see
+    /// [`prefetch`](crate::mmap::prefetch)); nothing if there is no such
+    /// block.
+    pub(super) fn prefetch_block(&self, i: usize) {
+        let Some(entry) = self.index.get(i) else {
+            return;
+        };
+        let start = entry.offset as usize;
+        if let Some(bytes) = self.data.get(start..start + entry.len as usize) {
+            crate::mmap::prefetch(bytes);
+        }
+    }
+
     /// The newest version of `key` (whose [`bloom::key_hash`] is
     /// `key_hash`) at or below `seq`: `None` if the file has none,
     /// `Some(None)` for a removal.
