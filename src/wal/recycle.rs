@@ -7,7 +7,7 @@
 //! renames it to the next segment's temporary name, rewrites its header
 //! page and fsyncs it. Its old records stay behind the new ones; they
 //! cannot pass for new records, because every fragment's checksum covers
-//! its segment's number. `format/wal.md` ("Recycled segments") has the
+//! its segment's number. `format/wal.md` ("Reused segments") has the
 //! rules that keep such leftovers from looking like damage.
 //!
 //! Only segments this process's writer created are reused: they have this

@@ -416,9 +416,9 @@ fn prepare_segment(
 }
 
 /// Renames obsolete segment `old_path` to `temp_path` and rewrites its
-/// header page for segment `number`, then fsyncs it. The records after the header stay: their checksums name the
-/// old segment, so they read as the end of the log (`format/wal.md`,
-/// "Reused segments"). A segment the writer `cut` short is filled up with
+/// header page for segment `number`, then fsyncs it. The records after the
+/// header stay: their checksums name the old segment, so they read as the
+/// end of the log (`format/wal.md`, "Reused segments"). A segment the writer `cut` short is filled up with
 /// zeros again, so that every write lands on allocated blocks.
 fn reuse_segment(
     fs: &dyn FileSystem,
@@ -470,13 +470,12 @@ fn new_segment(
         .map_err(|e| Error::io("create", &temp_path, e))?;
     let result = (|| {
         file.write_all_at(0, &header_page(config, number))?;
-        let zeros = vec![0u8; 1 << 20];
-        let mut offset = config.page_bytes as u64;
-        while offset < config.segment_bytes && !cancel.load(Ordering::Relaxed) {
-            let len = (config.segment_bytes - offset).min(zeros.len() as u64) as usize;
-            file.write_all_at(offset, &zeros[..len])?;
-            offset += len as u64;
-        }
+        write_zeros_unless(
+            &mut *file,
+            config.page_bytes as u64,
+            config.segment_bytes,
+            cancel,
+        )?;
         file.sync_all()
     })();
     match result {
@@ -496,10 +495,20 @@ fn new_segment(
 
 /// Writes zeros over `start..end` of `file`.
 fn write_zeros(file: &mut dyn WritableFile, start: u64, end: u64) -> std::io::Result<()> {
+    write_zeros_unless(file, start, end, &AtomicBool::new(false))
+}
+
+/// [`write_zeros`], in steps of 1 MiB, stopping early once `cancel` is set.
+fn write_zeros_unless(
+    file: &mut dyn WritableFile,
+    start: u64,
+    end: u64,
+    cancel: &AtomicBool,
+) -> std::io::Result<()> {
     const CHUNK: u64 = 1 << 20;
     let zeros = vec![0u8; end.saturating_sub(start).min(CHUNK) as usize];
     let mut offset = start;
-    while offset < end {
+    while offset < end && !cancel.load(Ordering::Relaxed) {
         let len = (end - offset).min(CHUNK) as usize;
         file.write_all_at(offset, &zeros[..len])?;
         offset += len as u64;
