@@ -51,13 +51,8 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
     /// Reads a whole file.
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
-    /// Reads a whole file into `buffer`, replacing what it held: a caller
-    /// that reads many files keeps one allocation (and its mapped pages).
-    fn read_into(&self, path: &Path, buffer: &mut Vec<u8>) -> io::Result<()> {
-        *buffer = self.read(path)?;
-        Ok(())
-    }
-    /// Maps a whole immutable file (a snapshot file) read-only.
+    /// Maps a whole file read-only; only a file that nothing changes while
+    /// it is mapped (a snapshot file, or a WAL segment during recovery).
     fn map(&self, path: &Path) -> io::Result<crate::mmap::MappedFile>;
     /// Creates a new, empty file; fails if it exists.
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WritableFile>>;
@@ -136,12 +131,6 @@ impl FileSystem for RealFileSystem {
         fs::read(path)
     }
 
-    fn read_into(&self, path: &Path, buffer: &mut Vec<u8>) -> io::Result<()> {
-        buffer.clear();
-        io::Read::read_to_end(&mut File::open(path)?, buffer)?;
-        Ok(())
-    }
-
     fn map(&self, path: &Path) -> io::Result<crate::mmap::MappedFile> {
         crate::mmap::map_read_only(path)
     }
@@ -177,28 +166,5 @@ impl FileSystem for RealFileSystem {
             .open(path)?;
         fs2::FileExt::try_lock_exclusive(&file)?;
         Ok(Box::new(RealLock(file)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reading_into_a_used_buffer_keeps_only_the_new_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let (long, short) = (dir.path().join("long"), dir.path().join("short"));
-        fs::write(&long, [7u8; 100]).unwrap();
-        fs::write(&short, b"abc").unwrap();
-        let mut buffer = Vec::new();
-        RealFileSystem.read_into(&long, &mut buffer).unwrap();
-        assert_eq!(buffer, [7u8; 100]);
-        RealFileSystem.read_into(&short, &mut buffer).unwrap();
-        assert_eq!(buffer, b"abc");
-        assert!(
-            RealFileSystem
-                .read_into(&dir.path().join("absent"), &mut buffer)
-                .is_err()
-        );
     }
 }

@@ -93,9 +93,20 @@ pub use slice::Slice;
 #[doc(hidden)]
 pub mod fuzzing {
     /// Reads `data` as WAL segment `expected_number` to the end, decoding
-    /// each record; must return (never panic, hang or over-allocate) for any input.
+    /// each record; must return (never panic, hang or over-allocate) for any
+    /// input. Also reads it in pieces, as a replay does, and panics if that
+    /// finds anything else (the finding the fuzzer looks for).
     pub fn wal_segment(data: &[u8], expected_number: u64) -> usize {
-        match crate::wal::reader::scan_segment(data, expected_number) {
+        use crate::wal::reader::{scan_segment, scan_segment_collecting_pieces};
+        let whole = scan_segment(data, expected_number);
+        // The piece size comes from the input, so the fuzzer varies it.
+        let piece = 1 + usize::from(data.last().copied().unwrap_or(0)) * 61;
+        assert_eq!(
+            scan_segment_collecting_pieces(data, expected_number, piece),
+            whole,
+            "reading in pieces of {piece} bytes differs"
+        );
+        match whole {
             Ok(scan) => scan
                 .records
                 .into_iter()

@@ -1,4 +1,4 @@
-//! Read-only memory maps of immutable files, and a hint to the processor
+//! Read-only memory maps of files that do not change, and a hint to the processor
 //! to load mapped bytes ahead of their use. This is the only module of
 //! mapstore with `unsafe` code.
 //!
@@ -84,9 +84,10 @@ impl AsRef<[u8]> for MapOwner {
 
 /// Maps the whole file at `path` read-only.
 ///
-/// Only for files that are never modified once written: mapstore writes a
-/// snapshot file under a temporary name, fsyncs and renames it, and never
-/// opens it for writing again.
+/// Only for files that nothing modifies while they are mapped: snapshot
+/// files, which mapstore writes under a temporary name, fsyncs and renames
+/// and never opens for writing again; and WAL segments while recovery
+/// replays them, before the database has a WAL writer.
 pub(crate) fn map_read_only(path: &Path) -> io::Result<MappedFile> {
     let file = File::open(path)?;
     if file.metadata()?.len() == 0 {
@@ -94,13 +95,16 @@ pub(crate) fn map_read_only(path: &Path) -> io::Result<MappedFile> {
         return Ok(MappedFile::in_memory(Bytes::new()));
     }
     // SAFETY: `Mmap::map` is unsafe because the mapped memory changes (or, if
-    // the file shrinks, faults) when another process modifies the file. The
-    // files mapped here are immutable by construction: they were fully
-    // written and fsynced under a temporary name before being renamed into
-    // place, mapstore never opens them for writing, and the directory lock
-    // keeps a second mapstore instance out. Editing a database's files by
-    // hand while it is open is outside what any embedded engine can defend
-    // against. The map is read-only, so no `&mut` aliasing can arise.
+    // the file shrinks, faults) when another process modifies the file. No
+    // file mapped here changes while mapped. Snapshot files are immutable by
+    // construction: fully written and fsynced under a temporary name before
+    // being renamed into place, never opened for writing again. WAL
+    // segments are mapped only by recovery, which runs before this instance
+    // creates its WAL writer, and which drops every map of a segment (it
+    // copies out the records it keeps) before it cuts one. The directory
+    // lock keeps a second mapstore instance out. Editing a database's files
+    // by hand while it is open is outside what any embedded engine can
+    // defend against. The map is read-only, so no `&mut` aliasing can arise.
     let map = Arc::new(unsafe { memmap2::Mmap::map(&file)? });
     Ok(MappedFile {
         bytes: Bytes::from_owner(MapOwner(map.clone())),

@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -24,8 +24,9 @@ use crate::proto::Manifest;
 use crate::replayed::{ReplayedRun, RunBuilder};
 use crate::snapshot_file::SnapshotFile;
 use crate::wal::format::WAL_FORMAT_VERSION;
-use crate::wal::reader::{ScanError, SegmentEnd, SegmentScan, scan_segment};
-use crate::wal::writer::read_segment;
+use crate::wal::reader::{
+    ScanError, ScannedRecord, SegmentEnd, SegmentTail, scan_segment_in_pieces,
+};
 
 /// What opening the database found and repaired.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -221,7 +222,6 @@ pub(crate) fn recover(
         created: !has_manifest,
         ..RecoveryReport::default()
     };
-    let mut last_seq = manifest.checkpoint_seq;
     let mut repairs = Vec::new();
     let live: Vec<u64> = segments
         .iter()
@@ -229,10 +229,14 @@ pub(crate) fn recover(
         .filter(|&number| number >= manifest.wal_start_segment)
         .collect();
     let mut cut_everything_after = false;
-    // Replayed operations are sorted into one run after the scan.
-    let mut replayed = RunBuilder::default();
-    let mut batch = DecodedBatch::default();
-    let mut reader = SegmentReader::start(shared_fs, dir, &live);
+    let mut replay = Replay {
+        checkpoint_seq: manifest.checkpoint_seq,
+        last_seq: manifest.checkpoint_seq,
+        batches: 0,
+        builder: RunBuilder::default(),
+        batch: DecodedBatch::default(),
+    };
+    let mut reader = SegmentReader::start(shared_fs, dir, &live)?;
     for (index, &number) in live.iter().enumerate() {
         let path = dir.join(files::wal_segment_name(number));
         if cut_everything_after {
@@ -240,7 +244,25 @@ pub(crate) fn recover(
             continue;
         }
         let is_last = index + 1 == live.len();
-        let (data, scan) = reader.next(number, &path)?;
+        // Replay the records as they arrive, up to the first that cannot
+        // be replayed: (offset, reason, may be a torn tail).
+        let mut damage: Option<(u64, String, bool)> = None;
+        let (data, scan) = loop {
+            match reader.next(&path) {
+                Arrival::Records(records) => {
+                    for record in records {
+                        if damage.is_some() {
+                            // Nothing after damage is replayed.
+                            break;
+                        }
+                        if let Err(reason) = replay.apply(record.payload) {
+                            damage = Some((record.offset, reason, false));
+                        }
+                    }
+                }
+                Arrival::End(end) => break end?,
+            }
+        };
         let scan = match scan {
             Ok(scan) => scan,
             Err(ScanError::UnsupportedVersion(found)) => {
@@ -262,39 +284,9 @@ pub(crate) fn recover(
             }
         };
         report.segments_replayed += 1;
-
-        // Apply the records, checking that sequence numbers continue.
-        let mut damage: Option<(u64, String, bool)> = None; // (offset, reason, may be a torn tail)
-        let mut kept_end = scan.valid_end;
-        for record in scan.records {
-            if let Err(reason) = decode_record_into(Bytes::from(record.payload), &mut batch) {
-                damage = Some((record.offset, reason, false));
-                kept_end = record.offset;
-                break;
-            }
-            if batch.last_seq() <= manifest.checkpoint_seq && report.batches_replayed == 0 {
-                // Already in the snapshot files: replay starts after the checkpoint.
-                continue;
-            }
-            if batch.first_seq != last_seq + 1 {
-                damage = Some((
-                    record.offset,
-                    format!(
-                        "record starts at sequence {} but {} was expected",
-                        batch.first_seq,
-                        last_seq + 1
-                    ),
-                    false,
-                ));
-                kept_end = record.offset;
-                break;
-            }
-            last_seq = batch.last_seq();
-            report.batches_replayed += 1;
-            for (seq, op) in (batch.first_seq..).zip(batch.ops.drain(..)) {
-                replayed.push(seq, op);
-            }
-        }
+        let kept_end = damage
+            .as_ref()
+            .map_or(scan.valid_end, |(offset, _, _)| *offset);
         let mut garbage_after = false;
         if damage.is_none() {
             match scan.end {
@@ -343,12 +335,12 @@ pub(crate) fn recover(
                 }
             }
         }
-        reader.recycle(data);
     }
     // The read-ahead thread stops before any repair touches a segment.
     drop(reader);
-
-    let replayed = replayed.finish();
+    let last_seq = replay.last_seq;
+    report.batches_replayed = replay.batches;
+    let replayed = replay.builder.finish();
 
     // Phase 2: repair, in crash-safe order. What a crash left that nothing
     // reads (temporary files, orphans) is removed by the checkpoint thread
@@ -470,118 +462,145 @@ pub(crate) fn write_new_file(
         .map_err(|e| Error::io("fsync directory", dir, e))
 }
 
-/// A segment's bytes and what [`scan_segment`] made of them.
-type ScannedSegment = (Vec<u8>, std::result::Result<SegmentScan, ScanError>);
-
-/// Reads and scans WAL segments for replay, in order.
-///
-/// With more than one segment, a thread of its own reads and scans (checks
-/// and reassembles) the next segment while replay decodes the current one:
-/// the two take about as long, and a database that is opening has cores to
-/// spare. With two buffers it reads at most one segment ahead of the one
-/// being decoded; dropping the reader stops the thread and waits for it.
-struct SegmentReader<'a> {
-    fs: &'a dyn FileSystem,
-    /// The segments the thread has read, in order.
-    ready: Option<Receiver<Result<ScannedSegment>>>,
-    /// Buffers the replay is done with, for the thread to read into again
-    /// (a fresh 8 MiB buffer per segment cost more in page faults than
-    /// the read). The replay must hand back each buffer it is done with, or
-    /// the thread waits for one, until the replay stops.
-    spare: Option<SyncSender<Vec<u8>>>,
-    thread: Option<JoinHandle<()>>,
-    /// The buffer to read into when there is no thread.
-    buffer: Vec<u8>,
+/// Replays records in log order into a sorted run.
+struct Replay {
+    /// Batches at or below this are in the snapshot files already.
+    checkpoint_seq: u64,
+    /// The last sequence number replayed (or the checkpoint's).
+    last_seq: u64,
+    /// Batches replayed.
+    batches: u64,
+    builder: RunBuilder,
+    /// The batch being decoded, kept to reuse its allocation.
+    batch: DecodedBatch,
 }
 
-impl<'a> SegmentReader<'a> {
-    /// Starts reading `numbers` ahead, if there is more than one.
-    fn start(fs: &'a Arc<dyn FileSystem>, dir: &Path, numbers: &[u64]) -> Self {
-        let mut reader = SegmentReader {
-            fs: &**fs,
-            ready: None,
-            spare: None,
-            thread: None,
-            buffer: Vec::new(),
-        };
-        if numbers.len() < 2 {
-            return reader;
+impl Replay {
+    /// Decodes one record and adds its operations to the run, checking
+    /// that sequence numbers continue; says what is wrong if it cannot.
+    fn apply(&mut self, payload: Vec<u8>) -> std::result::Result<(), String> {
+        decode_record_into(Bytes::from(payload), &mut self.batch)?;
+        if self.batch.last_seq() <= self.checkpoint_seq && self.batches == 0 {
+            // Already in the snapshot files: replay starts after the checkpoint.
+            return Ok(());
         }
-        let (ready_sender, ready) = sync_channel(1);
-        let (spare, spare_receiver) = sync_channel::<Vec<u8>>(2);
-        let (fs, dir, numbers) = (fs.clone(), dir.to_path_buf(), numbers.to_vec());
+        if self.batch.first_seq != self.last_seq + 1 {
+            return Err(format!(
+                "record starts at sequence {} but {} was expected",
+                self.batch.first_seq,
+                self.last_seq + 1
+            ));
+        }
+        self.last_seq = self.batch.last_seq();
+        self.batches += 1;
+        for (seq, op) in (self.batch.first_seq..).zip(self.batch.ops.drain(..)) {
+            self.builder.push(seq, op);
+        }
+        Ok(())
+    }
+}
+
+/// What the read-ahead thread hands the replay, segment after segment.
+enum Arrival {
+    /// The next records of the segment being read, in order.
+    Records(Vec<ScannedRecord>),
+    /// The whole segment has been read: its bytes and how it ends.
+    End(Result<(Bytes, std::result::Result<SegmentTail, ScanError>)>),
+}
+
+/// Reads WAL segments for replay, in order, on a thread of its own.
+///
+/// The thread maps each segment and checks and reassembles its records a
+/// piece at a time, handing each piece's records over at once: replay
+/// decodes records while the thread reads on, which takes about as long,
+/// and a database that is opening has cores to spare. It holds at most
+/// [`ARRIVALS_AHEAD`] pieces ready; dropping the reader stops the thread
+/// and waits for it.
+struct SegmentReader {
+    arrivals: Option<Receiver<Arrival>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How many pieces of records the read-ahead thread may hold ready.
+const ARRIVALS_AHEAD: usize = 8;
+
+/// Pieces a segment is checked in: each piece's records are handed over
+/// while the next piece is checked.
+const SCAN_PIECE_BYTES: usize = 1 << 20;
+
+impl SegmentReader {
+    /// Starts reading segments `numbers`.
+    fn start(fs: &Arc<dyn FileSystem>, dir: &Path, numbers: &[u64]) -> Result<Self> {
+        if numbers.is_empty() {
+            return Ok(SegmentReader {
+                arrivals: None,
+                thread: None,
+            });
+        }
+        let (sender, arrivals) = sync_channel(ARRIVALS_AHEAD);
+        let (fs, owned_dir, numbers) = (fs.clone(), dir.to_path_buf(), numbers.to_vec());
         let read_ahead = move || {
-            // Two buffers: one the replay decodes while the thread reads
-            // into the other. Every fresh buffer costs its page faults.
-            let mut buffers = 0;
             for number in numbers {
-                let mut data = match spare_receiver.try_recv() {
-                    Ok(data) => data,
-                    Err(_) if buffers < 2 => {
-                        buffers += 1;
-                        Vec::new()
+                let path = owned_dir.join(files::wal_segment_name(number));
+                let mut stopped = false;
+                let mut arrive = |arrival| stopped = stopped || sender.send(arrival).is_err();
+                // A map, not a read: the pages come straight from the page
+                // cache, with no copy into a buffer (whose fresh pages each
+                // cost a fault). Recovery holds the directory lock and runs
+                // before this instance has a WAL writer, and the replay
+                // drops each map before any repair cuts a segment: nothing
+                // changes a segment while it is mapped.
+                let end = match fs.map(&path) {
+                    Ok(map) => {
+                        let tail = scan_segment_in_pieces(
+                            &map.bytes,
+                            number,
+                            SCAN_PIECE_BYTES,
+                            &mut |records| arrive(Arrival::Records(records)),
+                        );
+                        Ok((map.bytes, tail))
                     }
-                    Err(_) => match spare_receiver.recv() {
-                        Ok(data) => data,
-                        // The replay stopped early.
-                        Err(_) => return,
-                    },
+                    Err(error) => Err(Error::io("map", &path, error)),
                 };
-                let path = dir.join(files::wal_segment_name(number));
-                let scanned = read_segment(&*fs, &path, &mut data).map(|()| {
-                    let scan = scan_segment(&data, number);
-                    (data, scan)
-                });
-                if ready_sender.send(scanned).is_err() {
+                arrive(Arrival::End(end));
+                if stopped {
                     // The replay stopped early.
                     return;
                 }
             }
         };
-        // Without a thread, the replay reads the segments itself.
-        if let Ok(thread) = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("mapstore-wal-read".into())
             .spawn(read_ahead)
-        {
-            reader.ready = Some(ready);
-            reader.spare = Some(spare);
-            reader.thread = Some(thread);
-        }
-        reader
+            .map_err(|e| Error::io("start the WAL read thread", dir, e))?;
+        Ok(SegmentReader {
+            arrivals: Some(arrivals),
+            thread: Some(thread),
+        })
     }
 
-    /// Segment `number` (at `path`), read and scanned. Callers ask for the
-    /// segments in the order given to `start`, and may stop early.
-    fn next(&mut self, number: u64, path: &Path) -> Result<ScannedSegment> {
-        if let Some(ready) = &self.ready {
-            if let Ok(scanned) = ready.recv() {
-                return scanned;
-            }
-            // The thread is gone (it cannot be, short of a bug): read here.
-            self.ready = None;
-        }
-        let mut data = std::mem::take(&mut self.buffer);
-        read_segment(self.fs, path, &mut data)?;
-        let scan = scan_segment(&data, number);
-        Ok((data, scan))
-    }
-
-    /// Hands back a segment's buffer once the replay is done with it.
-    fn recycle(&mut self, data: Vec<u8>) {
-        match &self.spare {
-            // If the thread has enough spares, the buffer is dropped.
-            Some(spare) => drop(spare.try_send(data)),
-            None => self.buffer = data,
+    /// What arrived next of the segments given to `start` (the segment
+    /// being read is at `path`). Callers read each segment to its end, in
+    /// order, and may stop early.
+    fn next(&mut self, path: &Path) -> Arrival {
+        match self.arrivals.as_ref().map(Receiver::recv) {
+            Some(Ok(arrival)) => arrival,
+            // Only a bug (a panic in the thread, or a call past the last
+            // segment) gets here.
+            _ => Arrival::End(Err(Error::io(
+                "read",
+                path,
+                std::io::Error::other("the WAL read thread stopped"),
+            ))),
         }
     }
 }
 
-impl Drop for SegmentReader<'_> {
-    /// Closes both channels, which ends the thread wherever it waits, and
-    /// joins it, so that no read outlives recovery.
+impl Drop for SegmentReader {
+    /// Closes the channel, which ends the thread wherever it waits, and
+    /// joins it, so that no read (and no map) outlives recovery.
     fn drop(&mut self) {
-        self.ready = None;
-        self.spare = None;
+        self.arrivals = None;
         if let Some(thread) = self.thread.take() {
             // A panic in the thread has nothing left to report to.
             let _ = thread.join();

@@ -515,9 +515,3 @@ fn write_zeros_unless(
     }
     Ok(())
 }
-
-/// Reads a whole segment file.
-pub fn read_segment(fs: &dyn FileSystem, path: &Path, buffer: &mut Vec<u8>) -> Result<()> {
-    fs.read_into(path, buffer)
-        .map_err(|e| Error::io("read", path, e))
-}
