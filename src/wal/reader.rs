@@ -3,8 +3,9 @@
 //! middle of the last sync run), or with corruption (damage followed by data
 //! that a later, acknowledged sync run wrote).
 //!
-//! [`scan_segment`] works on bytes in memory and does no I/O, so the fuzzer
-//! can drive it directly. Every length it reads is checked against the input
+//! [`scan_segment`] reads a whole segment; [`SegmentScanner`] reads one a
+//! piece at a time, as replay does, and finds the same. Both work on bytes
+//! in memory and do no I/O, so the fuzzer can drive them directly. Every length it reads is checked against the input
 //! before use, and a record grows only by fragments already verified, so a
 //! hostile input cannot make it allocate more than its own size.
 
@@ -103,14 +104,14 @@ pub struct SegmentTail {
     pub end: SegmentEnd,
 }
 
-/// Reads a segment's records while its bytes are still arriving, so that
-/// replay can start on the first records before the rest is read.
+/// Reads a segment's records a piece at a time, so that replay can start
+/// on the first records before the rest is checked.
 ///
 /// Each call to [`read`](Self::read) is given a longer prefix of the same
 /// bytes and reads the records in the whole pages that are new (a fragment
 /// never crosses a page, so a whole page holds whole fragments);
-/// [`finish`](Self::finish) is given all of them. Fed all at once, it gives
-/// what [`scan_segment`] gives, however the bytes were cut.
+/// [`finish`](Self::finish) is given all of them. It finds what
+/// [`scan_segment`] finds, however the bytes were cut.
 #[derive(Debug)]
 pub struct SegmentScanner {
     expected_number: u64,
@@ -130,11 +131,11 @@ struct Progress {
     pos: usize,
     /// Offset just past the last valid record.
     valid_end: u64,
-    /// The record being reassembled: its start offset and length so far,
-    /// and where its fragments' payloads are, copied out once the last one
-    /// is seen (growing a buffer fragment by fragment copied it over and
-    /// over).
+    /// The record being reassembled: its start offset and length so far.
     partial: Option<(u64, usize)>,
+    /// Where that record's fragment payloads are in the segment; they are
+    /// copied out once its last fragment is seen (growing a buffer fragment
+    /// by fragment copied it over and over).
     pieces: Vec<Range<usize>>,
     /// The page that the sync run of the last fragment began at.
     last_run: Option<u32>,
