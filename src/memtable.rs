@@ -43,9 +43,16 @@ pub(crate) struct InternalKey {
 /// other up to there, so it sorts first. Equal prefixes say nothing, and the
 /// full keys are compared.
 pub(crate) fn key_prefix(key: &[u8]) -> Prefix {
-    let mut bytes = [0u8; 16];
-    let len = key.len().min(16);
-    bytes[..len].copy_from_slice(&key[..len]);
+    // A key of 16 bytes or more is read in one load; a shorter one is
+    // copied into zeros (a copy of variable length is a call to memcpy).
+    let bytes = match key.first_chunk::<16>() {
+        Some(head) => *head,
+        None => {
+            let mut bytes = [0u8; 16];
+            bytes[..key.len()].copy_from_slice(key);
+            bytes
+        }
+    };
     let word = |i: usize| {
         u64::from_be_bytes([
             bytes[i],

@@ -16,8 +16,8 @@ use bytes::Bytes;
 
 use super::bloom;
 use super::format::{
-    BlockCursor, EntryRef, FOOTER_BYTES, Footer, FooterError, IndexEntry, SNAPSHOT_FORMAT_VERSION,
-    decode_block, decode_bloom, decode_index, parse_block_into,
+    BlockCursor, DecodedIndex, EntryRef, FOOTER_BYTES, Footer, FooterError, IndexEntry,
+    SNAPSHOT_FORMAT_VERSION, decode_block, decode_bloom, decode_index, parse_block_into,
 };
 use crate::error::{Error, Result};
 use crate::io::FileSystem;
@@ -99,16 +99,15 @@ impl SnapshotFile {
         let index_range = footer.index_offset as usize..footer.bloom_offset as usize;
         let bloom_range = footer.bloom_offset as usize..footer_at as usize;
         let index_bytes = data.slice(index_range);
-        let index = decode_index(&index_bytes, footer.index_offset)
+        let DecodedIndex {
+            entries: index,
+            prefixes: index_prefixes,
+        } = decode_index(&index_bytes, footer.index_offset)
             .map_err(|reason| corrupt(footer.index_offset, reason))?;
         let bloom_section = data.slice(bloom_range);
         let (bloom_probes, bits) =
             decode_bloom(&bloom_section).map_err(|reason| corrupt(footer.bloom_offset, reason))?;
         let bloom_bits = bloom_section.slice(bits);
-        let index_prefixes = index
-            .iter()
-            .map(|entry| key_prefix(&index_bytes[entry.last_key.clone()]))
-            .collect();
         let verified = (0..index.len().div_ceil(64))
             .map(|_| AtomicU64::new(0))
             .collect();
