@@ -226,7 +226,7 @@ pub(crate) fn recover(
         // Replay the records as they arrive, up to the first that cannot
         // be replayed: (offset, reason, may be a torn tail).
         let mut damage: Option<(u64, String, bool)> = None;
-        let (data, scan) = loop {
+        let (data, tail) = loop {
             match reader.next(&path) {
                 Arrival::Records(records) => {
                     for record in records {
@@ -242,8 +242,8 @@ pub(crate) fn recover(
                 Arrival::End(end) => break end?,
             }
         };
-        let scan = match scan {
-            Ok(scan) => scan,
+        let tail = match tail {
+            Ok(tail) => tail,
             Err(ScanError::UnsupportedVersion(found)) => {
                 return Err(Error::UnsupportedFormatVersion {
                     path,
@@ -265,15 +265,15 @@ pub(crate) fn recover(
         report.segments_replayed += 1;
         let kept_end = damage
             .as_ref()
-            .map_or(scan.valid_end, |(offset, _, _)| *offset);
+            .map_or(tail.valid_end, |(offset, _, _)| *offset);
         let mut garbage_after = false;
         if damage.is_none() {
-            match scan.end {
+            match tail.end {
                 SegmentEnd::Clean { trailing_garbage } => {
                     garbage_after = trailing_garbage;
                     if trailing_garbage && mode == RecoveryMode::Strict {
                         damage = Some((
-                            scan.valid_end,
+                            tail.valid_end,
                             "non-zero bytes after the last record".into(),
                             false,
                         ));

@@ -187,8 +187,8 @@ const BUCKET_SORT_MIN: usize = 4096;
 /// spent adding the versions.
 #[derive(Debug)]
 struct Chunks<T> {
+    /// Full chunks, then the one being filled.
     chunks: Vec<Vec<T>>,
-    len: usize,
 }
 
 /// Entries per chunk of a [`Chunks`]; its capacity is reserved at once,
@@ -197,10 +197,7 @@ const CHUNK_ENTRIES: usize = 1 << 16;
 
 impl<T> Default for Chunks<T> {
     fn default() -> Self {
-        Chunks {
-            chunks: Vec::new(),
-            len: 0,
-        }
+        Chunks { chunks: Vec::new() }
     }
 }
 
@@ -214,7 +211,6 @@ impl<T> Chunks<T> {
                 self.chunks.push(chunk);
             }
         }
-        self.len += 1;
     }
 
     /// The entry pushed `at`-th (from 0).
@@ -223,7 +219,10 @@ impl<T> Chunks<T> {
     }
 
     fn len(&self) -> usize {
-        self.len
+        // Every chunk but the last is full.
+        self.chunks.last().map_or(0, |last| {
+            (self.chunks.len() - 1) * CHUNK_ENTRIES + last.len()
+        })
     }
 
     /// The entries in the order they were pushed.

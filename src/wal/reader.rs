@@ -55,15 +55,12 @@ pub enum SegmentEnd {
     },
 }
 
-/// The result of reading one segment.
+/// The result of reading one whole segment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SegmentScan {
-    pub header: SegmentHeader,
     /// The valid records, in file order.
     pub records: Vec<ScannedRecord>,
-    /// Offset just past the last valid record (or the end of page 0).
-    pub valid_end: u64,
-    pub end: SegmentEnd,
+    pub tail: SegmentTail,
 }
 
 /// Why a segment could not be read at all.
@@ -87,12 +84,7 @@ pub const MAX_RECORD_BYTES: usize = crate::MAX_BATCH_BYTES + 16;
 pub fn scan_segment(data: &[u8], expected_number: u64) -> Result<SegmentScan, ScanError> {
     let mut records = Vec::new();
     let tail = SegmentScanner::new(expected_number).finish(data, &mut records)?;
-    Ok(SegmentScan {
-        header: tail.header,
-        records,
-        valid_end: tail.valid_end,
-        end: tail.end,
-    })
+    Ok(SegmentScan { records, tail })
 }
 
 /// How a segment ends, once [`SegmentScanner`] has read all of it.
@@ -581,12 +573,7 @@ pub fn scan_segment_collecting_pieces(
     let tail = scan_segment_in_pieces(data, expected_number, piece, &mut |found| {
         records.extend(found)
     })?;
-    Ok(SegmentScan {
-        header: tail.header,
-        records,
-        valid_end: tail.valid_end,
-        end: tail.end,
-    })
+    Ok(SegmentScan { records, tail })
 }
 
 #[cfg(test)]
@@ -656,7 +643,7 @@ mod tests {
             }
             let whole = scan_segment(&segment, 9);
             endings.insert(match &whole {
-                Ok(scan) => format!("{:?}", scan.end)
+                Ok(scan) => format!("{:?}", scan.tail.end)
                     .split(' ')
                     .next()
                     .map(String::from),
