@@ -43,26 +43,36 @@ pub(crate) struct InternalKey {
 /// other up to there, so it sorts first. Equal prefixes say nothing, and the
 /// full keys are compared.
 pub(crate) fn key_prefix(key: &[u8]) -> Prefix {
+    prefix_of_head(key_head(key))
+}
+
+/// The first sixteen bytes of `key`, zero-padded: what a [`Prefix`] is made
+/// of, and how snapshot files store one.
+pub(crate) fn key_head(key: &[u8]) -> [u8; 16] {
     // A key of 16 bytes or more is read in one load; a shorter one is
     // copied into zeros (a copy of variable length is a call to memcpy).
-    let bytes = match key.first_chunk::<16>() {
+    match key.first_chunk::<16>() {
         Some(head) => *head,
         None => {
             let mut bytes = [0u8; 16];
             bytes[..key.len()].copy_from_slice(key);
             bytes
         }
-    };
+    }
+}
+
+/// The [`Prefix`] of a key whose [`key_head`] is `head`.
+pub(crate) fn prefix_of_head(head: [u8; 16]) -> Prefix {
     let word = |i: usize| {
         u64::from_be_bytes([
-            bytes[i],
-            bytes[i + 1],
-            bytes[i + 2],
-            bytes[i + 3],
-            bytes[i + 4],
-            bytes[i + 5],
-            bytes[i + 6],
-            bytes[i + 7],
+            head[i],
+            head[i + 1],
+            head[i + 2],
+            head[i + 3],
+            head[i + 4],
+            head[i + 5],
+            head[i + 6],
+            head[i + 7],
         ])
     };
     [word(0), word(8)]

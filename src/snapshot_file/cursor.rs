@@ -105,10 +105,15 @@ impl FileCursor {
         upper: Bound<Bytes>,
     ) -> FileCursor {
         let count = file.block_count();
+        // An index that fails its check fails the first `fill` (every
+        // block read checks it), and every later one: where the walk would
+        // have started does not matter then.
         let (walk, next_block, past_start) = match direction {
             Direction::Forward => {
                 let first = match as_ref_bound(&lower) {
-                    Bound::Included(key) | Bound::Excluded(key) => file.first_block_from(key),
+                    Bound::Included(key) | Bound::Excluded(key) => {
+                        file.first_block_from(key).unwrap_or(0)
+                    }
                     Bound::Unbounded => 0,
                 };
                 let walk = Walk::Forward {
@@ -122,7 +127,9 @@ impl FileCursor {
                 // The first block whose last key is past the bound: versions
                 // of the bound key itself may continue into it.
                 let first = match as_ref_bound(&upper) {
-                    Bound::Included(key) | Bound::Excluded(key) => file.first_block_after(key),
+                    Bound::Included(key) | Bound::Excluded(key) => {
+                        file.first_block_after(key).unwrap_or(count)
+                    }
                     Bound::Unbounded => count,
                 };
                 let walk = Walk::Backward {
@@ -213,7 +220,10 @@ impl FileCursor {
                 let key = &bytes[entry.key()];
                 let previous_key = match previous.take() {
                     Some(range) => Some(&bytes[range]),
-                    None => index.checked_sub(1).map(|i| self.file.last_key(i)),
+                    None => index
+                        .checked_sub(1)
+                        .map(|i| self.file.last_key(i))
+                        .transpose()?,
                 };
                 if !previous_key.is_some_and(|previous| same_key(previous, key)) {
                     *settled = false;
@@ -303,7 +313,10 @@ impl FileCursor {
                 // are all read.
                 let before = match at.checked_sub(1) {
                     Some(before) => entries.get(before).map(|entry| &bytes[entry.key()]),
-                    None => index.checked_sub(1).map(|i| self.file.last_key(i)),
+                    None => index
+                        .checked_sub(1)
+                        .map(|i| self.file.last_key(i))
+                        .transpose()?,
                 };
                 if !before.is_some_and(|before| same_key(before, key)) {
                     break;
@@ -352,7 +365,7 @@ impl FileCursor {
                 let start = BlockCursor::new(&bytes)
                     .map_err(self.file.damaged_block(index))?
                     .position();
-                self.block_within_end = within_upper(self.file.last_key(index), upper);
+                self.block_within_end = within_upper(self.file.last_key(index)?, upper);
                 *block = Some((index, bytes, start));
                 // The entry before the block's first is the previous block's
                 // last, whose key the index names.
@@ -375,9 +388,10 @@ impl FileCursor {
                 let bytes = self.file.block_into(index, entries)?;
                 // Every key of block `index` is at or above the previous
                 // block's last key.
-                self.block_within_end = index
-                    .checked_sub(1)
-                    .is_some_and(|previous| within_lower(self.file.last_key(previous), lower));
+                self.block_within_end = match index.checked_sub(1) {
+                    Some(previous) => within_lower(self.file.last_key(previous)?, lower),
+                    None => false,
+                };
                 *next = entries.len();
                 *block = Some((index, bytes));
                 self.next_block = index.checked_sub(1);

@@ -1,6 +1,6 @@
 //! The byte layout of a snapshot file (`format/snapshot.md`): data blocks
-//! of entries, the block index, the bloom filter and the footer. Pure
-//! encoding and decoding; no I/O.
+//! of entries, the bloom filter section and the footer (the block index is
+//! in [`super::index`]). Pure encoding and decoding; no I/O.
 //!
 //! Every decoder here takes untrusted bytes: each length and offset is
 //! checked against the input before use and decoding returns an error
@@ -8,12 +8,14 @@
 
 use std::ops::Range;
 
-use crate::memtable::{Prefix, key_prefix};
-
 /// First 8 bytes of the footer (the last 64 bytes of the file).
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"mapstSNP";
-/// The snapshot file format version this build writes and reads.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+/// The snapshot file format version this build writes, and the newest it
+/// reads.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+/// The oldest snapshot file format version this build reads (version 1
+/// differs only in the layout of the index).
+pub const OLDEST_READABLE_SNAPSHOT_VERSION: u32 = 1;
 /// Data blocks start at multiples of this.
 pub const BLOCK_ALIGN: usize = 4096;
 /// A block is closed once its entries reach this many bytes (a single
@@ -66,14 +68,14 @@ fn get_long_varint(data: &[u8], pos: &mut usize) -> Result<u64, String> {
     Err("varint longer than 10 bytes".into())
 }
 
-fn get_u32(data: &[u8], pos: &mut usize) -> Result<u32, String> {
+pub(super) fn get_u32(data: &[u8], pos: &mut usize) -> Result<u32, String> {
     let bytes = data.get(*pos..*pos + 4).ok_or("u32 runs past the end")?;
     *pos += 4;
     Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
 }
 
 #[inline]
-fn get_u64(data: &[u8], pos: &mut usize) -> Result<u64, String> {
+pub(super) fn get_u64(data: &[u8], pos: &mut usize) -> Result<u64, String> {
     let bytes = data.get(*pos..*pos + 8).ok_or("u64 runs past the end")?;
     *pos += 8;
     let mut array = [0u8; 8];
@@ -83,7 +85,11 @@ fn get_u64(data: &[u8], pos: &mut usize) -> Result<u64, String> {
 
 /// Checks a section that ends with the CRC32 of everything before it;
 /// returns the part before the CRC. `min_len` includes the CRC.
-fn checked_body<'a>(section: &'a [u8], min_len: usize, what: &str) -> Result<&'a [u8], String> {
+pub(super) fn checked_body<'a>(
+    section: &'a [u8],
+    min_len: usize,
+    what: &str,
+) -> Result<&'a [u8], String> {
     if section.len() < min_len {
         return Err(format!("{what} of {} bytes is too short", section.len()));
     }
@@ -371,96 +377,6 @@ impl<'a> BlockCursor<'a> {
     }
 }
 
-/// Where a data block is, and the last key in it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IndexEntry {
-    pub offset: u64,
-    pub len: u32,
-    pub last_key: Range<usize>,
-}
-
-/// Encodes the index: `block count u32 | per block: offset u64, len u32,
-/// last key length varint, last key | CRC32 of all before it`.
-pub fn encode_index(blocks: &[(u64, u32, Vec<u8>)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&(blocks.len() as u32).to_le_bytes());
-    for (offset, len, last_key) in blocks {
-        out.extend_from_slice(&offset.to_le_bytes());
-        out.extend_from_slice(&len.to_le_bytes());
-        put_varint(&mut out, last_key.len() as u64);
-        out.extend_from_slice(last_key);
-    }
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out
-}
-
-/// The decoded index: where each block is, and the prefix (see
-/// [`key_prefix`]) of each block's last key, which lookups binary-search.
-#[derive(Debug)]
-pub struct DecodedIndex {
-    pub entries: Vec<IndexEntry>,
-    pub prefixes: Vec<Prefix>,
-}
-
-/// Decodes and checks the index; `data_end` is where the data blocks end.
-/// Key ranges are relative to `index`.
-pub fn decode_index(index: &[u8], data_end: u64) -> Result<DecodedIndex, String> {
-    let body = checked_body(index, 8, "index")?;
-    let body_end = body.len();
-    let mut pos = 0;
-    let count = get_u32(body, &mut pos)? as usize;
-    if count > body_end / 13 {
-        return Err(format!("index claims {count} blocks"));
-    }
-    let mut entries: Vec<IndexEntry> = Vec::with_capacity(count);
-    let mut prefixes: Vec<Prefix> = Vec::with_capacity(count);
-    let mut next_free = 0u64;
-    for _ in 0..count {
-        let offset = get_u64(body, &mut pos)?;
-        let len = get_u32(body, &mut pos)?;
-        let key_len = get_varint(body, &mut pos)?;
-        let key_end = checked_end(pos, key_len, body_end)?;
-        let last_key = pos..key_end;
-        pos = key_end;
-        let block_end = offset.checked_add(u64::from(len));
-        if offset % BLOCK_ALIGN as u64 != 0
-            || offset < next_free
-            || len < 8
-            || block_end.is_none_or(|end| end > data_end)
-        {
-            return Err(format!("block at {offset} of {len} bytes is out of place"));
-        }
-        let prefix = key_prefix(&body[last_key.clone()]);
-        if let (Some(previous), Some(previous_prefix)) = (entries.last(), prefixes.last()) {
-            // Prefixes order as their keys do where they differ; only equal
-            // prefixes need the keys compared (comparing every pair of keys
-            // was a tenth of the samples of a clean open and close).
-            let out_of_order = match previous_prefix.cmp(&prefix) {
-                std::cmp::Ordering::Less => false,
-                std::cmp::Ordering::Equal => {
-                    body[previous.last_key.clone()] > body[last_key.clone()]
-                }
-                std::cmp::Ordering::Greater => true,
-            };
-            if out_of_order {
-                return Err("index keys out of order".into());
-            }
-        }
-        next_free = offset + u64::from(len);
-        entries.push(IndexEntry {
-            offset,
-            len,
-            last_key,
-        });
-        prefixes.push(prefix);
-    }
-    if pos != body_end {
-        return Err("bytes left after the last index entry".into());
-    }
-    Ok(DecodedIndex { entries, prefixes })
-}
-
 /// Encodes the bloom section: `probe count u8 | filter bits | CRC32`.
 pub fn encode_bloom(probes: u8, bits: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bits.len() + 5);
@@ -492,6 +408,8 @@ pub fn decode_bloom(section: &[u8]) -> Result<(u8, Range<usize>), String> {
 /// The fixed-size trailer of a snapshot file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Footer {
+    /// The file's format version (this build writes [`SNAPSHOT_FORMAT_VERSION`]).
+    pub version: u32,
     pub index_offset: u64,
     pub index_len: u64,
     pub bloom_offset: u64,
@@ -513,7 +431,7 @@ impl Footer {
     pub fn encode(&self) -> [u8; FOOTER_BYTES] {
         let mut out = [0u8; FOOTER_BYTES];
         out[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
-        out[8..12].copy_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
+        out[8..12].copy_from_slice(&self.version.to_le_bytes());
         out[16..24].copy_from_slice(&self.index_offset.to_le_bytes());
         out[24..32].copy_from_slice(&self.index_len.to_le_bytes());
         out[32..40].copy_from_slice(&self.bloom_offset.to_le_bytes());
@@ -543,7 +461,7 @@ impl Footer {
         let mut pos = 8;
         let read_u32 = |pos: &mut usize| get_u32(footer, pos).map_err(|e| corrupt(&e));
         let version = read_u32(&mut pos)?;
-        if version != SNAPSHOT_FORMAT_VERSION {
+        if !(OLDEST_READABLE_SNAPSHOT_VERSION..=SNAPSHOT_FORMAT_VERSION).contains(&version) {
             return Err(FooterError::UnsupportedVersion(version));
         }
         if read_u32(&mut pos)? != 0 || footer[56..60] != [0; 4] {
@@ -567,6 +485,7 @@ impl Footer {
             return Err(corrupt("footer sections do not tile the file"));
         }
         Ok(Footer {
+            version,
             index_offset,
             index_len,
             bloom_offset,
@@ -682,49 +601,10 @@ mod tests {
         assert!(decode_block(&block).is_err());
     }
 
-    /// The index refuses last keys out of order, whether their 16-byte
-    /// prefixes already differ or only the bytes after them do, and
-    /// accepts equal and growing ones.
-    #[test]
-    fn out_of_order_index_keys_are_refused() {
-        let block = |n: u64, key: &str| (n * BLOCK_ALIGN as u64, 8, key.as_bytes().to_vec());
-        let decode = |keys: &[&str]| {
-            let blocks: Vec<_> = (0u64..).zip(keys).map(|(n, key)| block(n, key)).collect();
-            decode_index(&encode_index(&blocks), 1 << 20)
-        };
-        let in_order = [
-            "",
-            "a",
-            "a",
-            "ab",
-            "sixteen-byte-prefix-1",
-            "sixteen-byte-prefix-2",
-            "z",
-        ];
-        let decoded = decode(&in_order).unwrap();
-        assert_eq!(decoded.entries.len(), in_order.len());
-        let expected: Vec<Prefix> = in_order
-            .iter()
-            .map(|key| key_prefix(key.as_bytes()))
-            .collect();
-        assert_eq!(decoded.prefixes, expected);
-        for keys in [
-            ["b", "a"],
-            ["ab", "a"],
-            ["sixteen-byte-prefix-2", "sixteen-byte-prefix-1"],
-            ["sixteen-byte-prefix-1x", "sixteen-byte-prefix-1"],
-        ] {
-            assert_eq!(
-                decode(&keys).unwrap_err(),
-                "index keys out of order",
-                "{keys:?}"
-            );
-        }
-    }
-
     #[test]
     fn footer_round_trips_and_checks_its_sections() {
         let footer = Footer {
+            version: SNAPSHOT_FORMAT_VERSION,
             index_offset: 4096,
             index_len: 20,
             bloom_offset: 4116,

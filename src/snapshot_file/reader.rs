@@ -1,7 +1,9 @@
 //! Serving lookups and scans from a snapshot file through a memory map.
 //!
-//! Opening checks the footer, the index and the bloom filter (small, read
-//! once). A data block is checked in full (CRC, entry order, the last key
+//! Opening checks the footer, the CRC of the index and the bloom filter.
+//! The index is read in place from the map (see [`super::index`]); its
+//! structure is checked once, before the first read uses it, so that
+//! opening a database does not walk every block of every file. A data block is checked in full (CRC, entry order, the last key
 //! the index names) the first time it is read, before anything in it is
 //! used; a bitmap remembers which blocks passed, so later reads skip the
 //! CRC (a third of a lookup's time otherwise) but still check every length
@@ -9,19 +11,20 @@
 //! file and the offset.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
 use super::bloom;
 use super::format::{
-    BlockCursor, DecodedIndex, EntryRef, FOOTER_BYTES, Footer, FooterError, IndexEntry,
-    SNAPSHOT_FORMAT_VERSION, decode_block, decode_bloom, decode_index, parse_block_into,
+    BlockCursor, EntryRef, FOOTER_BYTES, Footer, FooterError, SNAPSHOT_FORMAT_VERSION,
+    decode_block, decode_bloom, parse_block_into,
 };
+use super::index::BlockIndex;
 use crate::error::{Error, Result};
 use crate::io::FileSystem;
-use crate::memtable::{Prefix, Version, key_prefix};
+use crate::memtable::Version;
 use crate::mmap::PageReleaser;
 
 /// An open snapshot file.
@@ -33,14 +36,13 @@ pub(crate) struct SnapshotFile {
     /// Drops pages of the map from the process once a merge has read past
     /// them (`None` when the bytes are not a map).
     pages: Option<PageReleaser>,
-    /// The index section, with key ranges relative to it.
-    index_bytes: Bytes,
-    index: Vec<IndexEntry>,
-    /// Each block's last key as a [`key_prefix`], in one dense array: a
-    /// lookup searches the index on these, which stay in the cache, and
-    /// compares whole keys (scattered through `index_bytes`) only among
-    /// blocks whose prefix ties with its key's.
-    index_prefixes: Vec<Prefix>,
+    /// Where each block lies and its last key, read in place: only through
+    /// [`index`](Self::index), which checks it first.
+    index: BlockIndex,
+    index_offset: u64,
+    /// The result of checking the index's structure, once, at the first
+    /// read (see [`BlockIndex::check`]).
+    index_checked: OnceLock<std::result::Result<(), String>>,
     /// Bit `i` is set once block `i` passed its full check.
     verified: Box<[AtomicU64]>,
     bloom_bits: Bytes,
@@ -98,12 +100,12 @@ impl SnapshotFile {
         // Footer::decode checked that index and bloom tile the file before the footer.
         let index_range = footer.index_offset as usize..footer.bloom_offset as usize;
         let bloom_range = footer.bloom_offset as usize..footer_at as usize;
-        let index_bytes = data.slice(index_range);
-        let DecodedIndex {
-            entries: index,
-            prefixes: index_prefixes,
-        } = decode_index(&index_bytes, footer.index_offset)
-            .map_err(|reason| corrupt(footer.index_offset, reason))?;
+        let index_section = data.slice(index_range);
+        let index = match footer.version {
+            1 => BlockIndex::open_version_1(&index_section),
+            _ => BlockIndex::open(index_section),
+        }
+        .map_err(|reason| corrupt(footer.index_offset, reason))?;
         let bloom_section = data.slice(bloom_range);
         let (bloom_probes, bits) =
             decode_bloom(&bloom_section).map_err(|reason| corrupt(footer.bloom_offset, reason))?;
@@ -116,9 +118,9 @@ impl SnapshotFile {
             path: path.to_path_buf(),
             data,
             pages: None,
-            index_bytes,
             index,
-            index_prefixes,
+            index_offset: footer.index_offset,
+            index_checked: OnceLock::new(),
             verified,
             bloom_bits,
             bloom_probes,
@@ -148,43 +150,44 @@ impl SnapshotFile {
         self.index.len()
     }
 
+    /// The block index, checked at the first call (an
+    /// [`Error::Corruption`] at the index's offset if it fails, at this and
+    /// every later call).
+    fn index(&self) -> Result<&BlockIndex> {
+        let checked = self
+            .index_checked
+            .get_or_init(|| self.index.check(self.index_offset));
+        match checked {
+            Ok(()) => Ok(&self.index),
+            Err(reason) => Err(Error::corruption(
+                &self.path,
+                self.index_offset,
+                reason.clone(),
+            )),
+        }
+    }
+
     /// The last key of block `block`, as the index names it.
-    pub(super) fn last_key(&self, block: usize) -> &[u8] {
-        &self.index_bytes[self.index[block].last_key.clone()]
+    pub(super) fn last_key(&self, block: usize) -> Result<&[u8]> {
+        Ok(self.index()?.last_key(block))
     }
 
     /// The first block whose last key is at or after `key`.
-    pub(super) fn first_block_from(&self, key: &[u8]) -> usize {
-        self.search_index(key, |last_key| last_key < key)
+    pub(super) fn first_block_from(&self, key: &[u8]) -> Result<usize> {
+        Ok(self.index()?.search(key, |last_key| last_key < key))
     }
 
     /// The first block whose last key is after `key`.
-    pub(super) fn first_block_after(&self, key: &[u8]) -> usize {
-        self.search_index(key, |last_key| last_key <= key)
-    }
-
-    /// The first block whose last key is not `before` `key` (`before`
-    /// holds for a prefix of the blocks, as for `partition_point`).
-    fn search_index(&self, key: &[u8], before: impl Fn(&[u8]) -> bool) -> usize {
-        // A block whose prefix is below the key's has its last key below
-        // the key, and one whose prefix is above has it above; only ties
-        // need the whole keys.
-        let prefix = key_prefix(key);
-        let prefixes = &self.index_prefixes;
-        let tied_from = prefixes.partition_point(|block| *block < prefix);
-        let tied = prefixes.get(tied_from..).unwrap_or_default();
-        let tied_to = tied_from + tied.partition_point(|block| *block == prefix);
-        let tied_blocks = self.index.get(tied_from..tied_to).unwrap_or_default();
-        tied_from
-            + tied_blocks.partition_point(|entry| before(&self.index_bytes[entry.last_key.clone()]))
+    pub(super) fn first_block_after(&self, key: &[u8]) -> Result<usize> {
+        Ok(self.index()?.search(key, |last_key| last_key <= key))
     }
 
     /// The bytes of block `i`, fully checked the first time it is read.
     pub(super) fn block_bytes(&self, i: usize) -> Result<Bytes> {
-        let entry = &self.index[i];
-        // decode_index checked that every block lies inside the data region.
-        let start = entry.offset as usize;
-        let bytes = self.data.slice(start..start + entry.len as usize);
+        let block = self.index()?.location(i);
+        // BlockIndex::check made sure every block lies inside the data.
+        let start = block.offset as usize;
+        let bytes = self.data.slice(start..start + block.len as usize);
         let (word, bit) = (i / 64, 1u64 << (i % 64));
         if self.verified[word].load(Ordering::Relaxed) & bit == 0 {
             self.check_block(i, &bytes)?;
@@ -199,7 +202,7 @@ impl SnapshotFile {
     fn check_block(&self, i: usize, bytes: &[u8]) -> Result<()> {
         let entries = decode_block(bytes).map_err(self.damaged_block(i))?;
         let last = entries.last().map(|e| &bytes[e.key()]);
-        if entries.is_empty() || last != Some(self.last_key(i)) {
+        if entries.is_empty() || last != Some(self.last_key(i)?) {
             return Err(self.damaged_block(i)(
                 "block does not end with the key the index names".into(),
             ));
@@ -209,7 +212,7 @@ impl SnapshotFile {
 
     /// Turns a decoder's reason into the corruption error of block `i`.
     pub(super) fn damaged_block(&self, i: usize) -> impl Fn(String) -> Error + Copy + '_ {
-        move |reason| Error::corruption(&self.path, self.index[i].offset, reason)
+        move |reason| Error::corruption(&self.path, self.index.location(i).offset, reason)
     }
 
     /// Loads block `i` with its entries decoded.
@@ -231,11 +234,15 @@ impl SnapshotFile {
     /// [`prefetch`](crate::mmap::prefetch)); nothing if there is no such
     /// block.
     pub(super) fn prefetch_block(&self, i: usize) {
-        let Some(entry) = self.index.get(i) else {
+        let Ok(index) = self.index() else {
             return;
         };
-        let start = entry.offset as usize;
-        if let Some(bytes) = self.data.get(start..start + entry.len as usize) {
+        if i >= index.len() {
+            return;
+        }
+        let block = index.location(i);
+        let start = block.offset as usize;
+        if let Some(bytes) = self.data.get(start..start + block.len as usize) {
             crate::mmap::prefetch(bytes);
         }
     }
@@ -248,7 +255,7 @@ impl SnapshotFile {
             return Ok(None);
         }
         // A key's versions may continue into the next block.
-        for i in self.first_block_from(key)..self.index.len() {
+        for i in self.first_block_from(key)?..self.index.len() {
             let bytes = self.block_bytes(i)?;
             let corrupt = self.damaged_block(i);
             let mut cursor = BlockCursor::new(&bytes).map_err(corrupt)?;
@@ -321,7 +328,13 @@ impl Iterator for FileVersions {
             if self.next_block >= self.file.index.len() {
                 return None;
             }
-            let offset = self.file.index[self.next_block].offset as usize;
+            let offset = match self.file.index() {
+                Ok(index) => index.location(self.next_block).offset as usize,
+                Err(error) => {
+                    self.next_block = self.file.index.len();
+                    return Some(Err(error));
+                }
+            };
             if let Some(pages) = &self.file.pages {
                 if offset - self.released_up_to.min(offset) >= RELEASE_STEP_BYTES {
                     pages.release(self.released_up_to..offset);
@@ -530,10 +543,9 @@ mod tests {
         }
         writer.finish().unwrap();
         let file = SnapshotFile::open(fs, &path, 1).unwrap();
-        let tied = file
-            .index_prefixes
-            .windows(2)
-            .filter(|pair| pair[0] == pair[1])
+        let head = |i: usize| crate::memtable::key_head(file.last_key(i).unwrap());
+        let tied = (1..file.block_count())
+            .filter(|&i| head(i - 1) == head(i))
             .count();
         assert!(tied >= 10, "{tied} blocks share a prefix with the next");
         let mut probes = keys.clone();
@@ -545,11 +557,196 @@ mod tests {
             b"~".to_vec(),
         ]);
         for probe in &probes {
-            let last_keys = || (0..file.block_count()).map(|i| file.last_key(i));
+            let last_keys = || (0..file.block_count()).map(|i| file.last_key(i).unwrap());
             let from = last_keys().take_while(|last| *last < &probe[..]).count();
             let after = last_keys().take_while(|last| *last <= &probe[..]).count();
-            assert_eq!(file.first_block_from(probe), from, "from {probe:?}");
-            assert_eq!(file.first_block_after(probe), after, "after {probe:?}");
+            assert_eq!(
+                file.first_block_from(probe).unwrap(),
+                from,
+                "from {probe:?}"
+            );
+            assert_eq!(
+                file.first_block_after(probe).unwrap(),
+                after,
+                "after {probe:?}"
+            );
+        }
+    }
+
+    /// What `tests/data/snapshot-v1.snap` holds: it was written by the
+    /// version 1 writer (commit 0956f07) from exactly these versions, in
+    /// this order. 170 keys, some sharing their first 16 bytes, each with
+    /// a value and every seventh with a newer removal.
+    fn version_1_fixture_versions() -> Vec<(Vec<u8>, u64, Option<Vec<u8>>)> {
+        let mut keys: Vec<Vec<u8>> = (0..30u32)
+            .map(|i| format!("short{i:02}").into_bytes())
+            .collect();
+        keys.extend((0..120u32).map(|i| format!("tenant/0001/user{i:05}").into_bytes()));
+        keys.extend((0..20u32).map(|i| format!("zz{i:02}").into_bytes()));
+        keys.sort();
+        let mut out = Vec::new();
+        for (i, key) in (0u64..).zip(keys) {
+            if i % 7 == 0 {
+                out.push((key.clone(), 2 * i + 3, None));
+            }
+            let value = vec![(i % 251) as u8; 100 + (i % 90) as usize];
+            out.push((key, 2 * i + 2, Some(value)));
+        }
+        out
+    }
+
+    /// A file written in format version 1 (whose index has another layout)
+    /// still opens, and every read finds what was written.
+    #[test]
+    fn a_version_1_file_reads_back_everything() {
+        let bytes = include_bytes!("../../tests/data/snapshot-v1.snap");
+        let footer = Footer::decode(bytes).unwrap();
+        assert_eq!(footer.version, 1);
+        let file = Arc::new(
+            SnapshotFile::from_bytes(
+                Arc::new(RealFileSystem),
+                Path::new("snapshot-v1.snap"),
+                1,
+                Bytes::from_static(bytes),
+            )
+            .unwrap(),
+        );
+        let expected = version_1_fixture_versions();
+        assert!(file.block_count() >= 5, "{} blocks", file.block_count());
+        let all: Vec<_> = file
+            .versions()
+            .map(|version| {
+                let version = version.unwrap();
+                let value = version.value.map(|value| value.to_vec());
+                (version.key.to_vec(), version.seq, value)
+            })
+            .collect();
+        assert_eq!(all, expected);
+        for (key, seq, value) in &expected {
+            let got = file.get(key, bloom::key_hash(key), *seq).unwrap();
+            assert_eq!(
+                got.map(|value| value.map(|v| v.to_vec())),
+                Some(value.clone())
+            );
+            // Below a key's oldest version, the file has nothing for it.
+            let oldest = expected.iter().filter(|v| v.0 == *key).map(|v| v.1).min();
+            if Some(*seq) == oldest {
+                assert_eq!(file.get(key, bloom::key_hash(key), seq - 1).unwrap(), None);
+            }
+        }
+        let newest: Vec<(Vec<u8>, u64)> = expected
+            .iter()
+            .filter(|(key, seq, _)| expected.iter().all(|v| v.0 != *key || v.1 <= *seq))
+            .map(|(key, seq, _)| (key.clone(), *seq))
+            .collect();
+        let forward = scan(
+            &file,
+            u64::MAX,
+            Direction::Forward,
+            Bound::Unbounded,
+            Bound::Unbounded,
+        );
+        assert_eq!(forward, newest);
+        let mut backward = scan(
+            &file,
+            u64::MAX,
+            Direction::Backward,
+            Bound::Unbounded,
+            Bound::Unbounded,
+        );
+        backward.reverse();
+        assert_eq!(backward, newest);
+    }
+
+    /// A file whose index has a valid CRC but keys out of order (what a
+    /// writer's bug would leave) opens, since opening checks only the
+    /// index's CRC; then every read of it, however it starts, fails with
+    /// the corruption, every time, and none returns data.
+    #[test]
+    fn an_index_that_fails_its_check_fails_every_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = spanning_file(dir.path());
+        let blocks: Vec<(u64, u32, Vec<u8>)> = (0..good.block_count())
+            .map(|i| {
+                let location = good.index.location(i);
+                (
+                    location.offset,
+                    location.len,
+                    good.last_key(i).unwrap().to_vec(),
+                )
+            })
+            .collect();
+        let mut swapped = blocks.clone();
+        swapped[0].2 = b"n".to_vec(); // after block 1's "m"
+        let data = &good.data[..good.index_offset as usize];
+        let index = super::super::index::encode_index(&swapped);
+        let bloom_section =
+            &good.data[footer_of(&good).bloom_offset as usize..good.data.len() - FOOTER_BYTES];
+        let footer = Footer {
+            version: SNAPSHOT_FORMAT_VERSION,
+            index_offset: good.index_offset,
+            index_len: index.len() as u64,
+            bloom_offset: good.index_offset + index.len() as u64,
+            bloom_len: bloom_section.len() as u64,
+            entry_count: footer_of(&good).entry_count,
+        };
+        let bytes = [data, &index, bloom_section, &footer.encode()].concat();
+        let path = dir.path().join("2.snap");
+        let file = Arc::new(
+            SnapshotFile::from_bytes(Arc::new(RealFileSystem), &path, 2, Bytes::from(bytes))
+                .unwrap(),
+        );
+        let is_index_corruption = |error: Error| {
+            matches!(&error, Error::Corruption { path: p, offset, .. }
+                if *p == path && *offset == good.index_offset)
+        };
+        for _ in 0..2 {
+            assert!(is_index_corruption(
+                file.get(b"m", bloom::key_hash(b"m"), 600).unwrap_err()
+            ));
+            let mut versions = file.versions();
+            assert!(is_index_corruption(versions.next().unwrap().unwrap_err()));
+            assert!(versions.next().is_none());
+            for direction in [Direction::Forward, Direction::Backward] {
+                for bound in [Bound::Unbounded, Bound::Included(Bytes::from_static(b"m"))] {
+                    let mut cursor =
+                        FileCursor::new(file.clone(), 600, direction, bound.clone(), bound.clone());
+                    assert!(is_index_corruption(cursor.fill().unwrap_err()));
+                    assert!(is_index_corruption(cursor.fill().unwrap_err()));
+                    assert_eq!(cursor.head(), None);
+                }
+            }
+            file.prefetch_block(0);
+        }
+    }
+
+    fn footer_of(file: &SnapshotFile) -> Footer {
+        Footer::decode(&file.data).unwrap()
+    }
+
+    /// A file from a newer format version is refused as such, not as
+    /// corruption.
+    #[test]
+    fn a_file_of_a_newer_format_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = spanning_file(dir.path());
+        let mut bytes = good.data.to_vec();
+        let footer = Footer {
+            version: SNAPSHOT_FORMAT_VERSION + 1,
+            ..footer_of(&good)
+        };
+        let at = bytes.len() - FOOTER_BYTES;
+        bytes[at..].copy_from_slice(&footer.encode());
+        let path = dir.path().join("3.snap");
+        match SnapshotFile::from_bytes(Arc::new(RealFileSystem), &path, 3, Bytes::from(bytes)) {
+            Err(Error::UnsupportedFormatVersion {
+                path: p,
+                found,
+                supported,
+            }) => {
+                assert_eq!((p, found, supported), (path, 3, 2));
+            }
+            other => panic!("expected UnsupportedFormatVersion, got {other:?}"),
         }
     }
 }

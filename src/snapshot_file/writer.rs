@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 
 use super::bloom;
 use super::format::{
-    BLOCK_ALIGN, BLOCK_TARGET_BYTES, Footer, encode_bloom, encode_entry, encode_index,
+    BLOCK_ALIGN, BLOCK_TARGET_BYTES, Footer, SNAPSHOT_FORMAT_VERSION, encode_bloom, encode_entry,
     seal_block_into,
 };
+use super::index::encode_index;
 use crate::error::{Error, Result};
 use crate::files;
 use crate::io::{FileSystem, WritableFile};
@@ -187,6 +188,7 @@ impl<'a> SnapshotFileWriter<'a> {
             None => 0,
         };
         let footer = Footer {
+            version: SNAPSHOT_FORMAT_VERSION,
             index_offset,
             index_len: index.len() as u64,
             bloom_offset: index_offset + index.len() as u64,
