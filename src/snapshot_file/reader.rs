@@ -3,10 +3,11 @@
 //! Opening checks the footer, the CRC of the index and the bloom filter.
 //! The index is read in place from the map (see [`super::index`]); its
 //! structure is checked once, before the first read uses it, so that
-//! opening a database does not walk every block of every file. A data block is checked in full (CRC, entry order, the last key
-//! the index names) the first time it is read, before anything in it is
-//! used; a bitmap remembers which blocks passed, so later reads skip the
-//! CRC (a third of a lookup's time otherwise) but still check every length
+//! opening a database does not walk every block of every file. A data
+//! block is checked in full (CRC, entry order, the last key the index
+//! names) the first time it is read, before anything in it is used; a
+//! bitmap remembers which blocks passed, so later reads skip the CRC (a
+//! third of a lookup's time otherwise) but still check every length
 //! against the block. Any failure is an [`Error::Corruption`] naming the
 //! file and the offset.
 
@@ -210,7 +211,9 @@ impl SnapshotFile {
         Ok(())
     }
 
-    /// Turns a decoder's reason into the corruption error of block `i`.
+    /// Turns a decoder's reason into the corruption error of block `i`
+    /// (the block's offset comes from its index record, checked or not:
+    /// it only names the place).
     pub(super) fn damaged_block(&self, i: usize) -> impl Fn(String) -> Error + Copy + '_ {
         move |reason| Error::corruption(&self.path, self.index.location(i).offset, reason)
     }
