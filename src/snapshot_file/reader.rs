@@ -183,6 +183,26 @@ impl SnapshotFile {
         Ok(self.index()?.search(key, |last_key| last_key <= key))
     }
 
+    /// For the fuzzer: the first key (if any) at which the index search
+    /// finds other blocks than a plain walk over the blocks' last keys,
+    /// probing at the first 64 blocks' last keys, just past each, and the
+    /// ends. `None` also if the index fails its check (nothing is
+    /// searched then).
+    pub(crate) fn index_search_disagreement(&self) -> Option<Vec<u8>> {
+        let index = self.index().ok()?;
+        let last_keys = || (0..index.len()).map(|i| index.last_key(i));
+        let probes = last_keys()
+            .take(64)
+            .flat_map(|key| [key.to_vec(), [key, b"\0"].concat()])
+            .chain([Vec::new(), b"\xff".to_vec()]);
+        probes.into_iter().find(|probe| {
+            let from = last_keys().take_while(|last| *last < &probe[..]).count();
+            let after = last_keys().take_while(|last| *last <= &probe[..]).count();
+            self.first_block_from(probe).ok() != Some(from)
+                || self.first_block_after(probe).ok() != Some(after)
+        })
+    }
+
     /// The bytes of block `i`, fully checked the first time it is read.
     pub(super) fn block_bytes(&self, i: usize) -> Result<Bytes> {
         let block = self.index()?.location(i);
