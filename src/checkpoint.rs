@@ -433,6 +433,10 @@ impl Storage {
         }
         let summary = writer.finish()?;
         let file = Arc::new(SnapshotFile::open(self.fs.clone(), &path, number)?);
+        // What this thread just wrote is checked here, in the background,
+        // not at a reader's first lookup; a file that fails (a writer's
+        // bug) is not installed.
+        file.check_index()?;
         Ok(Some((file, summary)))
     }
 

@@ -168,6 +168,14 @@ impl SnapshotFile {
         }
     }
 
+    /// Checks the block index now rather than at the first read: a
+    /// checkpoint or merge does, for the file it just wrote, so that a
+    /// file that fails is never installed and readers of a new file do
+    /// not pay for the check.
+    pub(crate) fn check_index(&self) -> Result<()> {
+        self.index().map(|_| ())
+    }
+
     /// The last key of block `block`, as the index names it.
     pub(super) fn last_key(&self, block: usize) -> Result<&[u8]> {
         Ok(self.index()?.last_key(block))
