@@ -553,6 +553,18 @@ mod tests {
         assert_eq!(file.versions().count(), 202);
     }
 
+    /// Sorted keys: `short` short ones, `tenant` that share their first 16
+    /// bytes and differ after them, and `last` short ones sorting last.
+    fn keys_with_shared_prefixes(short: u32, tenant: u32, last: u32) -> Vec<Vec<u8>> {
+        let mut keys: Vec<Vec<u8>> = (0..short)
+            .map(|i| format!("short{i:02}").into_bytes())
+            .collect();
+        keys.extend((0..tenant).map(|i| format!("tenant/0001/user{i:05}").into_bytes()));
+        keys.extend((0..last).map(|i| format!("zz{i:02}").into_bytes()));
+        keys.sort();
+        keys
+    }
+
     /// The index search on key prefixes finds the same blocks as a search
     /// on whole keys, where many blocks' last keys share their first 16
     /// bytes, for keys in the file, between its keys and outside them.
@@ -562,13 +574,7 @@ mod tests {
         let fs: Arc<dyn FileSystem> = Arc::new(RealFileSystem);
         let path = dir.path().join("1.snap");
         let mut writer = SnapshotFileWriter::create(&*fs, dir.path(), path.clone()).unwrap();
-        let mut keys: Vec<Vec<u8>> = (0..40u32)
-            .map(|i| format!("short{i:02}").into_bytes())
-            .collect();
-        // 16 shared bytes, then what tells them apart.
-        keys.extend((0..400u32).map(|i| format!("tenant/0001/user{i:05}").into_bytes()));
-        keys.extend((0..40u32).map(|i| format!("zz{i:02}").into_bytes()));
-        keys.sort();
+        let keys = keys_with_shared_prefixes(40, 400, 40);
         for key in &keys {
             writer.add(key, 1, Some(&[9u8; 200])).unwrap();
         }
@@ -609,14 +615,8 @@ mod tests {
     /// this order. 170 keys, some sharing their first 16 bytes, each with
     /// a value and every seventh with a newer removal.
     fn version_1_fixture_versions() -> Vec<(Vec<u8>, u64, Option<Vec<u8>>)> {
-        let mut keys: Vec<Vec<u8>> = (0..30u32)
-            .map(|i| format!("short{i:02}").into_bytes())
-            .collect();
-        keys.extend((0..120u32).map(|i| format!("tenant/0001/user{i:05}").into_bytes()));
-        keys.extend((0..20u32).map(|i| format!("zz{i:02}").into_bytes()));
-        keys.sort();
         let mut out = Vec::new();
-        for (i, key) in (0u64..).zip(keys) {
+        for (i, key) in (0u64..).zip(keys_with_shared_prefixes(30, 120, 20)) {
             if i % 7 == 0 {
                 out.push((key.clone(), 2 * i + 3, None));
             }
