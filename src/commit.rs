@@ -27,9 +27,17 @@
 //! variable: a finished leader wakes exactly the writers of its group (their
 //! results are ready) and hands the lead to the first queued writer, so no
 //! woken thread has to fight for the queue lock just to learn that its
-//! commit is done. A new leader does not wait for more batches to arrive:
-//! the writers a finished group wakes come back while the next group's
-//! fsync runs, and join the group after it.
+//! commit is done.
+//!
+//! A new leader first waits, for at most as long as the last group's WAL
+//! write and fsync took, for the writers of the group just finished to come
+//! back with their next batches. Without the wait those writers would miss
+//! the group about to start and join the one after it, so with the fsyncs
+//! back to back each group would carry about half of the busy writers; with
+//! it, each carries nearly all of them, for one wait per group that is
+//! never longer than the fsync it saves. A lone writer never waits (it is
+//! the writer the leader would wait for), and a writer that does not come
+//! back costs the next group at most one such wait.
 //!
 //! If a WAL write or fsync fails, no batch of that group is reported
 //! committed and every later write is refused: the log's state on disk is
@@ -39,6 +47,7 @@
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::Thread;
+use std::time::{Duration, Instant};
 
 use crate::batch::{SealedBatch, encode_seq_prefix};
 use crate::checkpoint::{FrozenContent, FrozenMemtable, Storage};
@@ -114,6 +123,11 @@ impl Slot {
     }
 }
 
+/// The longest a leader waits for the writers of the last group to come
+/// back, however slow the last fsync was: a stalled disk must not make every
+/// later commit wait as long again for writers that may never return.
+const MAX_WAIT_FOR_RETURNING_WRITERS: Duration = Duration::from_millis(10);
+
 #[derive(Debug, Default)]
 struct Queue {
     pending: Vec<Pending>,
@@ -121,6 +135,14 @@ struct Queue {
     /// Groups past the WAL whose leaders are still applying, publishing or
     /// freezing (`close` waits for them).
     groups_applying: usize,
+    /// Writers of finished groups (their fsync returned) that have not
+    /// committed again since: the next leader waits a little for them.
+    returning: usize,
+    /// A leader waiting for `returning` to reach zero, to be woken then.
+    waiting_leader: Option<Thread>,
+    /// How long the last group's WAL write (and fsync) took: the longest a
+    /// leader waits for returning writers.
+    last_wal_write: Duration,
     /// Why writes are refused, once a WAL write or fsync failed.
     stopped: Option<String>,
     closed: bool,
@@ -224,6 +246,7 @@ impl CommitPipeline {
             // Nothing to write: the batch is trivially applied.
             return Ok(self.read_state.visible_seq());
         }
+        let waiting_leader = queue.note_arrival();
         let slot = Arc::new(Slot::new());
         queue.pending.push(Pending {
             batch,
@@ -232,6 +255,9 @@ impl CommitPipeline {
         });
         if queue.leader_active {
             drop(queue);
+            if let Some(leader) = waiting_leader {
+                leader.unpark();
+            }
             // A leader will either finish this batch or hand us the lead.
             // (`park` may also return spuriously, hence the loop.)
             loop {
@@ -252,12 +278,17 @@ impl CommitPipeline {
     /// Runs one group as its leader (`queue.leader_active` is set and this
     /// writer's batch is queued) and records every batch's outcome.
     ///
+    /// Before it takes the queue, the leader waits for the writers of the
+    /// group before to come back (see [`Self::wait_for_returning_writers`]).
     /// The lead passes to the first writer queued behind the group as soon
-    /// as the group's WAL write and fsync return: the next group's fsync
-    /// then overlaps this group's memtable apply and wakeups, which on a
-    /// busy machine take as long as the fsync itself (each wakeup is a
-    /// system call). Groups still publish to readers in sequence order.
-    fn lead_group(&self, mut queue: MutexGuard<'_, Queue>, own: &Arc<Slot>) {
+    /// as the group's WAL write and fsync return, so the next leader is
+    /// already awake while this one applies the group and wakes its
+    /// writers (on a busy machine that takes as long as the fsync itself:
+    /// each wakeup is a system call), and its fsync overlaps the end of that
+    /// work when some writer does not come back. Groups still publish to
+    /// readers in sequence order.
+    fn lead_group<'a>(&'a self, queue: MutexGuard<'a, Queue>, own: &Arc<Slot>) {
+        let mut queue = self.wait_for_returning_writers(queue);
         if queue.closed {
             // Closed while these batches waited: they never reach the WAL.
             for pending in std::mem::take(&mut queue.pending) {
@@ -270,6 +301,7 @@ impl CommitPipeline {
         let group = std::mem::take(&mut queue.pending);
         drop(queue);
 
+        let write_began = Instant::now();
         let written = self.write(&group);
 
         #[cfg(test)]
@@ -278,7 +310,11 @@ impl CommitPipeline {
         }
         let mut queue = lock(&self.queue);
         match &written {
-            Ok(_) => queue.groups_applying += 1,
+            Ok(_) => {
+                queue.groups_applying += 1;
+                queue.returning += group.len();
+                queue.last_wal_write = write_began.elapsed();
+            }
             Err(error) => self.stop(&mut queue, error.to_string()),
         }
         let next_leader = self.hand_on_lead(&mut queue);
@@ -327,6 +363,36 @@ impl CommitPipeline {
                 self.wake_others(&group, own);
             }
         }
+    }
+
+    /// Waits, as the new leader, until the writers of the last finished
+    /// group have committed again or as long as that group's WAL write took
+    /// (at most [`MAX_WAIT_FOR_RETURNING_WRITERS`]), so that they join this
+    /// group rather than the next one. Returns at once on close.
+    fn wait_for_returning_writers<'a>(
+        &'a self,
+        mut queue: MutexGuard<'a, Queue>,
+    ) -> MutexGuard<'a, Queue> {
+        if queue.returning == 0 {
+            return queue;
+        }
+        let deadline = Instant::now() + queue.last_wal_write.min(MAX_WAIT_FOR_RETURNING_WRITERS);
+        queue.waiting_leader = Some(std::thread::current());
+        while queue.returning > 0 && !queue.closed {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            drop(queue);
+            // Woken by the last returning writer, or by `close`; a spurious
+            // or stale wakeup only goes round the loop again.
+            std::thread::park_timeout(deadline - now);
+            queue = lock(&self.queue);
+        }
+        queue.waiting_leader = None;
+        // Writers that did not come back in time are not waited for again.
+        queue.returning = 0;
+        queue
     }
 
     /// Gives the lead to the first queued writer, if any; returns the writer
@@ -580,6 +646,10 @@ impl CommitPipeline {
     pub fn close(&self) -> Result<()> {
         let mut queue = lock(&self.queue);
         queue.closed = true;
+        if let Some(leader) = queue.waiting_leader.take() {
+            // It stops waiting and fails its queued batches.
+            leader.unpark();
+        }
         while queue.leader_active || queue.groups_applying > 0 {
             queue = self
                 .wake
@@ -610,6 +680,22 @@ impl CommitPipeline {
             // Under the leader's lock, which a commit holds through its
             // fsync: stats are not read on a hot path.
             wal_segments_reused: lock(&self.leader).wal.reused_segments(),
+        }
+    }
+}
+
+impl Queue {
+    /// Counts a writer's new commit against the writers the next leader
+    /// waits for; returns the waiting leader to wake once none is left.
+    fn note_arrival(&mut self) -> Option<Thread> {
+        if self.returning == 0 {
+            return None;
+        }
+        self.returning -= 1;
+        if self.returning == 0 {
+            self.waiting_leader.take()
+        } else {
+            None
         }
     }
 }

@@ -2,8 +2,9 @@
 //! `testing`).
 //!
 //! [`FaultyFileSystem`] wraps the real file system and, on command, makes
-//! fsyncs fail with `EIO` or writes fail with `ENOSPC`, so a test can check
-//! what an application does when the disk misbehaves.
+//! fsyncs fail with `EIO`, writes fail with `ENOSPC`, or fsyncs take longer
+//! (as on a slower disk), so a test can check what an application does when
+//! the disk misbehaves.
 //! [`PowerCutFileSystem`] is an in-memory file system that stops at any
 //! chosen operation and restarts with only what a power cut would leave:
 //! unsynced data lost, torn writes, directory changes undone.
@@ -29,6 +30,7 @@ use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
 
 pub use crate::io::{EntryKind, FileLock, FileSystem, RealFileSystem, WritableFile};
 pub use power_cut::{PowerCut, PowerCutFileSystem};
@@ -45,6 +47,8 @@ pub struct FaultyFileSystem {
 struct Faults {
     fail_syncs: AtomicBool,
     fail_writes: AtomicBool,
+    /// Microseconds each fsync sleeps before it runs.
+    sync_delay_micros: AtomicU64,
     syncs: AtomicU64,
     writes: AtomicU64,
 }
@@ -66,6 +70,15 @@ impl FaultyFileSystem {
         self.faults.fail_writes.store(on, Ordering::SeqCst);
     }
 
+    /// Makes every file and directory fsync first sleep for `delay`, as a
+    /// disk whose cache flush is that much slower would (zero turns it off).
+    pub fn delay_syncs(&self, delay: Duration) {
+        let micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.faults
+            .sync_delay_micros
+            .store(micros, Ordering::SeqCst);
+    }
+
     /// How many file and directory fsyncs were attempted.
     pub fn sync_count(&self) -> u64 {
         self.faults.syncs.load(Ordering::SeqCst)
@@ -80,6 +93,10 @@ impl FaultyFileSystem {
 impl Faults {
     fn sync(&self) -> io::Result<()> {
         self.syncs.fetch_add(1, Ordering::SeqCst);
+        let delay = self.sync_delay_micros.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(Duration::from_micros(delay));
+        }
         if self.fail_syncs.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(5)); // EIO
         }
