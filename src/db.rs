@@ -63,6 +63,14 @@ struct DbInner {
     report: RecoveryReport,
 }
 
+#[cfg(test)]
+impl Db {
+    /// The commit pipeline, for unit tests of its state.
+    pub(crate) fn pipeline(&self) -> &CommitPipeline {
+        &self.inner.pipeline
+    }
+}
+
 impl fmt::Debug for Db {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Db")
