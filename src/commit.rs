@@ -31,13 +31,13 @@
 //!
 //! After a group that was fsynced, a new leader first waits, for at most as
 //! long as that group's WAL write and fsync took, for the writers of that
-//! group to come back with their next batches. Without the wait those writers would miss
-//! the group about to start and join the one after it, so with the fsyncs
-//! back to back each group would carry about half of the busy writers; with
-//! it, each carries nearly all of them, for one wait per group that is
-//! never longer than the fsync it saves. A lone writer never waits (it is
-//! the writer the leader would wait for), and a writer that does not come
-//! back costs the next group at most one such wait.
+//! group to come back with their next batches. Without the wait those
+//! writers would miss the group about to start and join the one after it,
+//! so with the fsyncs back to back each group would carry about half of the
+//! busy writers; with it, each carries nearly all of them, for one wait per
+//! group that is never longer than the fsync it saves. A lone writer never
+//! waits (it is the writer the leader would wait for), and a writer that
+//! does not come back costs the next group at most one such wait.
 //!
 //! If a WAL write or fsync fails, no batch of that group is reported
 //! committed and every later write is refused: the log's state on disk is
@@ -793,10 +793,6 @@ mod tests {
         assert!(db.contains_key("after").unwrap());
     }
 
-    /// A checkpoint that freezes the memtable while a group written before
-    /// it is still being applied must wait for that group: otherwise the
-    /// snapshot file misses it, and the WAL segment that held it is
-    /// trimmed. Run with an empty memtable too, which a freeze skips.
     /// A leader waits for the writers of the last group only when that
     /// group was fsynced: after a write alone, putting the leader to sleep
     /// would cost more than the group it could gain.
@@ -819,6 +815,10 @@ mod tests {
         db.close().unwrap();
     }
 
+    /// A checkpoint that freezes the memtable while a group written before
+    /// it is still being applied must wait for that group: otherwise the
+    /// snapshot file misses it, and the WAL segment that held it is
+    /// trimmed. Run with an empty memtable too, which a freeze skips.
     #[test]
     fn a_freeze_waits_for_the_groups_still_applying() {
         for empty in [true, false] {

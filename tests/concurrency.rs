@@ -279,7 +279,7 @@ fn each_group_carries_nearly_every_busy_writer_on_a_slow_disk() {
     const COMMITS_EACH: u64 = 25;
     let dir = tempfile::tempdir().unwrap();
     let fs = Arc::new(FaultyFileSystem::new());
-    fs.delay_syncs(Duration::from_millis(3));
+    fs.delay_syncs(Duration::from_millis(5));
     let options = common::small_options(Durability::Sync).file_system(fs);
     let db = Db::open_with(dir.path(), options).unwrap();
     let writers: Vec<_> = (0..BUSY_WRITERS)
