@@ -169,6 +169,8 @@ struct WrittenGroup {
     last_seq: u64,
     /// Whether the WAL has grown enough since the last freeze to need one.
     wal_full: bool,
+    /// Whether the group's write ended in an fsync.
+    synced: bool,
     /// The group's insert into `memtable`, begun before its WAL write.
     apply: Apply,
 }
@@ -310,12 +312,12 @@ impl CommitPipeline {
         }
         let mut queue = lock(&self.queue);
         match &written {
-            Ok(_) => {
+            Ok(written) => {
                 queue.groups_applying += 1;
                 // Only after an fsync: a write alone takes microseconds, less
                 // than putting a leader to sleep and waking it again (4
                 // writers of buffered batches ran 3x slower with the wait).
-                if group.iter().any(|pending| pending.sync) {
+                if written.synced {
                     queue.returning += group.len();
                     queue.last_wal_write = write_began.elapsed();
                 }
@@ -511,6 +513,7 @@ impl CommitPipeline {
             first_seq,
             last_seq: next_seq - 1,
             wal_full: leader.wal.bytes_since_rotation() >= self.limits.wal_bytes,
+            synced: sync,
             apply,
         })
     }
