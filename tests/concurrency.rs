@@ -265,6 +265,25 @@ fn snapshots_see_exactly_the_commits_at_or_below_their_sequence_number() {
     }
 }
 
+/// Runs `writers` threads that each insert `commits_each` keys
+/// (`"{writer}-{i}"`), one commit at a time, each starting the next as soon
+/// as the last returns.
+fn insert_from_busy_writers(db: &Db, writers: u64, commits_each: u64) {
+    let threads: Vec<_> = (0..writers)
+        .map(|writer| {
+            let db = db.clone();
+            std::thread::spawn(move || {
+                for i in 0..commits_each {
+                    db.insert(format!("{writer}-{i}"), "v").unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+}
+
 /// Writers that commit again as soon as their last commit returns all ride
 /// in the next group: its leader waits for them (at most as long as the
 /// last fsync took) instead of leaving the late half to the group after.
@@ -282,19 +301,7 @@ fn each_group_carries_nearly_every_busy_writer_on_a_slow_disk() {
     fs.delay_syncs(Duration::from_millis(5));
     let options = common::small_options(Durability::Sync).file_system(fs);
     let db = Db::open_with(dir.path(), options).unwrap();
-    let writers: Vec<_> = (0..BUSY_WRITERS)
-        .map(|writer| {
-            let db = db.clone();
-            std::thread::spawn(move || {
-                for i in 0..COMMITS_EACH {
-                    db.insert(format!("{writer}-{i}"), "v").unwrap();
-                }
-            })
-        })
-        .collect();
-    for writer in writers {
-        writer.join().unwrap();
-    }
+    insert_from_busy_writers(&db, BUSY_WRITERS, COMMITS_EACH);
     let stats = db.commit_stats();
     assert_eq!(stats.commits, BUSY_WRITERS * COMMITS_EACH);
     // Every writer has its commit in every group but the first few and the
@@ -306,10 +313,41 @@ fn each_group_carries_nearly_every_busy_writer_on_a_slow_disk() {
         per_group >= 6.0,
         "{per_group:.1} commits per group: writers missed the group after theirs ({stats:?})"
     );
+    // Every wait here lasts at least one 5 ms fsync: waiting writers sleep
+    // at once rather than yield the processor through it.
+    assert!(
+        stats.waits_without_sleep <= stats.commits / 10,
+        "writers yielded through 5 ms fsyncs instead of sleeping ({stats:?})"
+    );
     for writer in 0..BUSY_WRITERS {
         for i in 0..COMMITS_EACH {
             assert!(db.get(format!("{writer}-{i}")).unwrap().is_some());
         }
     }
+    db.close().unwrap();
+}
+
+/// When commits are quick (here they need no fsync), a waiting writer
+/// yields the processor until its result is set instead of going to sleep
+/// and being woken: some waits end that way.
+#[test]
+fn waiting_writers_yield_instead_of_sleeping_when_commits_are_quick() {
+    const WRITERS: u64 = 8;
+    const COMMITS_EACH: u64 = 2_000;
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_with(dir.path(), common::small_options(Durability::Buffered)).unwrap();
+    insert_from_busy_writers(&db, WRITERS, COMMITS_EACH);
+    let stats = db.commit_stats();
+    assert_eq!(stats.commits, WRITERS * COMMITS_EACH);
+    eprintln!("{stats:?}");
+    assert!(
+        stats.waits_without_sleep > 0,
+        "every waiting writer slept ({stats:?})"
+    );
+    assert_eq!(
+        db.snapshot().iter().count() as u64,
+        WRITERS * COMMITS_EACH,
+        "commits lost"
+    );
     db.close().unwrap();
 }
