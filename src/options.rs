@@ -148,7 +148,9 @@ impl Options {
 
     /// WAL bytes written since the last checkpoint that trigger the next
     /// one, whatever the memtable's size (bounds replay time at open);
-    /// 256 MiB by default.
+    /// 256 MiB by default. The count is of the log as it lies on disk: a
+    /// synced commit ends its page, so each lone synced commit counts a
+    /// whole page (4 KiB by default), however small.
     pub fn max_wal_bytes(mut self, bytes: u64) -> Self {
         self.max_wal_bytes = bytes;
         self

@@ -121,6 +121,38 @@ fn checkpoint_trims_the_wal_and_reopen_reads_the_files() {
     );
 }
 
+/// `max_wal_bytes` counts the log as it lies on disk: each lone synced
+/// commit ends its page, so 200 commits of a few dozen bytes are 200 pages
+/// (800 KiB) of log, and a 256 KiB limit freezes the memtable for a
+/// checkpoint about three times, however little the records themselves
+/// hold (about 10 KB). Counting only the records, no checkpoint would run,
+/// and the log on disk would grow far past the limit before the memtable
+/// filled, and every page of it would be replayed after a crash.
+#[test]
+fn max_wal_bytes_counts_the_page_each_synced_commit_ends() {
+    const COMMITS: u64 = 200;
+    const PAGE: u64 = 4096;
+    const LIMIT: u64 = 256 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options::default()
+        .durability(Durability::Sync)
+        .wal_page_bytes(PAGE as usize)
+        .wal_segment_bytes(64 * 1024)
+        .max_wal_bytes(LIMIT);
+    let db = Db::open_with(dir.path(), options).unwrap();
+    for i in 0..COMMITS {
+        db.insert(key(i), "v").unwrap();
+    }
+    let stats = db.checkpoint_stats();
+    let freezes = stats.checkpoints + stats.frozen_memtables as u64;
+    assert!(
+        freezes >= COMMITS * PAGE / LIMIT - 1,
+        "{freezes} freezes for {} KiB of log ({stats:?})",
+        COMMITS * PAGE / 1024
+    );
+    db.close().unwrap();
+}
+
 #[test]
 fn files_are_deleted_only_when_no_snapshot_needs_them() {
     let dir = tempfile::tempdir().unwrap();

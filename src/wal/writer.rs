@@ -39,7 +39,8 @@ pub struct WalWriter {
     next: Preparer,
     /// Reused buffer for framing a group.
     frame_buffer: Vec<u8>,
-    /// Bytes written since the last rotation (what a replay would read).
+    /// Bytes of log since the last rotation, with the rest of each page an
+    /// fsync ended (what a replay would read).
     bytes_since_rotation: u64,
     /// Segments activated that reused an obsolete segment's file.
     reused_segments: u64,
@@ -230,11 +231,17 @@ impl WalWriter {
             .sync_data()
             .map_err(|e| Error::io("fdatasync", &active.path, e))?;
         active.unsynced_run = None;
-        active.write_pos = active.write_pos.div_ceil(page) * page;
+        let next_page = active.write_pos.div_ceil(page) * page;
+        // The rest of the page is part of the log too: a replay reads it,
+        // and lone commits of a few hundred bytes each take a whole page.
+        self.bytes_since_rotation += next_page - active.write_pos;
+        active.write_pos = next_page;
         Ok(())
     }
 
-    /// Bytes of records written since the last [`rotate`](Self::rotate).
+    /// Bytes of log since the last [`rotate`](Self::rotate): the records
+    /// written, and the rest of every page an fsync ended (a lone synced
+    /// commit of a hundred bytes takes a whole page).
     pub fn bytes_since_rotation(&self) -> u64 {
         self.bytes_since_rotation
     }
