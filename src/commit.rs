@@ -846,11 +846,8 @@ mod tests {
         });
     }
 
-    /// A large group's versions go into the memtable while its WAL write
-    /// runs. If that write fails, a checkpoint that comes before the
-    /// failure has stopped writes must still be refused: it would write
-    /// versions never committed to a snapshot file, under sequence numbers
-    /// that are given out again.
+    /// How long a waiting writer yields before it sleeps follows the
+    /// recent waits, and is nothing while they are long.
     #[test]
     fn waiting_writers_yield_for_twice_the_recent_wait_unless_it_is_long() {
         let waits = WaitEstimate::default();
@@ -874,6 +871,11 @@ mod tests {
         assert!(waits.yield_budget() <= Duration::from_micros(1_000));
     }
 
+    /// A large group's versions go into the memtable while its WAL write
+    /// runs. If that write fails, a checkpoint that comes before the
+    /// failure has stopped writes must still be refused: it would write
+    /// versions never committed to a snapshot file, under sequence numbers
+    /// that are given out again.
     #[test]
     fn a_checkpoint_is_refused_while_a_failed_group_stops_writes() {
         let dir = tempfile::tempdir().unwrap();
