@@ -1,9 +1,9 @@
 //! Core benchmarks: synced writes (1, 4 and 8 threads, and batches of 1,000)
 //! and buffered writes from 8 threads, beside the machine's own fdatasync
 //! rates measured in the same run (the baselines the write figures are
-//! compared with); random and absent point
-//! reads and a full scan, served by the memtable and by a snapshot file; and
-//! reopening after a checkpoint against replaying the same data from the WAL.
+//! compared with); random and absent point reads and a full scan, served by
+//! the memtable and by a snapshot file; and reopening after a checkpoint
+//! against replaying the same data from the WAL.
 //!
 //! `cargo bench --bench core`; `MAPSTORE_BENCH_KEYS` sets the number of keys
 //! for the read benchmarks (1,000,000 by default).

@@ -350,13 +350,13 @@ fn each_group_carries_nearly_every_busy_writer_on_a_fast_disk() {
 /// and being woken: some waits end that way.
 #[test]
 fn waiting_writers_yield_instead_of_sleeping_when_commits_are_quick() {
-    const WRITERS: u64 = 8;
+    const BUSY_WRITERS: u64 = 8;
     const COMMITS_EACH: u64 = 2_000;
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open_with(dir.path(), common::small_options(Durability::Buffered)).unwrap();
-    insert_from_busy_writers(&db, WRITERS, COMMITS_EACH);
+    insert_from_busy_writers(&db, BUSY_WRITERS, COMMITS_EACH);
     let stats = db.commit_stats();
-    assert_eq!(stats.commits, WRITERS * COMMITS_EACH);
+    assert_eq!(stats.commits, BUSY_WRITERS * COMMITS_EACH);
     eprintln!("{stats:?}");
     assert!(
         stats.waits_without_sleep > 0,
@@ -364,7 +364,7 @@ fn waiting_writers_yield_instead_of_sleeping_when_commits_are_quick() {
     );
     assert_eq!(
         db.snapshot().iter().count() as u64,
-        WRITERS * COMMITS_EACH,
+        BUSY_WRITERS * COMMITS_EACH,
         "commits lost"
     );
     db.close().unwrap();
