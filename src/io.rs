@@ -4,6 +4,13 @@
 //!
 //! The trait speaks `std::io::Result`; the engine adds the operation name and
 //! path when it turns a failure into [`Error::Io`](crate::Error::Io).
+//!
+//! The real file system writes a WAL segment's synced pages with direct I/O
+//! (`O_DIRECT`, switched on the descriptor with `fcntl`, so one descriptor
+//! serves both kinds of write). A lone synced commit is one page written
+//! and fsynced: going around the page cache saved about a tenth of its
+//! time in a loop of 4 KiB writes each followed by `fdatasync` on this
+//! project's test machine (ext4 on a virtual disk).
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -26,6 +33,16 @@ pub enum EntryKind {
 pub trait WritableFile: Send + Sync + fmt::Debug {
     /// Writes all of `bytes` at byte `offset`, growing the file if needed.
     fn write_all_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()>;
+    /// Writes `pages` at `offset` like [`write_all_at`](Self::write_all_at),
+    /// for a write of whole blocks (offset and length multiples of 512) that
+    /// is fsynced next and not read back soon. The real file system sends it
+    /// to the device directly (`O_DIRECT`), bypassing the page cache, when
+    /// offset and length are multiples of [`DIRECT_IO_ALIGN`] and the file
+    /// system allows it. The data is no more durable for that: only
+    /// `sync_data` makes it so.
+    fn write_pages_at(&mut self, offset: u64, pages: &[u8]) -> io::Result<()> {
+        self.write_all_at(offset, pages)
+    }
     /// Flushes the file's data, and the metadata needed to read it back
     /// (`fdatasync`).
     fn sync_data(&mut self) -> io::Result<()>;
@@ -73,21 +90,124 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RealFileSystem;
 
+/// The alignment of offset, length and memory that a direct write needs:
+/// the largest logical block size of common devices (the kernel refuses a
+/// direct write aligned to less than the device's block).
+pub const DIRECT_IO_ALIGN: usize = 4096;
+
+/// The most a direct write copies into its aligned buffer at a time.
+const DIRECT_CHUNK_BYTES: usize = 1 << 20;
+
 #[derive(Debug)]
-struct RealFile(File);
+struct RealFile {
+    file: File,
+    mode: WriteMode,
+    /// Scratch memory for direct writes, of which an aligned part is used.
+    aligned: Vec<u8>,
+}
+
+/// How the descriptor of a [`RealFile`] is set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WriteMode {
+    /// Writes go through the page cache.
+    Cached,
+    /// `O_DIRECT` is set.
+    Direct,
+    /// The file system refused `O_DIRECT`; never tried again for this file.
+    DirectRefused,
+}
+
+impl RealFile {
+    fn new(file: File) -> RealFile {
+        RealFile {
+            file,
+            mode: WriteMode::Cached,
+            aligned: Vec::new(),
+        }
+    }
+
+    /// Sets or clears `O_DIRECT` on the descriptor.
+    #[cfg(target_os = "linux")]
+    fn set_direct(&mut self, direct: bool) -> io::Result<()> {
+        use rustix::fs::{OFlags, fcntl_getfl, fcntl_setfl};
+        let flags = fcntl_getfl(&self.file)?;
+        let flags = if direct {
+            flags | OFlags::DIRECT
+        } else {
+            flags - OFlags::DIRECT
+        };
+        fcntl_setfl(&self.file, flags)?;
+        Ok(())
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn set_direct(&mut self, _direct: bool) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    /// Writes `pages` with `O_DIRECT` set, through the aligned buffer.
+    fn write_direct(&mut self, offset: u64, pages: &[u8]) -> io::Result<()> {
+        let chunk_bytes = pages.len().min(DIRECT_CHUNK_BYTES);
+        if self.aligned.len() < chunk_bytes + DIRECT_IO_ALIGN {
+            self.aligned = vec![0; chunk_bytes + DIRECT_IO_ALIGN];
+        }
+        let start = self.aligned.as_ptr().align_offset(DIRECT_IO_ALIGN);
+        let mut written = 0;
+        for chunk in pages.chunks(chunk_bytes) {
+            let aligned = &mut self.aligned[start..start + chunk.len()];
+            aligned.copy_from_slice(chunk);
+            self.file.write_all_at(aligned, offset + written)?;
+            written += chunk.len() as u64;
+        }
+        Ok(())
+    }
+}
 
 impl WritableFile for RealFile {
     fn write_all_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        self.0.write_all_at(bytes, offset)
+        if self.mode == WriteMode::Direct {
+            self.set_direct(false)?;
+            self.mode = WriteMode::Cached;
+        }
+        self.file.write_all_at(bytes, offset)
     }
+
+    fn write_pages_at(&mut self, offset: u64, pages: &[u8]) -> io::Result<()> {
+        let align = DIRECT_IO_ALIGN as u64;
+        let aligned = offset % align == 0 && pages.len() as u64 % align == 0;
+        if !aligned || self.mode == WriteMode::DirectRefused {
+            return self.write_all_at(offset, pages);
+        }
+        if self.mode == WriteMode::Cached {
+            match self.set_direct(true) {
+                Ok(()) => self.mode = WriteMode::Direct,
+                Err(_) => {
+                    // tmpfs and some other file systems have no direct I/O.
+                    self.mode = WriteMode::DirectRefused;
+                    return self.write_all_at(offset, pages);
+                }
+            }
+        }
+        match self.write_direct(offset, pages) {
+            // A device whose blocks are larger than the alignment refuses
+            // the write before writing anything.
+            Err(error) if error.kind() == io::ErrorKind::InvalidInput => {
+                self.write_all_at(offset, pages)?;
+                self.mode = WriteMode::DirectRefused;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
     fn sync_data(&mut self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
     fn sync_all(&mut self) -> io::Result<()> {
-        self.0.sync_all()
+        self.file.sync_all()
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
 }
 
@@ -137,12 +257,12 @@ impl FileSystem for RealFileSystem {
 
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
         let file = OpenOptions::new().write(true).create_new(true).open(path)?;
-        Ok(Box::new(RealFile(file)))
+        Ok(Box::new(RealFile::new(file)))
     }
 
     fn open_writable(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
         let file = OpenOptions::new().write(true).open(path)?;
-        Ok(Box::new(RealFile(file)))
+        Ok(Box::new(RealFile::new(file)))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -166,5 +286,84 @@ impl FileSystem for RealFileSystem {
             .open(path)?;
         fs2::FileExt::try_lock_exclusive(&file)?;
         Ok(Box::new(RealLock(file)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether the file system under `dir` lets a file be opened with
+    /// `O_DIRECT` (ext4 and xfs do; tmpfs before Linux 6.6 does not).
+    fn allows_direct_io(dir: &Path) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let direct = rustix::fs::OFlags::DIRECT.bits() as i32;
+            let path = dir.join("probe");
+            let opened = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(direct)
+                .open(&path);
+            let _ = fs::remove_file(&path);
+            opened.is_ok()
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = dir;
+            false
+        }
+    }
+
+    #[test]
+    fn page_writes_go_direct_where_allowed_and_every_write_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        let mut file = RealFile::new(file);
+        let direct_mode = if allows_direct_io(dir.path()) {
+            WriteMode::Direct
+        } else {
+            WriteMode::DirectRefused
+        };
+        let mut expected = Vec::new();
+        let mut write = |file: &mut RealFile, offset: u64, len: usize, fill: u8, pages: bool| {
+            let bytes: Vec<u8> = (0..len).map(|i| fill ^ (i % 251) as u8).collect();
+            if pages {
+                file.write_pages_at(offset, &bytes).unwrap();
+            } else {
+                file.write_all_at(offset, &bytes).unwrap();
+            }
+            let end = offset as usize + len;
+            if expected.len() < end {
+                expected.resize(end, 0);
+            }
+            expected[offset as usize..end].copy_from_slice(&bytes);
+        };
+
+        write(&mut file, 0, 100, 1, false);
+        assert_eq!(file.mode, WriteMode::Cached);
+        // Two aligned pages, then more than one copy buffer's worth.
+        write(&mut file, 4096, 8192, 2, true);
+        assert_eq!(file.mode, direct_mode);
+        write(&mut file, 12288, DIRECT_CHUNK_BYTES + 4096, 3, true);
+        assert_eq!(file.mode, direct_mode);
+        // An ordinary write in the middle of the direct ones.
+        write(&mut file, 12288 + 10, 50, 4, false);
+        assert_ne!(file.mode, WriteMode::Direct);
+        // Whole 512-byte blocks that are not 4 KiB aligned go through the cache.
+        write(&mut file, 512, 512, 5, true);
+        assert_ne!(file.mode, WriteMode::Direct);
+        write(&mut file, 8192, 4096, 6, true);
+        assert_eq!(file.mode, direct_mode);
+        file.sync_data().unwrap();
+
+        assert_eq!(fs::read(&path).unwrap(), expected);
     }
 }

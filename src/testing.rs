@@ -123,6 +123,21 @@ impl WritableFile for FaultyFile {
         self.faults.write()?;
         self.inner.write_all_at(offset, bytes)
     }
+    fn write_pages_at(&mut self, offset: u64, pages: &[u8]) -> io::Result<()> {
+        // Held to the method's contract (whole blocks of 512 bytes), as a
+        // direct write is by the kernel.
+        if offset % 512 != 0 || pages.len() % 512 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "write_pages_at({offset}, {} bytes) is not whole blocks",
+                    pages.len()
+                ),
+            ));
+        }
+        self.faults.write()?;
+        self.inner.write_pages_at(offset, pages)
+    }
     fn sync_data(&mut self) -> io::Result<()> {
         self.faults.sync()?;
         self.inner.sync_data()

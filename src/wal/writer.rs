@@ -1,7 +1,9 @@
 //! Writing the WAL: segment files are prepared ahead of use (zero-filled,
 //! or reused from a segment a checkpoint covers; fsynced, renamed into
 //! place, directory fsynced), and groups of records are framed and written
-//! at page-aligned offsets.
+//! at page-aligned offsets. A synced group that is a run of its own is
+//! written as whole pages, which the file layer may send to the device
+//! directly (`O_DIRECT`, see [`WritableFile::write_pages_at`]).
 //!
 //! The writer knows nothing of batches or the memtable: it writes records
 //! (opaque byte strings) and makes them durable. The group commit protocol
@@ -156,18 +158,23 @@ impl WalWriter {
         let page = self.config.page_bytes as u64;
         let active = self.active_mut()?;
         let start = active.write_pos;
-        if sync && active.reused {
+        // A synced group that begins a run is the whole run: it starts at a
+        // page boundary, and the fsync below ends its last page.
+        let whole_run = sync && active.unsynced_run.is_none();
+        if sync && (active.reused || whole_run) {
             // The fsync below ends the page, whose rest must then be zeros
             // (see `sync`): padded here, in the group's own write, `sync`
-            // finds nothing left to write.
+            // finds nothing left to write, and a whole run is whole pages.
             let end = start + buffer.len() as u64;
             let padded = end.div_ceil(page).saturating_mul(page);
             buffer.resize((padded - start) as usize, 0);
         }
-        active
-            .file
-            .write_all_at(start, buffer)
-            .map_err(|e| Error::io("write", &active.path, e))?;
+        let written = if whole_run {
+            active.file.write_pages_at(start, buffer)
+        } else {
+            active.file.write_all_at(start, buffer)
+        };
+        written.map_err(|e| Error::io("write", &active.path, e))?;
         if active.unsynced_run.is_none() {
             // A run begins at a page boundary; `frame_into` tagged it with this page.
             active.unsynced_run = Some((start / page) as u32);
