@@ -74,7 +74,8 @@ pub struct CommitStats {
     pub commits: u64,
     /// Groups written to the WAL (one write each).
     pub groups: u64,
-    /// fsyncs of the WAL (group syncs and explicit syncs).
+    /// fsyncs of the WAL (group syncs and explicit syncs), counting a
+    /// group's write that was made durable in the same call as one.
     pub wal_syncs: u64,
     /// WAL segments started in the file of an obsolete segment instead of
     /// a new, zero-filled one.

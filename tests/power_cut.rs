@@ -188,22 +188,35 @@ fn crash_everywhere(name: &str, steps: &[Step]) -> Outcome {
         full.with_in_flight.is_none(),
         "{name}: the workload fails without a crash"
     );
-    let operations = clean.operations();
     let stride = common::env_u64("MAPSTORE_POWER_CUT_STRIDE", 1).max(1);
-    let mut reopens = 0;
-    for crash_at in (1..=operations).step_by(stride as usize) {
-        let fs = PowerCutFileSystem::new();
-        fs.crash_at(crash_at);
-        let outcome = run(&fs, steps);
-        for cut in power_cuts() {
-            let after = fs.fork();
-            after.restart(cut);
-            let context = format!("{name}: crash at operation {crash_at} of {operations}, {cut:?}");
-            check_recovery(&after, &outcome, &context);
-            reopens += 1;
+    // A synced group that is a run of its own is one write made durable at
+    // once on the real file system with direct I/O, a write and an fsync
+    // without; both are crashed at every operation.
+    for durable_page_writes in [true, false] {
+        let clean = PowerCutFileSystem::new();
+        clean.durable_page_writes(durable_page_writes);
+        run(&clean, steps);
+        let operations = clean.operations();
+        let mut reopens = 0;
+        for crash_at in (1..=operations).step_by(stride as usize) {
+            let fs = PowerCutFileSystem::new();
+            fs.durable_page_writes(durable_page_writes);
+            fs.crash_at(crash_at);
+            let outcome = run(&fs, steps);
+            for cut in power_cuts() {
+                let after = fs.fork();
+                after.restart(cut);
+                let context = format!(
+                    "{name}: crash at operation {crash_at} of {operations}, {cut:?}, durable page writes {durable_page_writes}"
+                );
+                check_recovery(&after, &outcome, &context);
+                reopens += 1;
+            }
         }
+        eprintln!(
+            "{name} (durable page writes {durable_page_writes}): {operations} operations, {reopens} power-cut states reopened and checked"
+        );
     }
-    eprintln!("{name}: {operations} operations, {reopens} power-cut states reopened and checked");
     full
 }
 
@@ -415,6 +428,43 @@ fn a_sync_in_a_reused_segment_leaves_no_old_bytes_before_the_next_run() {
     drop(db);
 }
 
+/// A synced commit after buffered ones makes them durable too, whether the
+/// file system makes a write of pages durable at once or not: only a synced
+/// group that is the whole unsynced run may skip the fsync after it.
+#[test]
+fn a_synced_commit_makes_the_buffered_ones_before_it_durable() {
+    for durable_page_writes in [true, false] {
+        let fs = PowerCutFileSystem::new();
+        fs.durable_page_writes(durable_page_writes);
+        let db = Db::open_with(DIR, options(&fs)).unwrap();
+        let mut model = Model::new();
+        for round in 0..3 {
+            db.insert(format!("alone{round}"), "a").unwrap();
+            model.insert(format!("alone{round}").into_bytes(), b"a".to_vec());
+            for i in 0..3 {
+                let mut batch = WriteBatch::new();
+                let key = format!("buffered{round}-{i}");
+                batch.insert(&key, [7u8; 40]);
+                db.write_with_durability(batch, Durability::Buffered)
+                    .unwrap();
+                model.insert(key.into_bytes(), vec![7; 40]);
+            }
+            db.insert(format!("synced{round}"), "s").unwrap();
+            model.insert(format!("synced{round}").into_bytes(), b"s".to_vec());
+        }
+
+        let after = fs.fork();
+        after.restart(PowerCut::LoseUnsynced);
+        let recovered = Db::open_with(DIR, options(&after))
+            .unwrap_or_else(|e| panic!("open after the power cut failed: {e}"));
+        assert!(
+            contents(&recovered) == model,
+            "recovered other contents (durable page writes {durable_page_writes})"
+        );
+        drop(db);
+    }
+}
+
 fn random_workload(rng: &mut common::Rng) -> Vec<Step> {
     let key = |rng: &mut common::Rng| format!("k{:02}", rng.below(30));
     (0..rng.below(20) + 5)
@@ -445,12 +495,16 @@ fn random_workloads_survive_random_power_cuts() {
     let mut checked = 0;
     for iteration in 0..iterations {
         let steps = random_workload(&mut rng);
+        // Every other workload on a file system without durable page writes.
+        let durable_page_writes = iteration % 2 == 0;
         let clean = PowerCutFileSystem::new();
+        clean.durable_page_writes(durable_page_writes);
         assert!(run(&clean, &steps).with_in_flight.is_none());
         let operations = clean.operations();
         for _ in 0..8 {
             let crash_at = rng.below(operations) + 1;
             let fs = PowerCutFileSystem::new();
+            fs.durable_page_writes(durable_page_writes);
             fs.crash_at(crash_at);
             let outcome = run(&fs, &steps);
             for _ in 0..3 {
@@ -458,7 +512,7 @@ fn random_workloads_survive_random_power_cuts() {
                 let after = fs.fork();
                 after.restart(cut);
                 let context = format!(
-                    "seed {seed} iteration {iteration}: crash at {crash_at} of {operations}, {cut:?}, steps {steps:?}"
+                    "seed {seed} iteration {iteration}: crash at {crash_at} of {operations}, {cut:?}, durable page writes {durable_page_writes}, steps {steps:?}"
                 );
                 check_recovery(&after, &outcome, &context);
                 checked += 1;

@@ -8,6 +8,12 @@
 //! [`PowerCutFileSystem::restart`] then builds the state a restarted machine
 //! could find, in one of several [`PowerCut`] modes, and lets a new `Db` open
 //! on it.
+//!
+//! A write of whole pages that asks to be made durable at once
+//! ([`WritableFile::write_pages_durably_at`]) is durable as soon as it
+//! returns, as on the real file system with direct I/O, unless
+//! [`PowerCutFileSystem::durable_page_writes`] turns that off (a file system
+//! without direct I/O, where an fsync must follow).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -159,6 +165,8 @@ struct State {
     fail_listing: bool,
     /// Every read returns the data with one bit flipped at this offset.
     flip_on_read: Option<u64>,
+    /// Whether `write_pages_durably_at` makes its pages durable.
+    durable_page_writes: bool,
 }
 
 impl State {
@@ -229,7 +237,10 @@ impl PowerCutFileSystem {
     /// An empty file system with only the root directory.
     pub fn new() -> PowerCutFileSystem {
         let fs = PowerCutFileSystem::default();
-        fs.state().dirs.insert(PathBuf::from("/"));
+        let mut state = fs.state();
+        state.dirs.insert(PathBuf::from("/"));
+        state.durable_page_writes = true;
+        drop(state);
         fs
     }
 
@@ -255,9 +266,18 @@ impl PowerCutFileSystem {
     /// Makes mutating operation number `n` fail while the machine goes on: a
     /// write fails with `ENOSPC` and writes nothing; an fsync fails with
     /// `EIO` and, as on Linux, the file's unsynced changes are lost; any other
-    /// operation fails with `EIO` and does nothing.
+    /// operation (a durable write of pages among them) fails with `EIO` and
+    /// does nothing.
     pub fn fail_operation_at(&self, n: u64) {
         self.state().fail_at = Some(n);
+    }
+
+    /// Whether a write of pages that asks to be made durable at once is
+    /// (`true`, the default: the real file system on ext4 or xfs) or is an
+    /// ordinary write that an fsync must follow (`false`: tmpfs, or a kernel
+    /// before Linux 4.7).
+    pub fn durable_page_writes(&self, on: bool) {
+        self.state().durable_page_writes = on;
     }
 
     /// While `on`, listing a directory fails with "permission denied" (an
@@ -403,6 +423,32 @@ impl WritableFile for SimWritable {
             bytes: bytes.to_vec(),
         });
         Ok(())
+    }
+
+    fn write_pages_durably_at(&mut self, offset: u64, pages: &[u8]) -> io::Result<bool> {
+        if !self.fs.state().durable_page_writes {
+            return self.write_all_at(offset, pages).map(|()| false);
+        }
+        let mut state = self.fs.state();
+        state.operation()?;
+        if state.fails_now() {
+            // The write or its flush failed: nothing of it is known to be
+            // anywhere. (An fsync's failure also drops the file's other
+            // unsynced changes; this one only concerns its own pages.)
+            return Err(eio());
+        }
+        let file = state.file_mut(self.id)?;
+        let write = Change::Write {
+            offset,
+            bytes: pages.to_vec(),
+        };
+        // Durable now; kept among the pending changes too, so that what the
+        // program sees keeps every change in order. Only these pages become
+        // durable, not the file's earlier unsynced changes (the WAL writer
+        // makes such a write only when there are none).
+        SimFile::apply(&mut file.durable, &write, None);
+        file.pending.push(write);
+        Ok(true)
     }
 
     fn sync_data(&mut self) -> io::Result<()> {

@@ -3,7 +3,8 @@
 //! place, directory fsynced), and groups of records are framed and written
 //! at page-aligned offsets. A synced group that is a run of its own is
 //! written as whole pages, which the file layer may send to the device
-//! directly (`O_DIRECT`, see [`WritableFile::write_pages_at`]).
+//! directly (`O_DIRECT`) and make durable in the same call (`RWF_DSYNC`),
+//! so that no fsync follows (see [`WritableFile::write_pages_durably_at`]).
 //!
 //! The writer knows nothing of batches or the memtable: it writes records
 //! (opaque byte strings) and makes them durable. The group commit protocol
@@ -169,19 +170,26 @@ impl WalWriter {
             let padded = end.div_ceil(page).saturating_mul(page);
             buffer.resize((padded - start) as usize, 0);
         }
-        let written = if whole_run {
-            active.file.write_pages_at(start, buffer)
+        // A whole run is the only unsynced write to the file, so a write
+        // that makes its own pages durable leaves nothing for an fsync.
+        let made_durable = if whole_run {
+            active.file.write_pages_durably_at(start, buffer)
         } else {
-            active.file.write_all_at(start, buffer)
+            active.file.write_all_at(start, buffer).map(|()| false)
         };
-        written.map_err(|e| Error::io("write", &active.path, e))?;
+        let made_durable = made_durable.map_err(|e| Error::io("write", &active.path, e))?;
         if active.unsynced_run.is_none() {
             // A run begins at a page boundary; `frame_into` tagged it with this page.
             active.unsynced_run = Some((start / page) as u32);
         }
         active.write_pos = start + buffer.len() as u64;
-        self.bytes_since_rotation += buffer.len() as u64;
-        if sync {
+        let skipped = if made_durable {
+            end_sync_run(active, page)
+        } else {
+            0
+        };
+        self.bytes_since_rotation += buffer.len() as u64 + skipped;
+        if sync && !made_durable {
             self.sync()?;
         }
         Ok(())
@@ -237,12 +245,7 @@ impl WalWriter {
             .file
             .sync_data()
             .map_err(|e| Error::io("fdatasync", &active.path, e))?;
-        active.unsynced_run = None;
-        let next_page = active.write_pos.div_ceil(page) * page;
-        // The rest of the page is part of the log too: a replay reads it,
-        // and lone commits of a few hundred bytes each take a whole page.
-        self.bytes_since_rotation += next_page - active.write_pos;
-        active.write_pos = next_page;
+        self.bytes_since_rotation += end_sync_run(active, page);
         Ok(())
     }
 
@@ -505,6 +508,18 @@ fn new_segment(
             Err(Error::io("prepare WAL segment", temp_path, error))
         }
     }
+}
+
+/// Ends the sync run of `active` once it is durable: later writes start at
+/// the next page boundary. Returns the bytes skipped to reach it, which
+/// count as log too: a replay reads them, and lone commits of a few hundred
+/// bytes each take a whole page.
+fn end_sync_run(active: &mut ActiveSegment, page: u64) -> u64 {
+    active.unsynced_run = None;
+    let next_page = active.write_pos.div_ceil(page) * page;
+    let skipped = next_page - active.write_pos;
+    active.write_pos = next_page;
+    skipped
 }
 
 /// Writes zeros over `start..end` of `file`.
