@@ -123,11 +123,13 @@ impl Db {
         sources.extend(recovered.files.iter().cloned().map(Source::File));
         let read_state = Arc::new(ReadState::new(ReadView { sources }, recovered.last_seq));
         let file_numbers = Arc::new(AtomicU64::new(recovered.next_file_number));
-        // WAL segments a checkpoint covers are reused, except under
-        // `Strict`: a reused segment's tail after a crash holds the old
-        // segment's records, which read as a torn tail (`format/wal.md`).
-        let recycled = (options.recovery_mode != RecoveryMode::Strict)
-            .then(|| Arc::new(RecycledSegments::new()));
+        // Up to `wal_segments_kept` WAL segments a checkpoint covers are kept
+        // for reuse, except under `Strict`: a reused segment's tail after a
+        // crash holds the old segment's records, which read as a torn tail
+        // (`format/wal.md`).
+        let recycled = (options.recovery_mode != RecoveryMode::Strict
+            && options.wal_segments_kept > 0)
+            .then(|| Arc::new(RecycledSegments::new(options.wal_segments_kept)));
         let storage = Storage::start(
             fs.clone(),
             StorageConfig {

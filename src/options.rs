@@ -64,6 +64,7 @@ pub struct Options {
     pub(crate) recovery_mode: RecoveryMode,
     pub(crate) wal_page_bytes: usize,
     pub(crate) wal_segment_bytes: u64,
+    pub(crate) wal_segments_kept: usize,
     pub(crate) memtable_size: usize,
     pub(crate) max_wal_bytes: u64,
     pub(crate) max_frozen_memtables: usize,
@@ -79,6 +80,7 @@ impl Default for Options {
             recovery_mode: RecoveryMode::TolerateCorruptedTail,
             wal_page_bytes: 4096,
             wal_segment_bytes: 8 << 20,
+            wal_segments_kept: 4,
             memtable_size: 64 << 20,
             max_wal_bytes: 256 << 20,
             max_frozen_memtables: 2,
@@ -96,6 +98,7 @@ impl fmt::Debug for Options {
             .field("recovery_mode", &self.recovery_mode)
             .field("wal_page_bytes", &self.wal_page_bytes)
             .field("wal_segment_bytes", &self.wal_segment_bytes)
+            .field("wal_segments_kept", &self.wal_segments_kept)
             .field("memtable_size", &self.memtable_size)
             .field("max_wal_bytes", &self.max_wal_bytes)
             .field("max_frozen_memtables", &self.max_frozen_memtables)
@@ -135,6 +138,22 @@ impl Options {
     /// larger than a segment gets a segment of its own that grows past it.
     pub fn wal_segment_bytes(mut self, bytes: u64) -> Self {
         self.wal_segment_bytes = bytes;
+        self
+    }
+
+    /// How many WAL segments that a checkpoint made obsolete are kept for
+    /// the writer to reuse instead of zero-filling new ones; 4 by default,
+    /// 0 to delete them at once.
+    ///
+    /// A checkpoint of the default 64 MiB memtable frees about four 8 MiB
+    /// segments at once, which the next four segment switches take. Kept
+    /// segments cost their full size on disk (32 MiB by default) for as long
+    /// as they wait, which is until the writer needs them, a
+    /// [`Db::compact`](crate::Db::compact), or the close; in exchange the
+    /// log's bytes are not written twice (once as zeros). With
+    /// [`RecoveryMode::Strict`] none are kept, whatever this says.
+    pub fn wal_segments_kept(mut self, count: usize) -> Self {
+        self.wal_segments_kept = count;
         self
     }
 

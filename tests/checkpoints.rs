@@ -540,3 +540,39 @@ fn obsolete_wal_segments_are_reused_except_under_strict() {
         assert_eq!(db.iter().count(), 4000);
     }
 }
+
+/// `wal_segments_kept` bounds the obsolete segments left on disk after a
+/// checkpoint: with 0 none are kept (and none reused), with 2 at most two
+/// wait beside the active segment.
+#[test]
+fn wal_segments_kept_bounds_the_obsolete_segments_on_disk() {
+    for kept in [0, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let options = small_memtable()
+            .wal_segment_bytes(16 * 1024)
+            .wal_segments_kept(kept);
+        let db = Db::open_with(dir.path(), options.clone()).unwrap();
+        let mut most_segments = 0;
+        for i in 0..4000 {
+            db.insert(key(i), vec![b'v'; 60]).unwrap();
+            if i % 500 == 499 {
+                db.checkpoint().unwrap();
+                // Left after a checkpoint: the active segment and the kept.
+                let segments = files_with_extension(dir.path(), "wal").len();
+                assert!(segments <= 1 + kept, "{segments} segments, {kept} kept");
+                most_segments = most_segments.max(segments);
+            }
+        }
+        // The limit is what bounds them: the pool does fill up to it.
+        assert_eq!(most_segments, 1 + kept);
+        let reused = db.commit_stats().wal_segments_reused;
+        if kept == 0 {
+            assert_eq!(reused, 0);
+        } else {
+            assert!(reused >= 4, "{reused} segments reused");
+        }
+        db.close().unwrap();
+        let db = Db::open_with(dir.path(), options).unwrap();
+        assert_eq!(db.iter().count(), 4000);
+    }
+}

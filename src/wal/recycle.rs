@@ -17,15 +17,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
 
-/// How many obsolete segments are kept for reuse; the rest are deleted.
-/// A checkpoint of the default 64 MiB memtable frees about four 8 MiB
-/// segments at once, which the following four segment switches reuse.
-pub const MAX_KEPT_SEGMENTS: usize = 4;
-
 /// The obsolete segments kept for reuse, shared by the checkpoint thread
 /// (which offers them) and the WAL writer (which takes them).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RecycledSegments {
+    /// How many are kept at most; the rest are deleted
+    /// ([`Options::wal_segments_kept`](crate::Options::wal_segments_kept)).
+    max_kept: usize,
     state: Mutex<PoolState>,
 }
 
@@ -67,8 +65,12 @@ pub enum Offer {
 }
 
 impl RecycledSegments {
-    pub fn new() -> RecycledSegments {
-        RecycledSegments::default()
+    /// A pool that keeps at most `max_kept` segments.
+    pub fn new(max_kept: usize) -> RecycledSegments {
+        RecycledSegments {
+            max_kept,
+            state: Mutex::default(),
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, PoolState> {
@@ -96,7 +98,7 @@ impl RecycledSegments {
         if state.accepted.contains(&number) {
             return Offer::Kept;
         }
-        if number < state.first_own || state.kept.len() >= MAX_KEPT_SEGMENTS {
+        if number < state.first_own || state.kept.len() >= self.max_kept {
             return Offer::Delete;
         }
         state.kept.push(number);
@@ -143,12 +145,13 @@ mod tests {
 
     #[test]
     fn only_own_segments_are_kept_up_to_the_limit_and_each_once() {
-        let pool = RecycledSegments::new();
+        const MAX_KEPT: usize = 4;
+        let pool = RecycledSegments::new(MAX_KEPT);
         // Nothing is the writer's yet: everything goes.
         assert_eq!(pool.offer(3), Offer::Delete);
         pool.note_created(10);
         assert_eq!(pool.offer(9), Offer::Delete);
-        for number in 10..10 + MAX_KEPT_SEGMENTS as u64 {
+        for number in 10..10 + MAX_KEPT as u64 {
             assert_eq!(pool.offer(number), Offer::Kept);
         }
         assert_eq!(pool.offer(20), Offer::Delete);
