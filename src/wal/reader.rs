@@ -5,9 +5,10 @@
 //!
 //! [`scan_segment`] reads a whole segment; [`SegmentScanner`] reads one a
 //! piece at a time, as replay does, and finds the same. Both work on bytes
-//! in memory and do no I/O, so the fuzzer can drive them directly. Every length it reads is checked against the input
-//! before use, and a record grows only by fragments already verified, so a
-//! hostile input cannot make it allocate more than its own size.
+//! in memory and do no I/O, so the fuzzer can drive them directly. Every
+//! length it reads is checked against the input before use, and a record
+//! grows only by fragments already verified, so a hostile input cannot make
+//! it allocate more than its own size.
 
 use std::ops::Range;
 

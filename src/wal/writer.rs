@@ -435,8 +435,9 @@ fn prepare_segment(
 /// Renames obsolete segment `old_path` to `temp_path` and rewrites its
 /// header page for segment `number`, then fsyncs it. The records after the
 /// header stay: their checksums name the old segment, so they read as the
-/// end of the log (`format/wal.md`, "Reused segments"). A segment the writer `cut` short is filled up with
-/// zeros again, so that every write lands on allocated blocks.
+/// end of the log (`format/wal.md`, "Reused segments"). A segment the
+/// writer `cut` short is filled up with zeros again, so that every write
+/// lands on allocated blocks.
 fn reuse_segment(
     fs: &dyn FileSystem,
     config: &WalConfig,
