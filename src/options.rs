@@ -79,7 +79,7 @@ impl Default for Options {
             durability: Durability::Sync,
             recovery_mode: RecoveryMode::TolerateCorruptedTail,
             wal_page_bytes: 4096,
-            wal_segment_bytes: 8 << 20,
+            wal_segment_bytes: 4 << 20,
             wal_segments_kept: 4,
             memtable_size: 64 << 20,
             max_wal_bytes: 256 << 20,
@@ -132,10 +132,13 @@ impl Options {
 
     /// Size that each WAL segment file is preallocated to (filled with zeros,
     /// so that later writes overwrite blocks in place and `fdatasync` has no
-    /// file size to update); 8 MiB by default, at least 4 pages. The active
+    /// file size to update); 4 MiB by default, at least 4 pages. The active
     /// segment and the next one, prepared in the background, are on disk at
-    /// their full size while the database is open. A commit
-    /// larger than a segment gets a segment of its own that grows past it.
+    /// their full size while the database is open, and the log not yet
+    /// checkpointed is rounded up to whole segments, so a smaller segment
+    /// costs less disk; each segment switch costs a rename and a few
+    /// fsyncs in the background. A commit larger than a segment gets a
+    /// segment of its own that grows past it.
     pub fn wal_segment_bytes(mut self, bytes: u64) -> Self {
         self.wal_segment_bytes = bytes;
         self
@@ -145,9 +148,10 @@ impl Options {
     /// the writer to reuse instead of zero-filling new ones; 4 by default,
     /// 0 to delete them at once.
     ///
-    /// A checkpoint of the default 64 MiB memtable frees about four 8 MiB
-    /// segments at once, which the next four segment switches take. Kept
-    /// segments cost their full size on disk (32 MiB by default) for as long
+    /// A checkpoint of the default 64 MiB memtable frees about eight 4 MiB
+    /// segments at once; the next four segment switches take the kept ones
+    /// and the rest zero-fill new segments. Kept
+    /// segments cost their full size on disk (16 MiB by default) for as long
     /// as they wait, which is until the writer needs them, a
     /// [`Db::compact`](crate::Db::compact), or the close; in exchange the
     /// log's bytes are not written twice (once as zeros). With

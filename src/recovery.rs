@@ -323,7 +323,7 @@ pub(crate) fn recover(
 
     // Phase 2: repair, in crash-safe order. What a crash left that nothing
     // reads (temporary files, orphans) is removed by the checkpoint thread
-    // once the database is open: unlinking a preallocated 8 MiB segment
+    // once the database is open: unlinking a preallocated segment
     // took longer than some replays. No name of theirs is used again, and
     // a removal that a crash undoes is done again by the next open.
     report.temp_files_removed = temp_files.len();
