@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -91,6 +91,10 @@ pub struct CheckpointStats {
     pub snapshot_files: usize,
     /// Their total size in bytes.
     pub snapshot_file_bytes: u64,
+    /// WAL segments kept for reuse that were deleted because the writer
+    /// left them unused for
+    /// [`Options::wal_segments_kept_idle`](crate::Options::wal_segments_kept_idle).
+    pub idle_wal_segments_deleted: u64,
 }
 
 /// Settings the background work needs.
@@ -133,6 +137,7 @@ pub(crate) struct Storage {
     versions_dropped: AtomicU64,
     write_stalls: AtomicU64,
     write_stall_micros: AtomicU64,
+    idle_wal_segments_deleted: AtomicU64,
 }
 
 impl std::fmt::Debug for Storage {
@@ -177,6 +182,7 @@ impl Storage {
             versions_dropped: AtomicU64::new(0),
             write_stalls: AtomicU64::new(0),
             write_stall_micros: AtomicU64::new(0),
+            idle_wal_segments_deleted: AtomicU64::new(0),
         });
         let worker = storage.clone();
         let handle = std::thread::Builder::new()
@@ -204,6 +210,17 @@ impl Storage {
         self.changed
             .wait(guard)
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn wait_timeout<'a>(
+        &self,
+        guard: MutexGuard<'a, State>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, State> {
+        match self.changed.wait_timeout(guard, timeout) {
+            Ok((guard, _)) => guard,
+            Err(poisoned) => poisoned.into_inner().0,
+        }
     }
 
     fn failure_error(cause: &str) -> Error {
@@ -275,17 +292,20 @@ impl Storage {
         Ok(())
     }
 
-    /// Deletes the obsolete WAL segments kept for reuse. A failure leaves
-    /// the file to the next open, which removes every segment a
-    /// checkpoint covers.
-    fn remove_kept_segments(&self) {
-        if let Some(recycled) = &self.config.recycled {
-            for number in recycled.take_all() {
-                let _ = self
-                    .fs
-                    .remove_file(&self.config.dir.join(files::wal_segment_name(number)));
-            }
+    /// Deletes the obsolete WAL segments kept for reuse, and returns how
+    /// many there were. A failure leaves the file to the next open, which
+    /// removes every segment a checkpoint covers.
+    fn remove_kept_segments(&self) -> u64 {
+        let Some(recycled) = &self.config.recycled else {
+            return 0;
+        };
+        let numbers = recycled.take_all();
+        for number in &numbers {
+            let _ = self
+                .fs
+                .remove_file(&self.config.dir.join(files::wal_segment_name(*number)));
         }
+        numbers.len() as u64
     }
 
     /// The error to refuse writes with once background work has failed
@@ -317,6 +337,7 @@ impl Storage {
             frozen_memtables: state.frozen.len(),
             snapshot_files: state.files.len(),
             snapshot_file_bytes: state.files.iter().map(|file| file.size()).sum(),
+            idle_wal_segments_deleted: self.idle_wal_segments_deleted.load(Ordering::Relaxed),
         }
     }
 
@@ -367,7 +388,28 @@ impl Storage {
                             requested: state.merges_requested,
                         };
                     }
-                    state = self.wait(state);
+                    // Nothing to do: wait for work, or until segments kept
+                    // for reuse have gone unused for the idle limit.
+                    let until_idle = self
+                        .config
+                        .recycled
+                        .as_ref()
+                        .and_then(|pool| pool.until_idle());
+                    match until_idle {
+                        None => state = self.wait(state),
+                        Some(wait) if !wait.is_zero() => {
+                            state = self.wait_timeout(state, wait);
+                        }
+                        Some(_) => {
+                            // Unlinking takes time: not under the lock the
+                            // commit path takes.
+                            drop(state);
+                            let deleted = self.remove_kept_segments();
+                            self.idle_wal_segments_deleted
+                                .fetch_add(deleted, Ordering::Relaxed);
+                            state = self.state();
+                        }
+                    }
                 }
             };
             let result = match &job {

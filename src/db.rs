@@ -127,8 +127,12 @@ impl Db {
         // for reuse, except under `Strict`: a reused segment's tail after a
         // crash holds the old segment's records, which read as a torn tail
         // (`format/wal.md`).
-        let recycled = (options.recovery_mode != RecoveryMode::Strict)
-            .then(|| Arc::new(RecycledSegments::new(options.wal_segments_kept)));
+        let recycled = (options.recovery_mode != RecoveryMode::Strict).then(|| {
+            Arc::new(RecycledSegments::new(
+                options.wal_segments_kept,
+                options.wal_segments_kept_idle,
+            ))
+        });
         let storage = Storage::start(
             fs.clone(),
             StorageConfig {

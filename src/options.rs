@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::io::{FileSystem, RealFileSystem};
@@ -65,6 +66,7 @@ pub struct Options {
     pub(crate) wal_page_bytes: usize,
     pub(crate) wal_segment_bytes: u64,
     pub(crate) wal_segments_kept: usize,
+    pub(crate) wal_segments_kept_idle: Duration,
     pub(crate) memtable_size: usize,
     pub(crate) max_wal_bytes: u64,
     pub(crate) max_frozen_memtables: usize,
@@ -81,6 +83,7 @@ impl Default for Options {
             wal_page_bytes: 4096,
             wal_segment_bytes: 4 << 20,
             wal_segments_kept: 4,
+            wal_segments_kept_idle: Duration::from_secs(10),
             memtable_size: 64 << 20,
             max_wal_bytes: 256 << 20,
             max_frozen_memtables: 2,
@@ -99,6 +102,7 @@ impl fmt::Debug for Options {
             .field("wal_page_bytes", &self.wal_page_bytes)
             .field("wal_segment_bytes", &self.wal_segment_bytes)
             .field("wal_segments_kept", &self.wal_segments_kept)
+            .field("wal_segments_kept_idle", &self.wal_segments_kept_idle)
             .field("memtable_size", &self.memtable_size)
             .field("max_wal_bytes", &self.max_wal_bytes)
             .field("max_frozen_memtables", &self.max_frozen_memtables)
@@ -150,14 +154,27 @@ impl Options {
     ///
     /// A checkpoint of the default 64 MiB memtable frees about eight 4 MiB
     /// segments at once; the next four segment switches take the kept ones
-    /// and the rest zero-fill new segments. Kept
-    /// segments cost their full size on disk (16 MiB by default) for as long
-    /// as they wait, which is until the writer needs them, a
-    /// [`Db::compact`](crate::Db::compact), or the close; in exchange the
-    /// log's bytes are not written twice (once as zeros). With
-    /// [`RecoveryMode::Strict`] none are kept, whatever this says.
+    /// and the rest zero-fill new segments. Kept segments cost their full
+    /// size on disk (16 MiB by default) for as long as they wait: until the
+    /// writer needs them, a [`Db::compact`](crate::Db::compact), the close,
+    /// or [`wal_segments_kept_idle`](Options::wal_segments_kept_idle)
+    /// without the writer taking one. In exchange the log's bytes are not
+    /// written twice (once as zeros). With [`RecoveryMode::Strict`] none are
+    /// kept, whatever this says.
     pub fn wal_segments_kept(mut self, count: usize) -> Self {
         self.wal_segments_kept = count;
+        self
+    }
+
+    /// How long segments kept for reuse (see
+    /// [`wal_segments_kept`](Options::wal_segments_kept)) may wait without
+    /// the writer taking one before the background deletes them all; 10
+    /// seconds by default. A database whose writes have stopped, or slowed
+    /// to less than a segment in that time, so gives their disk space
+    /// back without a compaction or a close; the writer then zero-fills
+    /// its next segments until a checkpoint offers new ones.
+    pub fn wal_segments_kept_idle(mut self, idle: Duration) -> Self {
+        self.wal_segments_kept_idle = idle;
         self
     }
 

@@ -6,6 +6,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::{Rng, collect};
 use mapstore::testing::FaultyFileSystem;
@@ -575,4 +576,42 @@ fn wal_segments_kept_bounds_the_obsolete_segments_on_disk() {
         let db = Db::open_with(dir.path(), options).unwrap();
         assert_eq!(db.iter().count(), 4000);
     }
+}
+
+/// Segments kept for reuse that the writer leaves untouched for
+/// `wal_segments_kept_idle` are deleted while the database stays open, and
+/// the writer goes on with new segments afterwards.
+#[test]
+fn kept_wal_segments_are_deleted_once_the_writer_leaves_them_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = small_memtable()
+        .wal_segment_bytes(16 * 1024)
+        .wal_segments_kept(2)
+        .wal_segments_kept_idle(Duration::from_millis(50));
+    let db = Db::open_with(dir.path(), options.clone()).unwrap();
+    for i in 0..2000 {
+        db.insert(key(i), vec![b'v'; 60]).unwrap();
+        if i % 500 == 499 {
+            db.checkpoint().unwrap();
+        }
+    }
+    // Writes stop: within the idle limit (polled for far longer, so that
+    // a slow machine cannot fail it), only the active segment is left.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while files_with_extension(dir.path(), "wal").len() > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(files_with_extension(dir.path(), "wal").len(), 1);
+    let deleted = db.checkpoint_stats().idle_wal_segments_deleted;
+    assert!(deleted >= 1, "{deleted} kept segments deleted when idle");
+    // Writing again, through checkpoints that offer new segments, works.
+    for i in 2000..3000 {
+        db.insert(key(i), vec![b'v'; 60]).unwrap();
+        if i % 500 == 499 {
+            db.checkpoint().unwrap();
+        }
+    }
+    db.close().unwrap();
+    let db = Db::open_with(dir.path(), options).unwrap();
+    assert_eq!(db.iter().count(), 3000);
 }

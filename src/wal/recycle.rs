@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// The obsolete segments kept for reuse, shared by the checkpoint thread
 /// (which offers them) and the WAL writer (which takes them).
@@ -24,6 +25,9 @@ pub struct RecycledSegments {
     /// How many are kept at most; the rest are deleted
     /// ([`Options::wal_segments_kept`](crate::Options::wal_segments_kept)).
     max_kept: usize,
+    /// How long the kept segments may go untouched before they are all
+    /// deleted ([`Options::wal_segments_kept_idle`](crate::Options::wal_segments_kept_idle)).
+    idle_limit: Duration,
     state: Mutex<PoolState>,
 }
 
@@ -42,6 +46,8 @@ struct PoolState {
     /// Segments the writer cut short (at a switch), and their lengths;
     /// the others have the full preallocated length.
     cut: BTreeMap<u64, u64>,
+    /// When a segment was last kept or taken.
+    last_used: Instant,
 }
 
 impl Default for PoolState {
@@ -51,6 +57,7 @@ impl Default for PoolState {
             accepted: BTreeSet::new(),
             first_own: u64::MAX,
             cut: BTreeMap::new(),
+            last_used: Instant::now(),
         }
     }
 }
@@ -65,10 +72,12 @@ pub enum Offer {
 }
 
 impl RecycledSegments {
-    /// A pool that keeps at most `max_kept` segments.
-    pub fn new(max_kept: usize) -> RecycledSegments {
+    /// A pool that keeps at most `max_kept` segments, for at most
+    /// `idle_limit` without one being taken.
+    pub fn new(max_kept: usize, idle_limit: Duration) -> RecycledSegments {
         RecycledSegments {
             max_kept,
+            idle_limit,
             state: Mutex::default(),
         }
     }
@@ -103,6 +112,7 @@ impl RecycledSegments {
         }
         state.kept.push(number);
         state.accepted.insert(number);
+        state.last_used = Instant::now();
         Offer::Kept
     }
 
@@ -130,7 +140,18 @@ impl RecycledSegments {
         }
         let number = state.kept.remove(0);
         let cut = state.cut.remove(&number);
+        state.last_used = Instant::now();
         Some((number, cut))
+    }
+
+    /// How long until the kept segments have gone unused for the idle
+    /// limit (zero once they have), or `None` when none are kept.
+    pub fn until_idle(&self) -> Option<Duration> {
+        let state = self.state();
+        if state.kept.is_empty() {
+            return None;
+        }
+        Some(self.idle_limit.saturating_sub(state.last_used.elapsed()))
     }
 
     /// Takes every kept segment (to delete them).
@@ -146,7 +167,7 @@ mod tests {
     #[test]
     fn only_own_segments_are_kept_up_to_the_limit_and_each_once() {
         const MAX_KEPT: usize = 4;
-        let pool = RecycledSegments::new(MAX_KEPT);
+        let pool = RecycledSegments::new(MAX_KEPT, Duration::from_secs(3600));
         // Nothing is the writer's yet: everything goes.
         assert_eq!(pool.offer(3), Offer::Delete);
         pool.note_created(10);
@@ -167,5 +188,22 @@ mod tests {
         assert_eq!(pool.take(), Some((11, Some(4096))));
         assert_eq!(pool.take_all(), vec![12, 13, 10]);
         assert_eq!(pool.take(), None);
+    }
+
+    #[test]
+    fn the_idle_clock_runs_only_while_segments_are_kept() {
+        let pool = RecycledSegments::new(2, Duration::from_secs(3600));
+        pool.note_created(1);
+        assert_eq!(pool.until_idle(), None);
+        assert_eq!(pool.offer(1), Offer::Kept);
+        let left = pool.until_idle().unwrap();
+        assert!(left > Duration::from_secs(3500) && left <= Duration::from_secs(3600));
+        assert_eq!(pool.take(), Some((1, None)));
+        assert_eq!(pool.until_idle(), None);
+
+        let pool = RecycledSegments::new(2, Duration::ZERO);
+        pool.note_created(1);
+        assert_eq!(pool.offer(1), Offer::Kept);
+        assert_eq!(pool.until_idle(), Some(Duration::ZERO));
     }
 }
