@@ -580,7 +580,8 @@ fn wal_segments_kept_bounds_the_obsolete_segments_on_disk() {
 
 /// Segments kept for reuse that the writer leaves untouched for
 /// `wal_segments_kept_idle` are deleted while the database stays open, and
-/// the writer goes on with new segments afterwards.
+/// the writer goes on with new segments afterwards; a limit that never
+/// passes keeps them.
 #[test]
 fn kept_wal_segments_are_deleted_once_the_writer_leaves_them_idle() {
     let dir = tempfile::tempdir().unwrap();
@@ -614,4 +615,22 @@ fn kept_wal_segments_are_deleted_once_the_writer_leaves_them_idle() {
     db.close().unwrap();
     let db = Db::open_with(dir.path(), options).unwrap();
     assert_eq!(db.iter().count(), 3000);
+    drop(db);
+
+    // An idle limit too long to ever pass keeps them until the close
+    // (and a wait that long is no error).
+    let dir = tempfile::tempdir().unwrap();
+    let options = small_memtable()
+        .wal_segment_bytes(16 * 1024)
+        .wal_segments_kept(2)
+        .wal_segments_kept_idle(Duration::MAX);
+    let db = Db::open_with(dir.path(), options).unwrap();
+    for i in 0..1000 {
+        db.insert(key(i), vec![b'v'; 60]).unwrap();
+    }
+    db.checkpoint().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(files_with_extension(dir.path(), "wal").len(), 3);
+    assert_eq!(db.checkpoint_stats().idle_wal_segments_deleted, 0);
+    db.close().unwrap();
 }
