@@ -388,28 +388,7 @@ impl Storage {
                             requested: state.merges_requested,
                         };
                     }
-                    // Nothing to do: wait for work, or until segments kept
-                    // for reuse have gone unused for the idle limit.
-                    let until_idle = self
-                        .config
-                        .recycled
-                        .as_ref()
-                        .and_then(|pool| pool.until_idle());
-                    match until_idle {
-                        None => state = self.wait(state),
-                        Some(wait) if !wait.is_zero() => {
-                            state = self.wait_timeout(state, wait);
-                        }
-                        Some(_) => {
-                            // Unlinking takes time: not under the lock the
-                            // commit path takes.
-                            drop(state);
-                            let deleted = self.remove_kept_segments();
-                            self.idle_wal_segments_deleted
-                                .fetch_add(deleted, Ordering::Relaxed);
-                            state = self.state();
-                        }
-                    }
+                    state = self.wait_for_work(state);
                 }
             };
             let result = match &job {
@@ -419,6 +398,30 @@ impl Storage {
             if let Err(error) = result {
                 self.record_failure(error.to_string());
                 return;
+            }
+        }
+    }
+
+    /// Waits, with nothing to do, until something changes; while segments
+    /// are kept for reuse, only until they have gone unused for the idle
+    /// limit, and then deletes them.
+    fn wait_for_work<'a>(&'a self, state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        let until_idle = self
+            .config
+            .recycled
+            .as_ref()
+            .and_then(|pool| pool.until_idle());
+        match until_idle {
+            None => self.wait(state),
+            Some(wait) if !wait.is_zero() => self.wait_timeout(state, wait),
+            Some(_) => {
+                // Unlinking takes time: not under the lock the commit path
+                // takes.
+                drop(state);
+                let deleted = self.remove_kept_segments();
+                self.idle_wal_segments_deleted
+                    .fetch_add(deleted, Ordering::Relaxed);
+                self.state()
             }
         }
     }
