@@ -33,6 +33,16 @@ fn key(i: u64) -> Vec<u8> {
     format!("key{i:08}").into_bytes()
 }
 
+/// Inserts `keys` (60-byte values), with a checkpoint after every 500.
+fn insert_checkpointing_every_500(db: &Db, keys: std::ops::Range<u64>) {
+    for i in keys {
+        db.insert(key(i), vec![b'v'; 60]).unwrap();
+        if i % 500 == 499 {
+            db.checkpoint().unwrap();
+        }
+    }
+}
+
 fn small_memtable() -> Options {
     Options::default()
         .durability(Durability::Buffered)
@@ -519,12 +529,7 @@ fn obsolete_wal_segments_are_reused_except_under_strict() {
             options = options.recovery_mode(mapstore::RecoveryMode::Strict);
         }
         let db = Db::open_with(dir.path(), options.clone()).unwrap();
-        for i in 0..4000 {
-            db.insert(key(i), vec![b'v'; 60]).unwrap();
-            if i % 500 == 499 {
-                db.checkpoint().unwrap();
-            }
-        }
+        insert_checkpointing_every_500(&db, 0..4000);
         let reused = db.commit_stats().wal_segments_reused;
         if strict {
             assert_eq!(reused, 0);
@@ -590,12 +595,7 @@ fn kept_wal_segments_are_deleted_once_the_writer_leaves_them_idle() {
         .wal_segments_kept(2)
         .wal_segments_kept_idle(Duration::from_millis(50));
     let db = Db::open_with(dir.path(), options.clone()).unwrap();
-    for i in 0..2000 {
-        db.insert(key(i), vec![b'v'; 60]).unwrap();
-        if i % 500 == 499 {
-            db.checkpoint().unwrap();
-        }
-    }
+    insert_checkpointing_every_500(&db, 0..2000);
     // Writes stop: within the idle limit (polled for far longer, so that
     // a slow machine cannot fail it), only the active segment is left.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -606,12 +606,7 @@ fn kept_wal_segments_are_deleted_once_the_writer_leaves_them_idle() {
     let deleted = db.checkpoint_stats().idle_wal_segments_deleted;
     assert!(deleted >= 1, "{deleted} kept segments deleted when idle");
     // Writing again, through checkpoints that offer new segments, works.
-    for i in 2000..3000 {
-        db.insert(key(i), vec![b'v'; 60]).unwrap();
-        if i % 500 == 499 {
-            db.checkpoint().unwrap();
-        }
-    }
+    insert_checkpointing_every_500(&db, 2000..3000);
     db.close().unwrap();
     let db = Db::open_with(dir.path(), options).unwrap();
     assert_eq!(db.iter().count(), 3000);
