@@ -694,18 +694,58 @@ fn crash_fill(name: &str, dir: &Path, settings: &Settings) {
     std::process::exit(0);
 }
 
-/// The child that opens the crashed directory.
-fn crash_reopen(name: &str, dir: &Path) {
+/// The child that opens the crashed directory; its figures are named
+/// with `prefix`.
+fn crash_reopen(name: &str, dir: &Path, prefix: &str) {
     let start = Instant::now();
     let engine = open_engine(name, dir);
     assert!(engine.get(&random_key(0)).is_some());
     let elapsed = start.elapsed().as_secs_f64();
-    report("reopen_after_crash_ms", elapsed * 1e3);
+    report(&format!("{prefix}reopen_after_crash_ms"), elapsed * 1e3);
     if let Some(bytes) = engine.wal_bytes_replayed() {
-        report("wal_replayed_bytes", bytes as f64);
-        report("wal_replay_mb_per_s", bytes as f64 / 1e6 / elapsed);
+        report(&format!("{prefix}wal_replayed_bytes"), bytes as f64);
+        report(
+            &format!("{prefix}wal_replay_mb_per_s"),
+            bytes as f64 / 1e6 / elapsed,
+        );
     }
     engine.close();
+}
+
+/// The child that "crashes" with a full memtable's worth of log (mapstore
+/// only): fills a fresh database in synced batches until one more batch
+/// would fill its memtable (which would freeze it for a checkpoint), then
+/// exits without closing. Every write is then in the WAL alone, the most a
+/// reopen replays at the default settings while checkpoints keep up.
+fn crash_full_memtable(dir: &Path) {
+    let memtable_size = 64 << 20; // the default
+    let options = mapstore::Options::default().memtable_size(memtable_size);
+    let db = mapstore::Db::open_with(dir, options).unwrap();
+    let mut i = 0;
+    let mut grown_by_last_batch = 0;
+    while db.memtable_bytes() + 2 * grown_by_last_batch < memtable_size {
+        let before = db.memtable_bytes();
+        let mut batch = mapstore::WriteBatch::new();
+        for j in i..i + BATCH as u64 {
+            batch.insert(random_key(j), value(j, 0));
+        }
+        db.write(batch).unwrap();
+        i += BATCH as u64;
+        grown_by_last_batch = db.memtable_bytes() - before;
+    }
+    let stats = db.checkpoint_stats();
+    assert_eq!(
+        (stats.checkpoints, stats.frozen_memtables),
+        (0, 0),
+        "the memtable was frozen before it was full"
+    );
+    eprintln!(
+        "  {i} keys, memtable {:.1} MB of {:.1} MB",
+        db.memtable_bytes() as f64 / 1e6,
+        memtable_size as f64 / 1e6
+    );
+    std::mem::forget(db);
+    std::process::exit(0);
 }
 
 // ---------------------------------------------------------------------------
@@ -896,6 +936,21 @@ const METRICS: &[(&str, &str, bool)] = &[
         "  WAL replayed per second of that reopen (MB/s)",
         true,
     ),
+    (
+        "full_memtable_reopen_after_crash_ms",
+        "reopen after a crash with a full memtable's worth of WAL (ms)",
+        false,
+    ),
+    (
+        "full_memtable_wal_replayed_bytes",
+        "  WAL replayed by that reopen (MB)",
+        false,
+    ),
+    (
+        "full_memtable_wal_replay_mb_per_s",
+        "  WAL replayed per second of that reopen (MB/s)",
+        true,
+    ),
     ("disk_after_fill_bytes", "disk after fill (MB)", false),
     (
         "disk_after_overwrite_bytes",
@@ -1043,7 +1098,11 @@ fn main() {
         ["--engine", name] => return run_engine(name, &settings),
         ["--synced-writes", name] => return run_synced_writes(name, &settings),
         ["--crash-fill", name, dir] => return crash_fill(name, Path::new(dir), &settings),
-        ["--crash-reopen", name, dir] => return crash_reopen(name, Path::new(dir)),
+        ["--crash-reopen", name, dir] => return crash_reopen(name, Path::new(dir), ""),
+        ["--crash-full-memtable", dir] => return crash_full_memtable(Path::new(dir)),
+        ["--crash-full-memtable-reopen", dir] => {
+            return crash_reopen("mapstore", Path::new(dir), "full_memtable_");
+        }
         _ => {}
     }
 
@@ -1105,6 +1164,12 @@ fn main() {
             let dir = crashed.path().to_str().unwrap();
             run_child(&["--crash-fill", engine, dir]);
             measured.extend(run_child(&["--crash-reopen", engine, dir]));
+            if *engine == "mapstore" {
+                let crashed = tempfile::tempdir().unwrap();
+                let dir = crashed.path().to_str().unwrap();
+                run_child(&["--crash-full-memtable", dir]);
+                measured.extend(run_child(&["--crash-full-memtable-reopen", dir]));
+            }
             let per_engine = engine_rounds.entry(engine).or_default();
             for (metric, value) in measured {
                 per_engine.entry(metric).or_default().push(value);
