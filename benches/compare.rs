@@ -715,8 +715,7 @@ fn crash_reopen(name: &str, dir: &Path, prefix: &str) {
 /// The child that "crashes" with a full memtable's worth of log (mapstore
 /// only): fills a fresh database in synced batches until one more batch
 /// would fill its memtable (which would freeze it for a checkpoint), then
-/// exits without closing. Every write is then in the WAL alone, the most a
-/// reopen replays at the default settings while checkpoints keep up.
+/// exits without closing. Every write is then in the WAL alone.
 fn crash_full_memtable(dir: &Path) {
     let memtable_size = 64 << 20; // the default
     let options = mapstore::Options::default().memtable_size(memtable_size);
@@ -733,16 +732,40 @@ fn crash_full_memtable(dir: &Path) {
         i += BATCH as u64;
         grown_by_last_batch = db.memtable_bytes() - before;
     }
+    exit_before_any_checkpoint(db, i);
+}
+
+/// The child that "crashes" with the longest log one memtable gets at the
+/// default settings (mapstore only): lone synced inserts from one thread,
+/// each of which takes a page of log for a hundred-odd bytes of record,
+/// until a few more would reach `max_wal_bytes` (which would freeze the
+/// memtable for a checkpoint); then it exits without closing.
+fn crash_full_wal(dir: &Path) {
+    // The defaults, spelled out for the arithmetic below.
+    let (page_bytes, max_wal_bytes) = (4096, 256 << 20);
+    let options = mapstore::Options::default()
+        .wal_page_bytes(page_bytes)
+        .max_wal_bytes(max_wal_bytes);
+    let db = mapstore::Db::open_with(dir, options).unwrap();
+    let inserts = max_wal_bytes / page_bytes as u64 - 64;
+    for i in 0..inserts {
+        db.insert(random_key(i), value(i, 0)).unwrap();
+    }
+    exit_before_any_checkpoint(db, inserts);
+}
+
+/// Checks that `db`, just written with `keys` keys, has frozen no memtable
+/// (so all of it is in the WAL alone), then exits without closing it.
+fn exit_before_any_checkpoint(db: mapstore::Db, keys: u64) {
     let stats = db.checkpoint_stats();
     assert_eq!(
         (stats.checkpoints, stats.frozen_memtables),
         (0, 0),
-        "the memtable was frozen before it was full"
+        "the memtable was frozen before the log was written"
     );
     eprintln!(
-        "  {i} keys, memtable {:.1} MB of {:.1} MB",
-        db.memtable_bytes() as f64 / 1e6,
-        memtable_size as f64 / 1e6
+        "  {keys} keys, memtable {:.1} MB",
+        db.memtable_bytes() as f64 / 1e6
     );
     std::mem::forget(db);
     std::process::exit(0);
@@ -951,6 +974,21 @@ const METRICS: &[(&str, &str, bool)] = &[
         "  WAL replayed per second of that reopen (MB/s)",
         true,
     ),
+    (
+        "full_wal_reopen_after_crash_ms",
+        "reopen after a crash with a full WAL of lone synced inserts (ms)",
+        false,
+    ),
+    (
+        "full_wal_wal_replayed_bytes",
+        "  WAL replayed by that reopen (MB)",
+        false,
+    ),
+    (
+        "full_wal_wal_replay_mb_per_s",
+        "  WAL replayed per second of that reopen (MB/s)",
+        true,
+    ),
     ("disk_after_fill_bytes", "disk after fill (MB)", false),
     (
         "disk_after_overwrite_bytes",
@@ -1103,6 +1141,10 @@ fn main() {
         ["--crash-full-memtable-reopen", dir] => {
             return crash_reopen("mapstore", Path::new(dir), "full_memtable_");
         }
+        ["--crash-full-wal", dir] => return crash_full_wal(Path::new(dir)),
+        ["--crash-full-wal-reopen", dir] => {
+            return crash_reopen("mapstore", Path::new(dir), "full_wal_");
+        }
         _ => {}
     }
 
@@ -1165,10 +1207,12 @@ fn main() {
             run_child(&["--crash-fill", engine, dir]);
             measured.extend(run_child(&["--crash-reopen", engine, dir]));
             if *engine == "mapstore" {
-                let crashed = tempfile::tempdir().unwrap();
-                let dir = crashed.path().to_str().unwrap();
-                run_child(&["--crash-full-memtable", dir]);
-                measured.extend(run_child(&["--crash-full-memtable-reopen", dir]));
+                for kind in ["full-memtable", "full-wal"] {
+                    let crashed = tempfile::tempdir().unwrap();
+                    let dir = crashed.path().to_str().unwrap();
+                    run_child(&[&format!("--crash-{kind}"), dir]);
+                    measured.extend(run_child(&[&format!("--crash-{kind}-reopen"), dir]));
+                }
             }
             let per_engine = engine_rounds.entry(engine).or_default();
             for (metric, value) in measured {
