@@ -1139,14 +1139,11 @@ fn main() {
         ["--synced-writes", name] => return run_synced_writes(name, &settings),
         ["--crash-fill", name, dir] => return crash_fill(name, Path::new(dir), &settings),
         ["--crash-reopen", name, dir] => return crash_reopen(name, Path::new(dir), ""),
+        ["--crash-reopen", name, dir, prefix] => {
+            return crash_reopen(name, Path::new(dir), prefix);
+        }
         ["--crash-full-memtable", dir] => return crash_full_memtable(Path::new(dir)),
-        ["--crash-full-memtable-reopen", dir] => {
-            return crash_reopen("mapstore", Path::new(dir), "full_memtable_");
-        }
         ["--crash-full-wal", dir] => return crash_full_wal(Path::new(dir)),
-        ["--crash-full-wal-reopen", dir] => {
-            return crash_reopen("mapstore", Path::new(dir), "full_wal_");
-        }
         _ => {}
     }
 
@@ -1209,11 +1206,14 @@ fn main() {
             run_child(&["--crash-fill", engine, dir]);
             measured.extend(run_child(&["--crash-reopen", engine, dir]));
             if *engine == "mapstore" {
-                for kind in ["full-memtable", "full-wal"] {
+                for (crash, prefix) in [
+                    ("--crash-full-memtable", "full_memtable_"),
+                    ("--crash-full-wal", "full_wal_"),
+                ] {
                     let crashed = tempfile::tempdir().unwrap();
                     let dir = crashed.path().to_str().unwrap();
-                    run_child(&[&format!("--crash-{kind}"), dir]);
-                    measured.extend(run_child(&[&format!("--crash-{kind}-reopen"), dir]));
+                    run_child(&[crash, dir]);
+                    measured.extend(run_child(&["--crash-reopen", engine, dir, prefix]));
                 }
             }
             let per_engine = engine_rounds.entry(engine).or_default();
