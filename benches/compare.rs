@@ -11,6 +11,9 @@
 //! cannot slow the next. The run also measures the machine's own limits,
 //! and, for mapstore alone, two more reopens after a crash: with a full
 //! memtable's worth of log and with the most log one memtable gets.
+//! Beside the synced writes it reports what each write cost the block
+//! device (write requests, KiB and cache flushes, from the kernel's
+//! counters for the device): a flush per write is a device round trip.
 //!
 //! Environment:
 //! - `MAPSTORE_COMPARE_KEYS`: keys in the fills (1,000,000 by default);
@@ -416,8 +419,65 @@ fn percentile(sorted: &[Duration], fraction: f64) -> f64 {
     sorted[index].as_secs_f64() * 1e6
 }
 
-/// Synced single-key inserts from `threads` threads for the time budget.
-fn synced_writes(engine: &dyn Engine, threads: usize, settings: &Settings) {
+/// What the block device holding a directory has completed so far, from
+/// its `/sys/dev/block/MAJOR:MINOR/stat` (Linux): the difference over a
+/// workload shows what each of its commits cost the device.
+struct DeviceCounters {
+    write_requests: u64,
+    sectors_written: u64,
+    cache_flushes: u64,
+}
+
+impl DeviceCounters {
+    /// The counters of the device `path` lies on; `None` where the kernel
+    /// does not give them (not Linux, or a file system with no block
+    /// device, such as tmpfs).
+    fn of(path: &Path) -> Option<DeviceCounters> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(path).ok()?.dev();
+        // glibc's encoding of a dev_t into major and minor numbers.
+        let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+        let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+        let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).ok()?;
+        // Fields (Documentation/block/stat.rst): 5 write requests,
+        // 7 sectors written (of 512 bytes), 16 flush requests.
+        let fields: Vec<u64> = stat
+            .split_whitespace()
+            .map(|f| f.parse().ok())
+            .collect::<Option<_>>()?;
+        Some(DeviceCounters {
+            write_requests: *fields.get(4)?,
+            sectors_written: *fields.get(6)?,
+            cache_flushes: *fields.get(15)?,
+        })
+    }
+
+    /// Reports the device work per operation since `before`, as
+    /// `{name}_device_*_per_op`.
+    fn report_since(&self, before: &DeviceCounters, name: &str, ops: usize) {
+        let per_op = |now: u64, then: u64| now.saturating_sub(then) as f64 / ops.max(1) as f64;
+        // The kernel counts each flush as a write request too (one of no
+        // sectors): leave them out, so that the figure is writes of data.
+        report(
+            &format!("{name}_device_writes_per_op"),
+            per_op(self.write_requests, before.write_requests)
+                - per_op(self.cache_flushes, before.cache_flushes),
+        );
+        report(
+            &format!("{name}_device_kib_per_op"),
+            per_op(self.sectors_written, before.sectors_written) / 2.0,
+        );
+        report(
+            &format!("{name}_device_flushes_per_op"),
+            per_op(self.cache_flushes, before.cache_flushes),
+        );
+    }
+}
+
+/// Synced single-key inserts from `threads` threads for the time budget,
+/// in `dir` (an engine's directory, for the device's counters).
+fn synced_writes(engine: &dyn Engine, dir: &Path, threads: usize, settings: &Settings) {
+    let device_before = DeviceCounters::of(dir);
     let stop_at = Instant::now() + settings.budget();
     let start = Instant::now();
     let mut latencies: Vec<Duration> = std::thread::scope(|scope| {
@@ -442,11 +502,15 @@ fn synced_writes(engine: &dyn Engine, threads: usize, settings: &Settings) {
             .collect()
     });
     let elapsed = start.elapsed().as_secs_f64();
+    let device_after = DeviceCounters::of(dir);
     latencies.sort();
     let name = format!("write_{threads}t");
     report(&format!("{name}_ops"), latencies.len() as f64 / elapsed);
     report(&format!("{name}_p50_us"), percentile(&latencies, 0.50));
     report(&format!("{name}_p99_us"), percentile(&latencies, 0.99));
+    if let (Some(before), Some(after)) = (device_before, device_after) {
+        after.report_since(&before, &name, latencies.len());
+    }
 }
 
 /// Writes `keys` items in batches of 1,000; returns keys per second.
@@ -665,7 +729,7 @@ fn run_synced_writes(name: &str, settings: &Settings) {
         settle();
         let dir = scratch.path().join(format!("writes_{threads}"));
         let engine = open_engine(name, &dir);
-        synced_writes(&*engine, threads, settings);
+        synced_writes(&*engine, &dir, threads, settings);
         engine.close();
     }
 }
@@ -886,9 +950,29 @@ const METRICS: &[(&str, &str, bool)] = &[
     ("write_1t_ops", "synced writes, 1 thread (ops/s)", true),
     ("write_1t_p50_us", "  latency p50 (us)", false),
     ("write_1t_p99_us", "  latency p99 (us)", false),
+    (
+        "write_1t_device_writes_per_op",
+        "  device data writes per write",
+        false,
+    ),
+    (
+        "write_1t_device_kib_per_op",
+        "  KiB written to the device per write",
+        false,
+    ),
+    (
+        "write_1t_device_flushes_per_op",
+        "  device cache flushes per write",
+        false,
+    ),
     ("write_4t_ops", "synced writes, 4 threads (ops/s)", true),
     ("write_16t_ops", "synced writes, 16 threads (ops/s)", true),
     ("write_16t_p99_us", "  16 threads, latency p99 (us)", false),
+    (
+        "write_16t_device_flushes_per_op",
+        "  16 threads, device cache flushes per write",
+        false,
+    ),
     (
         "fill_sequential_keys_per_s",
         "fill, synced batches of 1,000, sequential (keys/s)",
