@@ -945,151 +945,190 @@ fn run_child(args: &[&str]) -> BTreeMap<String, f64> {
         .collect()
 }
 
-/// How each metric is shown: label, unit, and whether higher is better.
-const METRICS: &[(&str, &str, bool)] = &[
-    ("write_1t_ops", "synced writes, 1 thread (ops/s)", true),
-    ("write_1t_p50_us", "  latency p50 (us)", false),
-    ("write_1t_p99_us", "  latency p99 (us)", false),
+/// Which way a metric is better, for the ratio shown beside a peer's figure.
+#[derive(Clone, Copy, PartialEq)]
+enum Better {
+    Higher,
+    Lower,
+    /// A figure that describes how an engine works rather than how well
+    /// (what a write costs the device): shown without a ratio, and left
+    /// out of the chart.
+    Neither,
+}
+
+/// How each metric is shown: its label (with unit), and which way is better.
+const METRICS: &[(&str, &str, Better)] = &[
+    (
+        "write_1t_ops",
+        "synced writes, 1 thread (ops/s)",
+        Better::Higher,
+    ),
+    ("write_1t_p50_us", "  latency p50 (us)", Better::Lower),
+    ("write_1t_p99_us", "  latency p99 (us)", Better::Lower),
     (
         "write_1t_device_writes_per_op",
         "  device data writes per write",
-        false,
+        Better::Neither,
     ),
     (
         "write_1t_device_kib_per_op",
         "  KiB written to the device per write",
-        false,
+        Better::Neither,
     ),
     (
         "write_1t_device_flushes_per_op",
         "  device cache flushes per write",
-        false,
+        Better::Neither,
     ),
-    ("write_4t_ops", "synced writes, 4 threads (ops/s)", true),
-    ("write_16t_ops", "synced writes, 16 threads (ops/s)", true),
-    ("write_16t_p99_us", "  16 threads, latency p99 (us)", false),
+    (
+        "write_4t_ops",
+        "synced writes, 4 threads (ops/s)",
+        Better::Higher,
+    ),
+    (
+        "write_16t_ops",
+        "synced writes, 16 threads (ops/s)",
+        Better::Higher,
+    ),
+    (
+        "write_16t_p99_us",
+        "  16 threads, latency p99 (us)",
+        Better::Lower,
+    ),
     (
         "write_16t_device_flushes_per_op",
         "  16 threads, device cache flushes per write",
-        false,
+        Better::Neither,
     ),
     (
         "fill_sequential_keys_per_s",
         "fill, synced batches of 1,000, sequential (keys/s)",
-        true,
+        Better::Higher,
     ),
     (
         "fill_random_keys_per_s",
         "fill, synced batches of 1,000, random (keys/s)",
-        true,
+        Better::Higher,
     ),
     (
         "get_after_fill_1t",
         "random get after fill, 1 thread (reads/s)",
-        true,
+        Better::Higher,
     ),
     (
         "get_after_fill_2t",
         "random get after fill, 2 threads (reads/s)",
-        true,
+        Better::Higher,
     ),
     (
         "get_checkpointed_1t",
         "random get after checkpoint, 1 thread (reads/s)",
-        true,
+        Better::Higher,
     ),
     (
         "get_checkpointed_2t",
         "random get after checkpoint, 2 threads (reads/s)",
-        true,
+        Better::Higher,
     ),
-    ("get_absent_1t", "absent get, 1 thread (reads/s)", true),
+    (
+        "get_absent_1t",
+        "absent get, 1 thread (reads/s)",
+        Better::Higher,
+    ),
     (
         "scan_forward_keys_per_s",
         "full scan, forward (keys/s)",
-        true,
+        Better::Higher,
     ),
     (
         "scan_reverse_keys_per_s",
         "full scan, reverse (keys/s)",
-        true,
+        Better::Higher,
     ),
     (
         "get_while_writing_1t",
         "random get while a thread writes (reads/s)",
-        true,
+        Better::Higher,
     ),
     (
         "writes_beside_reads_keys_per_s",
         "  the writer, unsynced batches (keys/s)",
-        true,
+        Better::Higher,
     ),
-    ("reopen_clean_ms", "reopen after clean close (ms)", false),
+    (
+        "reopen_clean_ms",
+        "reopen after clean close (ms)",
+        Better::Lower,
+    ),
     (
         "reopen_checkpointed_ms",
         "reopen after checkpoint + close (ms)",
-        false,
+        Better::Lower,
     ),
     (
         "reopen_after_crash_ms",
         "reopen after a crash (kill) at end of fill (ms)",
-        false,
+        Better::Lower,
     ),
     (
         "wal_replayed_bytes",
         "  WAL replayed by that reopen (MB)",
-        false,
+        Better::Lower,
     ),
     (
         "wal_replay_mb_per_s",
         "  WAL replayed per second of that reopen (MB/s)",
-        true,
+        Better::Higher,
     ),
     (
         "full_memtable_reopen_after_crash_ms",
         "reopen after a crash with a full memtable's worth of WAL (ms)",
-        false,
+        Better::Lower,
     ),
     (
         "full_memtable_wal_replayed_bytes",
         "  WAL replayed by that reopen (MB)",
-        false,
+        Better::Lower,
     ),
     (
         "full_memtable_wal_replay_mb_per_s",
         "  WAL replayed per second of that reopen (MB/s)",
-        true,
+        Better::Higher,
     ),
     (
         "full_wal_reopen_after_crash_ms",
         "reopen after a crash with a full WAL of lone synced inserts (ms)",
-        false,
+        Better::Lower,
     ),
     (
         "full_wal_wal_replayed_bytes",
         "  WAL replayed by that reopen (MB)",
-        false,
+        Better::Lower,
     ),
     (
         "full_wal_wal_replay_mb_per_s",
         "  WAL replayed per second of that reopen (MB/s)",
-        true,
+        Better::Higher,
     ),
-    ("disk_after_fill_bytes", "disk after fill (MB)", false),
+    (
+        "disk_after_fill_bytes",
+        "disk after fill (MB)",
+        Better::Lower,
+    ),
     (
         "disk_after_overwrite_bytes",
         "disk after overwriting every key (MB)",
-        false,
+        Better::Lower,
     ),
     (
         "disk_after_compact_bytes",
         "  then checkpoint + compact (MB)",
-        false,
+        Better::Lower,
     ),
     (
         "peak_rss_fill_bytes",
         "peak resident memory of the fill (MB)",
-        false,
+        Better::Lower,
     ),
 ];
 
@@ -1136,17 +1175,21 @@ fn markdown(
     out.push_str(&"---:|".repeat(engines.len()));
     out.push('\n');
     let mapstore = results.get("mapstore");
-    for (metric, label, higher_is_better) in METRICS {
+    for (metric, label, better) in METRICS {
         out.push_str(&format!("| {label} |"));
         for engine in engines {
             let value = results.get(*engine).and_then(|r| r.get(*metric));
             let ours = mapstore.and_then(|r| r.get(*metric));
             let cell = match (value, ours) {
                 (Some(v), _) if *engine == "mapstore" => show(metric, *v),
-                (Some(v), Some(o)) if *o > 0.0 && *v > 0.0 => {
+                (Some(v), Some(o)) if *o > 0.0 && *v > 0.0 && *better != Better::Neither => {
                     // The peer's figure as a multiple of mapstore's, oriented
                     // so that < 1.00x always means "worse than mapstore".
-                    let ratio = if *higher_is_better { v / o } else { o / v };
+                    let ratio = if *better == Better::Higher {
+                        v / o
+                    } else {
+                        o / v
+                    };
                     let digits = if ratio < 0.05 { 3 } else { 2 };
                     format!("{} ({ratio:.digits$}x)", show(metric, *v))
                 }
@@ -1186,9 +1229,15 @@ fn json(
     }
     let labels: Vec<String> = METRICS
         .iter()
-        .map(|(m, l, h)| {
+        .map(|(m, l, better)| {
             // Labels keep their leading spaces: they mark a row that
-            // details the one above it.
+            // details the one above it. A descriptive metric has no better
+            // direction: `null`.
+            let h = match better {
+                Better::Higher => "true",
+                Better::Lower => "false",
+                Better::Neither => "null",
+            };
             format!("    \"{m}\": {{\"label\": \"{l}\", \"higher_is_better\": {h}}}")
         })
         .collect();

@@ -39,6 +39,8 @@ def main():
             label = parent.split(" (")[0] + ": " + label.strip()
         else:
             parent = label
+        if info["higher_is_better"] is None:
+            continue  # a descriptive figure (what a write costs the device), not a contest
         if metric not in ours or ours[metric] <= 0:
             continue
         ratios = {}
