@@ -106,6 +106,9 @@ pub(crate) struct StorageConfig {
     /// Where obsolete WAL segments go for the writer to reuse; `None` to
     /// delete them.
     pub recycled: Option<Arc<RecycledSegments>>,
+    /// Nice levels the background thread lowers its priority by
+    /// (`Options::background_nice`).
+    pub background_nice: u8,
 }
 
 struct State {
@@ -185,9 +188,11 @@ impl Storage {
             idle_wal_segments_deleted: AtomicU64::new(0),
         });
         let worker = storage.clone();
+        let nice = storage.config.background_nice;
         let handle = std::thread::Builder::new()
             .name("mapstore-checkpoint".into())
             .spawn(move || {
+                lower_thread_priority(nice);
                 worker.remove_leftovers(&leftovers);
                 worker.run()
             });
@@ -606,6 +611,23 @@ impl Storage {
 enum Job {
     Checkpoint(FrozenMemtable),
     Merge { requested: u64 },
+}
+
+/// Lowers the calling thread's priority by `levels` nice levels, at most to
+/// 19, the lowest. Linux gives each thread its own nice value (a new thread
+/// starts with its creator's); elsewhere this does nothing. A failure
+/// leaves the priority as it was: slower under contention, never wrong.
+fn lower_thread_priority(levels: u8) {
+    #[cfg(target_os = "linux")]
+    if levels > 0 {
+        let me = Some(rustix::thread::gettid());
+        if let Ok(nice) = rustix::process::getpriority_process(me) {
+            let lowered = (nice + i32::from(levels)).min(19);
+            let _ = rustix::process::setpriority_process(me, lowered);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = levels;
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

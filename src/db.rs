@@ -140,6 +140,7 @@ impl Db {
                 max_frozen_memtables: options.max_frozen_memtables,
                 max_snapshot_files: options.max_snapshot_files,
                 recycled: recycled.clone(),
+                background_nice: options.background_nice,
             },
             read_state.clone(),
             file_numbers.clone(),
