@@ -12,8 +12,9 @@
 //! and, for mapstore alone, two more reopens after a crash: with a full
 //! memtable's worth of log and with the most log one memtable gets.
 //! Beside the synced writes it reports what each write cost the block
-//! device (write requests, KiB and cache flushes, from the kernel's
-//! counters for the device): a flush per write is a device round trip.
+//! device (writes of data, KiB and cache flushes, from the kernel's
+//! counters for the device; shown without a ratio): a flush per write is a
+//! device round trip.
 //!
 //! Environment:
 //! - `MAPSTORE_COMPARE_KEYS`: keys in the fills (1,000,000 by default);
