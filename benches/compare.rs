@@ -457,21 +457,14 @@ impl DeviceCounters {
     /// `{name}_device_*_per_op`.
     fn report_since(&self, before: &DeviceCounters, name: &str, ops: usize) {
         let per_op = |now: u64, then: u64| now.saturating_sub(then) as f64 / ops.max(1) as f64;
+        let flushes = per_op(self.cache_flushes, before.cache_flushes);
         // The kernel counts each flush as a write request too (one of no
         // sectors): leave them out, so that the figure is writes of data.
-        report(
-            &format!("{name}_device_writes_per_op"),
-            per_op(self.write_requests, before.write_requests)
-                - per_op(self.cache_flushes, before.cache_flushes),
-        );
-        report(
-            &format!("{name}_device_kib_per_op"),
-            per_op(self.sectors_written, before.sectors_written) / 2.0,
-        );
-        report(
-            &format!("{name}_device_flushes_per_op"),
-            per_op(self.cache_flushes, before.cache_flushes),
-        );
+        let writes = per_op(self.write_requests, before.write_requests) - flushes;
+        let kib = per_op(self.sectors_written, before.sectors_written) / 2.0;
+        report(&format!("{name}_device_writes_per_op"), writes);
+        report(&format!("{name}_device_kib_per_op"), kib);
+        report(&format!("{name}_device_flushes_per_op"), flushes);
     }
 }
 
