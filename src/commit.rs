@@ -341,9 +341,13 @@ impl CommitPipeline {
         let began = Instant::now();
         let yield_until = began + self.waits.yield_budget();
         let mut yielding = true;
+        let mut yielded = false;
         let outcome = loop {
             match slot.state.load(Ordering::Acquire) {
-                WAITING if yielding && Instant::now() < yield_until => std::thread::yield_now(),
+                WAITING if yielding && Instant::now() < yield_until => {
+                    std::thread::yield_now();
+                    yielded = true;
+                }
                 // `park` may return spuriously, hence the loop.
                 WAITING => {
                     yielding = false;
@@ -352,7 +356,9 @@ impl CommitPipeline {
                 outcome => break outcome,
             }
         };
-        if yielding {
+        // A wait whose outcome was set before it began neither yielded nor
+        // slept: it says nothing about yielding, and is not counted.
+        if yielding && yielded {
             self.waits_without_sleep.fetch_add(1, Ordering::Relaxed);
         }
         self.waits.record(began.elapsed());

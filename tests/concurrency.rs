@@ -348,24 +348,34 @@ fn each_group_carries_nearly_every_busy_writer_on_a_fast_disk() {
 /// When commits are quick (here they need no fsync), a waiting writer
 /// yields the processor until its result is set instead of going to sleep
 /// and being woken: some waits end that way.
+///
+/// On a machine busy with other work, preemption can stretch every wait of
+/// a round past the yield limit, so that all of them sleep; the test allows
+/// a few rounds for one in which some wait ends without sleeping. A writer
+/// that never yields fails every round.
 #[test]
 fn waiting_writers_yield_instead_of_sleeping_when_commits_are_quick() {
     const BUSY_WRITERS: u64 = 8;
     const COMMITS_EACH: u64 = 2_000;
-    let dir = tempfile::tempdir().unwrap();
-    let db = Db::open_with(dir.path(), common::small_options(Durability::Buffered)).unwrap();
-    insert_from_busy_writers(&db, BUSY_WRITERS, COMMITS_EACH);
-    let stats = db.commit_stats();
-    assert_eq!(stats.commits, BUSY_WRITERS * COMMITS_EACH);
-    eprintln!("{stats:?}");
-    assert!(
-        stats.waits_without_sleep > 0,
-        "every waiting writer slept ({stats:?})"
-    );
-    assert_eq!(
-        db.snapshot().iter().count() as u64,
-        BUSY_WRITERS * COMMITS_EACH,
-        "commits lost"
-    );
-    db.close().unwrap();
+    const ROUNDS: usize = 5;
+    let mut rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_with(dir.path(), common::small_options(Durability::Buffered)).unwrap();
+        insert_from_busy_writers(&db, BUSY_WRITERS, COMMITS_EACH);
+        let stats = db.commit_stats();
+        assert_eq!(stats.commits, BUSY_WRITERS * COMMITS_EACH);
+        assert_eq!(
+            db.snapshot().iter().count() as u64,
+            BUSY_WRITERS * COMMITS_EACH,
+            "commits lost"
+        );
+        db.close().unwrap();
+        eprintln!("{stats:?}");
+        if stats.waits_without_sleep > 0 {
+            return;
+        }
+        rounds.push(stats);
+    }
+    panic!("every waiting writer slept, in each of {ROUNDS} rounds: {rounds:?}");
 }
