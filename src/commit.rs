@@ -392,7 +392,8 @@ impl CommitPipeline {
         drop(queue);
 
         let write_began = Instant::now();
-        let written = self.write(&group);
+        let mut group = group;
+        let written = self.write(&mut group);
 
         #[cfg(test)]
         if written.is_err() {
@@ -550,7 +551,7 @@ impl CommitPipeline {
     /// one fsync if any batch asked for it); returns where it must be
     /// applied. Holds the leader's lock, so groups reach the WAL one at a
     /// time and in sequence order.
-    fn write(&self, group: &[Pending]) -> Result<WrittenGroup> {
+    fn write(&self, group: &mut [Pending]) -> Result<WrittenGroup> {
         let mut leader = lock(&self.leader);
         if let Some(cause) = &leader.failure {
             // A WAL write, fsync or freeze failed after this group was
@@ -573,28 +574,30 @@ impl CommitPipeline {
         let mut next_seq = leader.next_seq;
         let mut firsts = Vec::with_capacity(group.len());
         let mut prefixes = Vec::with_capacity(group.len());
-        for pending in group {
+        for pending in group.iter() {
             firsts.push(next_seq);
             prefixes.push(encode_seq_prefix(next_seq));
             next_seq += pending.batch.ops.len() as u64;
         }
-        let records: Vec<[&[u8]; 2]> = prefixes
-            .iter()
-            .zip(group)
-            .map(|(prefix, pending)| [&prefix[..], &pending.batch.body[..]])
-            .collect();
         // The memtable insert starts before the WAL write: a large group is
         // handed to the helper thread, which inserts while this thread
         // writes and fsyncs (a batch of 1,000 keys takes about as long to
         // insert as to fsync). The versions stay unseen until the group is
         // published, after its fsync; if the write fails, never. (A freeze
         // after a failure is refused, so they never reach a file either.)
+        // The operations' keys and values move to the memtable; the WAL
+        // record is the encoded body, which stays.
         let apply = memtable.start_apply(
             group
-                .iter()
+                .iter_mut()
                 .zip(&firsts)
-                .flat_map(|(pending, first)| (*first..).zip(&pending.batch.ops)),
+                .flat_map(|(pending, first)| (*first..).zip(&mut pending.batch.ops)),
         );
+        let records: Vec<[&[u8]; 2]> = prefixes
+            .iter()
+            .zip(&*group)
+            .map(|(prefix, pending)| [&prefix[..], &pending.batch.body[..]])
+            .collect();
         let sync = group.iter().any(|pending| pending.sync);
         if let Err(error) = leader.wal.append_group(&records, sync) {
             leader.failure = Some(error.to_string());
