@@ -58,6 +58,13 @@ struct OpSpan {
     value: Range<usize>,
 }
 
+/// The most bytes an operation's encoding adds around its key and value
+/// when the key is under 128 bytes and the value under 16,000: the
+/// operation's field tag and length, its kind, and a tag and length for
+/// each of the key and the value. ([`WriteBatch::with_capacity`] reserves
+/// this much per operation.)
+const OP_FRAMING_BYTES: usize = 1 + 2 + 2 + 2 + 3;
+
 /// A key or value too long for the format, with its length.
 #[derive(Clone, Copy, Debug)]
 enum OverLimit {
@@ -69,6 +76,37 @@ impl WriteBatch {
     /// An empty batch.
     pub fn new() -> Self {
         WriteBatch::default()
+    }
+
+    /// An empty batch with room for `operations` operations whose keys and
+    /// values add up to `key_value_bytes`, so that filling it does not
+    /// reallocate and copy what it holds as it grows. Either figure may be
+    /// a guess: a batch that outgrows it grows as usual.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), mapstore::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let db = mapstore::Db::open(dir.path())?;
+    /// let rows: Vec<(String, String)> = (0..1000)
+    ///     .map(|i| (format!("row{i:04}"), format!("value {i}")))
+    ///     .collect();
+    /// let bytes = rows.iter().map(|(k, v)| k.len() + v.len()).sum();
+    /// let mut batch = mapstore::WriteBatch::with_capacity(rows.len(), bytes);
+    /// for (key, value) in &rows {
+    ///     batch.insert(key, value);
+    /// }
+    /// db.write(batch)?;
+    /// assert_eq!(db.get("row0999")?.as_deref(), Some(&b"value 999"[..]));
+    /// # Ok(()) }
+    /// ```
+    pub fn with_capacity(operations: usize, key_value_bytes: usize) -> Self {
+        WriteBatch {
+            body: Vec::with_capacity(
+                key_value_bytes.saturating_add(operations.saturating_mul(OP_FRAMING_BYTES)),
+            ),
+            spans: Vec::with_capacity(operations),
+            over_limit: None,
+        }
     }
 
     /// Adds "set `key` to `value`".
@@ -294,6 +332,22 @@ mod tests {
         assert_eq!(decoded.first_seq, 1234);
         assert_eq!(decoded.last_seq(), 1236);
         assert_eq!(decoded.ops, sealed.ops);
+    }
+
+    #[test]
+    fn a_batch_filled_within_its_capacity_does_not_grow() {
+        for (key_len, value_len) in [(16, 100), (127, 15_999), (0, 0), (1, 200)] {
+            let (key, value) = (vec![1u8; key_len], vec![2u8; value_len]);
+            let operations = 300;
+            let mut batch =
+                WriteBatch::with_capacity(operations, operations * (key_len + value_len));
+            let (body, spans) = (batch.body.capacity(), batch.spans.capacity());
+            for _ in 0..operations {
+                batch.insert(&key, &value);
+            }
+            assert_eq!(batch.body.capacity(), body, "{key_len}/{value_len}");
+            assert_eq!(batch.spans.capacity(), spans, "{key_len}/{value_len}");
+        }
     }
 
     #[test]
