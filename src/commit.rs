@@ -219,8 +219,8 @@ struct LeaderState {
 struct WrittenGroup {
     /// The memtable that was active when the group was written.
     memtable: Arc<Memtable>,
-    /// Each batch's first sequence number.
-    firsts: Vec<u64>,
+    /// Each batch's last sequence number (what its writer is told).
+    lasts: Vec<u64>,
     /// The group's first and last sequence numbers.
     first_seq: u64,
     last_seq: u64,
@@ -427,10 +427,8 @@ impl CommitPipeline {
                 // Every batch of the group is applied: once every earlier
                 // group is too, readers may see them.
                 self.publish_in_order(written.first_seq, written.last_seq);
-                for (pending, first) in group.iter().zip(&written.firsts) {
-                    pending
-                        .slot
-                        .set(Ok(first + pending.batch.ops.len() as u64 - 1));
+                for (pending, last) in group.iter().zip(&written.lasts) {
+                    pending.slot.set(Ok(*last));
                 }
                 self.wake_others(&group, own);
                 // The group is durable and visible; a failed freeze only
@@ -572,27 +570,29 @@ impl CommitPipeline {
                 cause: "no active memtable".into(),
             })?;
         let mut next_seq = leader.next_seq;
-        let mut firsts = Vec::with_capacity(group.len());
+        let mut lasts = Vec::with_capacity(group.len());
         let mut prefixes = Vec::with_capacity(group.len());
-        for pending in group.iter() {
-            firsts.push(next_seq);
+        // The operations' keys and values go to the memtable; the WAL
+        // record is the encoded body, which stays.
+        let mut batches = Vec::with_capacity(group.len());
+        for pending in group.iter_mut() {
             prefixes.push(encode_seq_prefix(next_seq));
-            next_seq += pending.batch.ops.len() as u64;
+            let ops = std::mem::take(&mut pending.batch.ops);
+            let count = ops.len() as u64;
+            // A queued batch has at least one operation (empty ones return
+            // before they are queued).
+            lasts.push(next_seq + count - 1);
+            batches.push((next_seq, ops));
+            next_seq += count;
         }
         // The memtable insert starts before the WAL write: a large group is
-        // handed to the helper thread, which inserts while this thread
-        // writes and fsyncs (a batch of 1,000 keys takes about as long to
-        // insert as to fsync). The versions stay unseen until the group is
+        // handed to the helper thread as it is, which prepares (sorts) and
+        // inserts it while this thread writes and fsyncs (a batch of 1,000
+        // keys takes longer to insert than to fsync; this thread joins in
+        // afterwards). The versions stay unseen until the group is
         // published, after its fsync; if the write fails, never. (A freeze
         // after a failure is refused, so they never reach a file either.)
-        // The operations' keys and values move to the memtable; the WAL
-        // record is the encoded body, which stays.
-        let apply = memtable.start_apply(
-            group
-                .iter_mut()
-                .zip(&firsts)
-                .flat_map(|(pending, first)| (*first..).zip(&mut pending.batch.ops)),
-        );
+        let apply = memtable.start_apply(batches);
         let records: Vec<[&[u8]; 2]> = prefixes
             .iter()
             .zip(&*group)
@@ -614,7 +614,7 @@ impl CommitPipeline {
         }
         Ok(WrittenGroup {
             memtable,
-            firsts,
+            lasts,
             first_seq,
             last_seq: next_seq - 1,
             wal_full: leader.wal.bytes_since_rotation() >= self.limits.wal_bytes,

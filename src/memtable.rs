@@ -330,89 +330,208 @@ type VersionEntry = (InternalKey, Option<Bytes>);
 /// inserts, few enough that the two threads finish close together.
 const VERSIONS_PER_CHUNK: usize = 64;
 
+/// The operations of one apply as the commit hands them over: each
+/// batch's first sequence number and its operations (operation `i` is
+/// version `first + i`).
+pub(crate) type BatchOps = Vec<(u64, Vec<Operation>)>;
+
+/// Operations not yet ready to insert: their keys still to hash into the
+/// filter, and to sort and cut into chunks ([`prepare_chunks`]).
+struct Unprepared {
+    batches: BatchOps,
+    filter: Arc<KeyFilter>,
+}
+
 /// The versions of one apply that the committing thread and the helper
-/// insert together, a chunk at a time, whoever comes first.
+/// insert together, whoever comes first: first the preparation (one
+/// piece of work), then the chunks it makes, one at a time.
 struct SharedInserts {
     versions: Arc<VersionMap>,
     state: Mutex<SharedState>,
-    /// Signalled when the last chunk is inserted.
-    all_inserted: Condvar,
-    /// How long the helper pauses after claiming a chunk: tests widen
-    /// races with it.
+    /// Signalled when chunks become ready and when the last is inserted.
+    changed: Condvar,
+    /// How long the helper pauses after claiming work: tests widen races
+    /// with it.
     #[cfg(test)]
     helper_pause: std::time::Duration,
+    /// Pieces of work the helper did.
+    #[cfg(test)]
+    helper_pieces: AtomicUsize,
 }
 
 struct SharedState {
+    /// The operations, until a thread claims their preparation.
+    unprepared: Option<Unprepared>,
     /// Chunks nobody has claimed yet, each in key order.
     chunks: Vec<Vec<VersionEntry>>,
-    /// Chunks claimed and still being inserted.
-    inserting: usize,
+    /// Pieces of work claimed and not yet done (a preparation or a chunk).
+    in_progress: usize,
+}
+
+impl SharedState {
+    fn all_inserted(&self) -> bool {
+        self.unprepared.is_none() && self.chunks.is_empty() && self.in_progress == 0
+    }
+}
+
+/// One piece of an apply's work.
+enum Work {
+    Prepare(Unprepared),
+    Insert(Vec<VersionEntry>),
 }
 
 impl SharedInserts {
     fn lock(&self) -> MutexGuard<'_, SharedState> {
-        // The state is a list and a counter, consistent at every point a
+        // The state is lists and a counter, consistent at every point a
         // panic could interrupt it.
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Claims and inserts chunks until none is left unclaimed.
-    fn insert_chunks(&self) {
+    /// Claims the next piece of work, if any is left unclaimed.
+    fn claim(state: &mut SharedState) -> Option<Work> {
+        let work = match state.unprepared.take() {
+            Some(unprepared) => Work::Prepare(unprepared),
+            None => Work::Insert(state.chunks.pop()?),
+        };
+        state.in_progress += 1;
+        Some(work)
+    }
+
+    /// Does pieces of work until none is left unclaimed.
+    fn work(&self) {
         loop {
-            let chunk = {
-                let mut state = self.lock();
-                match state.chunks.pop() {
-                    Some(chunk) => {
-                        state.inserting += 1;
-                        chunk
-                    }
-                    None => return,
-                }
-            };
-            let _done = ChunkInserted(self);
-            #[cfg(test)]
-            if std::thread::current().name() == Some("mapstore-apply") {
-                std::thread::sleep(self.helper_pause);
-            }
-            for (key, value) in chunk {
-                self.versions.insert(key, value);
+            // Claimed in a statement of its own, so that the lock is
+            // released before the work starts.
+            let claimed = Self::claim(&mut self.lock());
+            match claimed {
+                Some(work) => self.do_work(work),
+                None => return,
             }
         }
     }
 
-    /// Waits until every chunk is inserted, by whichever thread claimed it.
-    fn wait_until_inserted(&self) {
+    fn do_work(&self, work: Work) {
+        let _done = WorkDone(self);
+        #[cfg(test)]
+        if std::thread::current().name() == Some("mapstore-apply") {
+            std::thread::sleep(self.helper_pause);
+            self.helper_pieces.fetch_add(1, AtomicOrdering::Relaxed);
+        }
+        match work {
+            Work::Prepare(unprepared) => {
+                let chunks = prepare_chunks(unprepared);
+                self.lock().chunks = chunks;
+                self.changed.notify_all();
+            }
+            Work::Insert(chunk) => {
+                for (key, value) in chunk {
+                    self.versions.insert(key, value);
+                }
+            }
+        }
+    }
+
+    /// Works alongside whoever else is on this apply until every version
+    /// is inserted: chunks that another thread's preparation makes while
+    /// this one waits are inserted by both.
+    fn work_until_inserted(&self) {
         let mut state = self.lock();
-        while !state.chunks.is_empty() || state.inserting > 0 {
-            state = self
-                .all_inserted
-                .wait(state)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        loop {
+            if let Some(work) = Self::claim(&mut state) {
+                drop(state);
+                self.do_work(work);
+                state = self.lock();
+            } else if state.all_inserted() {
+                return;
+            } else {
+                state = self
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
         }
     }
 }
 
-/// Counts a claimed chunk as inserted when dropped, even if an insert
-/// panicked, so that no waiter waits forever. (A skiplist insert allocates
-/// and compares keys; neither panics: allocation failure aborts.)
-struct ChunkInserted<'a>(&'a SharedInserts);
+/// Counts a claimed piece of work as done when dropped, even if it
+/// panicked, so that no waiter waits forever. (Neither a preparation nor a
+/// skiplist insert panics: they hash, compare, sort and allocate, and
+/// allocation failure aborts.)
+struct WorkDone<'a>(&'a SharedInserts);
 
-impl Drop for ChunkInserted<'_> {
+impl Drop for WorkDone<'_> {
     fn drop(&mut self) {
         let mut state = self.0.lock();
-        state.inserting -= 1;
-        let last = state.inserting == 0 && state.chunks.is_empty();
+        state.in_progress -= 1;
+        let last = state.all_inserted();
         drop(state);
         if last {
-            self.0.all_inserted.notify_all();
+            self.0.changed.notify_all();
         }
     }
 }
 
-/// The thread that inserts versions alongside a committing thread. There
+/// Sets the filter bits of every key and sorts the versions into chunks
+/// of neighbouring keys, returned highest keys first (chunks are claimed
+/// from the end, so the lowest are inserted first).
+///
+/// The versions are inserted in key order: each skiplist search then
+/// walks nodes the previous one just brought into cache, instead of
+/// missing on most of its way down. The work that reads the key bytes
+/// (the filter's hash, the prefix the sort compares) is done first, in
+/// the order the operations sit in memory. Inserting 172,000 random keys
+/// this way (measured on a WAL replay, which used this path then) took
+/// about a third of the time it took in arrival order.
+fn prepare_chunks(unprepared: Unprepared) -> Vec<Vec<VersionEntry>> {
+    let Unprepared {
+        mut batches,
+        filter,
+    } = unprepared;
+    let count = batches.iter().map(|(_, ops)| ops.len()).sum();
+    let mut hashes = Vec::with_capacity(count);
+    // Where each version's operation is: (batch, index in the batch).
+    let mut sorted: Vec<(Prefix, u64, u32, u32)> = Vec::with_capacity(count);
+    for (batch, (first_seq, ops)) in batches.iter().enumerate() {
+        for (index, op) in ops.iter().enumerate() {
+            hashes.push(bloom::key_hash(&op.key));
+            // Batches and their operations are far fewer than 2^32: a
+            // batch is at most 1 GiB of operations of two bytes or more,
+            // and a group holds at most one batch per waiting thread.
+            sorted.push((
+                key_prefix(&op.key),
+                first_seq + index as u64,
+                batch as u32,
+                index as u32,
+            ));
+        }
+    }
+    filter.insert_all(&hashes);
+    // Most comparisons decide on the prefix, without reading key bytes.
+    let key = |&(_, _, batch, index): &(Prefix, u64, u32, u32)| {
+        &batches[batch as usize].1[index as usize].key
+    };
+    sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| key(a).cmp(key(b))));
+    // Every version is its own skiplist entry (the sequence number is part
+    // of the key), so the inserts are independent of each other and of
+    // their order: chunks of neighbouring keys can go to either thread.
+    sorted
+        .chunks(VERSIONS_PER_CHUNK)
+        .rev()
+        .map(|chunk| {
+            chunk
+                .iter()
+                .map(|&(prefix, seq, batch, index)| {
+                    let op = std::mem::take(&mut batches[batch as usize].1[index as usize]);
+                    entry(prefix, seq, op)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The thread that works on applies alongside committing threads. There
 /// is one per process, started by the first large apply and then waiting
 /// for work: starting a thread per batch cost about 75 us on the 2-core
 /// test machine, the time of 75 inserts, on the committing thread's path.
@@ -424,9 +543,9 @@ struct ApplyHelper {
 struct HelperState {
     job: Option<Arc<SharedInserts>>,
     /// Whether the thread is on a job (one at a time; a job submitted
-    /// meanwhile is refused and its submitter inserts everything itself).
+    /// meanwhile is refused and its submitter does all of it itself).
     busy: bool,
-    /// Set if the thread ended (an insert panicked): jobs are refused.
+    /// Set if the thread ended (a piece of work panicked): jobs are refused.
     gone: bool,
 }
 
@@ -450,7 +569,7 @@ impl ApplyHelper {
 
     /// Hands `job` to the helper thread, starting it the first time.
     /// Returns false if the thread is busy (with another database's apply)
-    /// or could not be started: the submitter then inserts every chunk.
+    /// or could not be started: the submitter then does all the work.
     fn try_submit(&'static self, job: &Arc<SharedInserts>) -> bool {
         static STARTED: OnceLock<bool> = OnceLock::new();
         let started = *STARTED.get_or_init(|| {
@@ -486,7 +605,7 @@ impl ApplyHelper {
             };
             drop(state);
             let _finished = FinishJob(self);
-            job.insert_chunks();
+            job.work();
         }
     }
 }
@@ -505,43 +624,37 @@ impl Drop for FinishJob {
 
 /// An insert of many versions into a memtable, begun by
 /// [`Memtable::start_apply`] and completed by [`Apply::finish`]. A large
-/// one is shared with the helper thread from the start, so the helper
-/// inserts while the committing thread writes and fsyncs the WAL.
+/// one is handed to the helper thread from the start, so the helper
+/// prepares and inserts while the committing thread writes and fsyncs the
+/// WAL.
 #[must_use = "the versions are inserted only once the apply is finished"]
 pub(crate) struct Apply {
     work: ApplyWork,
 }
 
 enum ApplyWork {
-    /// Few versions, inserted by the committing thread in `finish`.
+    /// Few versions, prepared at once and inserted by the committing
+    /// thread in `finish`.
     Alone {
         versions: Arc<VersionMap>,
-        entries: Vec<VersionEntry>,
+        chunks: Vec<Vec<VersionEntry>>,
     },
-    /// Many versions, inserted a chunk at a time by the committing thread
-    /// (in `finish`) and the helper (from the start, if it was free).
-    Shared {
-        shared: Arc<SharedInserts>,
-        /// Whether the helper took the job (it was free).
-        #[cfg_attr(not(test), allow(dead_code))]
-        helped: bool,
-    },
+    /// Many versions, prepared and inserted by the helper (from the start,
+    /// if it was free) and the committing thread (in `finish`).
+    Shared(Arc<SharedInserts>),
 }
 
 impl Apply {
-    /// Inserts whatever versions the helper has not, and returns once every
+    /// Does whatever work the helper has not, and returns once every
     /// version is in the memtable.
     pub fn finish(self) {
         match self.work {
-            ApplyWork::Alone { versions, entries } => {
-                for (key, value) in entries {
+            ApplyWork::Alone { versions, chunks } => {
+                for (key, value) in chunks.into_iter().rev().flatten() {
                     versions.insert(key, value);
                 }
             }
-            ApplyWork::Shared { shared, .. } => {
-                shared.insert_chunks();
-                shared.wait_until_inserted();
-            }
+            ApplyWork::Shared(shared) => shared.work_until_inserted(),
         }
     }
 }
@@ -553,8 +666,9 @@ pub(crate) struct Memtable {
     versions: Arc<VersionMap>,
     /// Every key inserted, so that a lookup of a key this memtable lacks
     /// (most lookups, once files hold most of the data) skips the skiplist
-    /// search and its cache misses.
-    filter: KeyFilter,
+    /// search and its cache misses. Shared with the apply helper, which
+    /// sets the bits of the keys it prepares.
+    filter: Arc<KeyFilter>,
     approximate_bytes: AtomicUsize,
 }
 
@@ -564,7 +678,7 @@ impl Memtable {
     pub fn new(capacity_bytes: usize) -> Memtable {
         Memtable {
             versions: Arc::new(SkipMap::new()),
-            filter: KeyFilter::new(capacity_bytes / ENTRY_OVERHEAD_BYTES),
+            filter: Arc::new(KeyFilter::new(capacity_bytes / ENTRY_OVERHEAD_BYTES)),
             approximate_bytes: AtomicUsize::new(0),
         }
     }
@@ -577,11 +691,7 @@ impl Memtable {
     /// the readers that can see the versions.)
     #[cfg(test)]
     pub fn apply(&self, first_seq: u64, ops: &[Operation]) {
-        self.apply_all(
-            ops.iter()
-                .enumerate()
-                .map(|(i, op)| (first_seq + i as u64, op)),
-        );
+        self.start_apply(vec![(first_seq, ops.to_vec())]).finish();
     }
 
     /// Inserts versions given as `(sequence number, operation)`, in any
@@ -589,88 +699,63 @@ impl Memtable {
     /// [`finish`](Apply::finish) at once.
     #[cfg(test)]
     pub fn apply_all<'a>(&self, versions: impl Iterator<Item = (u64, &'a Operation)>) {
-        let mut owned: Vec<(u64, Operation)> =
-            versions.map(|(seq, op)| (seq, op.clone())).collect();
-        self.start_apply(owned.iter_mut().map(|(seq, op)| (*seq, op)))
-            .finish();
+        let batches = versions.map(|(seq, op)| (seq, vec![op.clone()])).collect();
+        self.start_apply(batches).finish();
     }
 
-    /// Begins inserting versions given as `(sequence number, operation)`,
-    /// in any order; they are all in once the returned [`Apply`] is
-    /// finished. The key and value of each operation move into the
-    /// memtable, leaving it empty: cloning them (a shared counter, bumped
-    /// now and again when the batch is dropped) cost more than the move. A large set is handed to the helper thread at once, which
-    /// starts inserting while the caller does other work (writes the WAL).
+    /// Begins inserting the operations of `batches`; they are all in once
+    /// the returned [`Apply`] is finished. The keys and values move into
+    /// the memtable. A large set is handed to the helper thread at once,
+    /// which prepares it (filter bits, sorting) and starts inserting while
+    /// the caller does other work (writes the WAL): the caller's share of
+    /// the work comes after that, in `finish`.
     ///
     /// Nothing inserted is visible to readers until the caller publishes
     /// the sequence numbers, which it must do only after `finish` (that
     /// publication is also what makes the filter bits set here visible to
     /// the readers that can see the versions). A caller that never
     /// publishes them (its WAL write failed) leaves them unseen.
-    ///
-    /// The versions are inserted in key order: each skiplist search then
-    /// walks nodes the previous one just brought into cache, instead of
-    /// missing on most of its way down. The work that reads the key bytes
-    /// (the filter's hash, the prefix the sort compares) is done first, in
-    /// the order the operations sit in memory. Inserting 172,000 random
-    /// keys this way (measured on a WAL replay, which used this path then)
-    /// took about a third of the time it took in arrival order.
-    pub fn start_apply<'a>(
-        &self,
-        versions: impl Iterator<Item = (u64, &'a mut Operation)>,
-    ) -> Apply {
+    pub fn start_apply(&self, batches: BatchOps) -> Apply {
+        let mut count = 0;
         let mut bytes = 0;
-        let mut hashes = Vec::with_capacity(versions.size_hint().0);
-        let mut sorted: Vec<(Prefix, u64, &mut Operation)> = versions
-            .map(|(seq, op)| {
-                bytes += op.key.len() + op.value.len() + ENTRY_OVERHEAD_BYTES;
-                hashes.push(bloom::key_hash(&op.key));
-                (key_prefix(&op.key), seq, op)
-            })
-            .collect();
-        self.filter.insert_all(&hashes);
+        for (_, ops) in &batches {
+            count += ops.len();
+            bytes += ops
+                .iter()
+                .map(|op| op.key.len() + op.value.len() + ENTRY_OVERHEAD_BYTES)
+                .sum::<usize>();
+        }
         self.approximate_bytes
             .fetch_add(bytes, AtomicOrdering::Relaxed);
-        // Most comparisons decide on the prefix, without reading key bytes.
-        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.2.key.cmp(&b.2.key)));
-        let entries = |versions: &mut [(Prefix, u64, &mut Operation)]| -> Vec<VersionEntry> {
-            versions
-                .iter_mut()
-                .map(|(prefix, seq, op)| entry(*prefix, *seq, std::mem::take(op)))
-                .collect()
+        let unprepared = Unprepared {
+            batches,
+            filter: self.filter.clone(),
         };
-        if sorted.len() < PARALLEL_APPLY_MIN_VERSIONS || !parallel_apply() {
+        if count < PARALLEL_APPLY_MIN_VERSIONS || !parallel_apply() {
             return Apply {
                 work: ApplyWork::Alone {
                     versions: self.versions.clone(),
-                    entries: entries(&mut sorted),
+                    chunks: prepare_chunks(unprepared),
                 },
             };
         }
-        // Every version is its own skiplist entry (the sequence number is
-        // part of the key), so the inserts are independent of each other
-        // and of their order: chunks of neighbouring keys can go to either
-        // thread. Chunks are claimed from the end of the list, so the list
-        // is built highest keys first and the lowest are inserted first.
-        let chunks = sorted
-            .chunks_mut(VERSIONS_PER_CHUNK)
-            .rev()
-            .map(entries)
-            .collect();
         let shared = Arc::new(SharedInserts {
             versions: self.versions.clone(),
             state: Mutex::new(SharedState {
-                chunks,
-                inserting: 0,
+                unprepared: Some(unprepared),
+                chunks: Vec::new(),
+                in_progress: 0,
             }),
-            all_inserted: Condvar::new(),
+            changed: Condvar::new(),
             #[cfg(test)]
             helper_pause: tests::HELPER_PAUSE.get(),
+            #[cfg(test)]
+            helper_pieces: AtomicUsize::new(0),
         });
-        // If the helper is busy, the caller inserts every chunk in `finish`.
-        let helped = APPLY_HELPER.try_submit(&shared);
+        // If the helper is busy, the caller does all the work in `finish`.
+        APPLY_HELPER.try_submit(&shared);
         Apply {
-            work: ApplyWork::Shared { shared, helped },
+            work: ApplyWork::Shared(shared),
         }
     }
 
@@ -1056,26 +1141,32 @@ mod tests {
         pub static HELPER_PAUSE: Cell<Duration> = const { Cell::new(Duration::ZERO) };
     }
 
-    /// An apply returns only once the chunks the helper claimed are in,
-    /// however long the helper takes over them.
+    /// An apply returns only once the work the helper claimed is done (the
+    /// preparation, then chunks), however long the helper takes over it.
     #[test]
-    fn an_apply_waits_for_the_chunks_the_helper_claimed() {
+    fn an_apply_waits_for_the_work_the_helper_claimed() {
         let count = PARALLEL_APPLY_MIN_VERSIONS * 4;
         let ops: Vec<Operation> = (0..count)
             .map(|i| put(&format!("key{i:05}"), "value"))
             .collect();
         HELPER_PAUSE.set(Duration::from_millis(20));
-        // The helper may be busy with another test's apply, in which case
-        // this thread inserts everything: repeat until it took part.
+        // The helper may be busy with another test's apply, or not awake
+        // before this thread finishes alone: repeat until it took part.
         let mut helped_rounds = 0;
         for round in 0..500u64 {
             let table = Memtable::new(1 << 24);
-            let mut ops = ops.clone();
-            let apply = table.start_apply((round * 10_000 + 1..).zip(&mut ops));
-            helped_rounds +=
-                usize::from(matches!(apply.work, ApplyWork::Shared { helped: true, .. }));
+            let apply = table.start_apply(vec![(round * 10_000 + 1, ops.clone())]);
+            // As a commit writes the WAL here, the helper claims work.
+            std::thread::sleep(Duration::from_millis(2));
+            let helper_pieces = match &apply.work {
+                ApplyWork::Shared(shared) => Some(shared.clone()),
+                ApplyWork::Alone { .. } => None,
+            };
             apply.finish();
             assert_eq!(table.versions().count(), count, "round {round}");
+            let helped = helper_pieces
+                .is_some_and(|shared| shared.helper_pieces.load(AtomicOrdering::Relaxed) > 0);
+            helped_rounds += usize::from(helped);
             if helped_rounds == 3 {
                 return;
             }
