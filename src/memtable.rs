@@ -567,10 +567,10 @@ impl ApplyHelper {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Hands `job` to the helper thread, starting it the first time.
-    /// Returns false if the thread is busy (with another database's apply)
-    /// or could not be started: the submitter then does all the work.
-    fn try_submit(&'static self, job: &Arc<SharedInserts>) -> bool {
+    /// Hands `job` to the helper thread, starting it the first time. If
+    /// the thread is busy (with another database's apply) or could not be
+    /// started, nothing is handed over: the submitter does all the work.
+    fn try_submit(&'static self, job: &Arc<SharedInserts>) {
         static STARTED: OnceLock<bool> = OnceLock::new();
         let started = *STARTED.get_or_init(|| {
             std::thread::Builder::new()
@@ -580,13 +580,12 @@ impl ApplyHelper {
         });
         let mut state = self.lock();
         if !started || state.gone || state.busy {
-            return false;
+            return;
         }
         state.job = Some(job.clone());
         state.busy = true;
         drop(state);
         self.changed.notify_all();
-        true
     }
 
     fn run(&'static self) {
