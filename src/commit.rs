@@ -388,11 +388,10 @@ impl CommitPipeline {
             self.wake.notify_all();
             return;
         }
-        let group = std::mem::take(&mut queue.pending);
+        let mut group = std::mem::take(&mut queue.pending);
         drop(queue);
 
         let write_began = Instant::now();
-        let mut group = group;
         let written = self.write(&mut group);
 
         #[cfg(test)]
