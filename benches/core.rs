@@ -321,6 +321,42 @@ fn bench_file_reads(c: &mut Criterion) {
     read_benches(c, "file_reads", &db, n);
 }
 
+/// Reads of 1 MiB values from a snapshot file. Both hand each value out in
+/// place, without reading it, so they should cost about what reads of
+/// small values do: a read that touches the whole value (a prefetch of an
+/// oversized block, say) shows here as a thousandfold slowdown.
+fn bench_large_value_reads(c: &mut Criterion) {
+    const KEYS: u64 = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_with(dir.path(), memtable_only()).unwrap();
+    for i in 0..KEYS {
+        db.insert(key(i), vec![i as u8; 1 << 20]).unwrap();
+    }
+    db.compact().unwrap();
+    assert_eq!(db.memtable_bytes(), 0);
+    let mut group = c.benchmark_group("large_value_reads");
+    group.throughput(Throughput::Elements(1));
+    let mut i = 0;
+    group.bench_function("get_1mib_value", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            black_box(db.get(key(i)).unwrap().unwrap());
+        })
+    });
+    group.throughput(Throughput::Elements(KEYS));
+    group.bench_function("reverse_scan_1mib_values", |b| {
+        b.iter(|| {
+            let mut count = 0;
+            for entry in db.iter().rev() {
+                black_box(entry.unwrap());
+                count += 1;
+            }
+            assert_eq!(count, KEYS as usize);
+        })
+    });
+    group.finish();
+}
+
 /// Opening a database whose data is in a snapshot file, against opening
 /// one that replays the same data from the WAL.
 fn bench_reopen(c: &mut Criterion) {
@@ -356,6 +392,6 @@ fn bench_reopen(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
-    targets = bench_fdatasync_baselines, bench_io_layer, bench_synced_writes, bench_reads, bench_file_reads, bench_reopen
+    targets = bench_fdatasync_baselines, bench_io_layer, bench_synced_writes, bench_reads, bench_file_reads, bench_large_value_reads, bench_reopen
 }
 criterion_main!(benches);
