@@ -324,7 +324,7 @@ fn bench_file_reads(c: &mut Criterion) {
 /// Reads of 1 MiB values from a snapshot file. Both hand each value out in
 /// place, without reading it, so they should cost about what reads of
 /// small values do: a read that touches the whole value (a prefetch of an
-/// oversized block, say) shows here as a thousandfold slowdown.
+/// oversized block, say) shows here as a seventyfold slowdown.
 fn bench_large_value_reads(c: &mut Criterion) {
     const KEYS: u64 = 16;
     let dir = tempfile::tempdir().unwrap();
