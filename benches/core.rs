@@ -261,7 +261,8 @@ fn memtable_only() -> Options {
         .max_wal_bytes(u64::MAX)
 }
 
-/// Random get, absent get and full scan over `db`, holding keys `0..n`.
+/// Random get, absent get and full scans (forward and reverse) over `db`,
+/// holding keys `0..n`.
 fn read_benches(c: &mut Criterion, group_name: &str, db: &Db, n: u64) {
     let mut group = c.benchmark_group(group_name);
     group.throughput(Throughput::Elements(1));
@@ -290,6 +291,16 @@ fn read_benches(c: &mut Criterion, group_name: &str, db: &Db, n: u64) {
         b.iter(|| {
             let mut count = 0u64;
             for entry in db.iter() {
+                black_box(entry.unwrap());
+                count += 1;
+            }
+            assert_eq!(count, n);
+        })
+    });
+    group.bench_function(format!("full_scan_reverse_{n}_keys"), |b| {
+        b.iter(|| {
+            let mut count = 0u64;
+            for entry in db.iter().rev() {
                 black_box(entry.unwrap());
                 count += 1;
             }
