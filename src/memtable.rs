@@ -840,28 +840,8 @@ impl Memtable {
         max: usize,
         out: &mut VecDeque<Resolved>,
     ) -> bool {
-        let mut entry = self.first_within(lower);
-        let mut added = 0;
-        let mut held = HeldKey::default();
-        while let Some(current) = entry {
-            let head = current.key().clone();
-            if !within_upper(&head.user_key, upper) {
-                held.flush(out);
-                return true;
-            }
-            if added == max {
-                held.flush(out);
-                return false;
-            }
-            let (found, after) = first_visible(current, &head, snapshot_seq);
-            if let Some((seq, value)) = found {
-                held.hold(head.user_key, seq, value, out);
-                added += 1;
-            }
-            entry = after;
-        }
-        held.flush(out);
-        true
+        let past_upper = |key: &InternalKey| !within_upper(&key.user_key, upper);
+        resolve_forward(self.first_within(lower), snapshot_seq, past_upper, max, out)
     }
 
     /// A backward chunk. The skiplist links each entry to the next one
@@ -921,8 +901,11 @@ impl Memtable {
                 };
                 let (start, reaches_floor) = self.stretch_start(&guess, lower);
                 stretch.clear();
-                let cap = 4 * left + 64;
-                if !resolve_forward_until(start, &boundary, snapshot_seq, cap, &mut stretch) {
+                // Every version of `boundary` sorts at or after this probe.
+                let end = Probe::new(&boundary, u64::MAX);
+                let at_boundary = |key: &InternalKey| compare(key, &end).is_ge();
+                let most = 4 * left + 64;
+                if !resolve_forward(start, snapshot_seq, at_boundary, most, &mut stretch) {
                     // A poor guess: far more keys than wanted. Step instead.
                     break;
                 }
@@ -1115,37 +1098,37 @@ const BACKWARD_PROBE_KEYS: usize = 8;
 /// before, before it steps back over the rest.
 const BACKWARD_GUESSES: u32 = 3;
 
-/// Appends to `into`, in ascending order, the version of each key from
-/// `entry` on that is visible at `snapshot_seq`, up to the first key at or
-/// after `end`. Gives up, returning false, once `into` holds more than
-/// `cap` keys.
-fn resolve_forward_until(
+/// Appends to `out`, in ascending order, the version visible at
+/// `snapshot_seq` of each key from `entry` on, until an entry is
+/// `past_end` (true: the range is read) or `max` keys are appended and
+/// another would follow (false).
+#[inline]
+fn resolve_forward(
     mut entry: Option<ListEntry<'_>>,
-    end: &[u8],
     snapshot_seq: u64,
-    cap: usize,
-    into: &mut Vec<Resolved>,
+    past_end: impl Fn(&InternalKey) -> bool,
+    max: usize,
+    out: &mut impl Extend<Resolved>,
 ) -> bool {
-    // Every version of `end` sorts at or after this probe.
-    let end = Probe::new(end, u64::MAX);
+    let mut added = 0;
     let mut held = HeldKey::default();
-    let mut found_keys = 0;
     while let Some(current) = entry {
-        if compare(current.key(), &end).is_ge() {
+        if past_end(current.key()) {
             break;
         }
-        if found_keys > cap {
+        if added == max {
+            held.flush(out);
             return false;
         }
         let head = current.key().clone();
         let (found, after) = first_visible(current, &head, snapshot_seq);
         if let Some((seq, value)) = found {
-            held.hold(head.user_key, seq, value, into);
-            found_keys += 1;
+            held.hold(head.user_key, seq, value, out);
+            added += 1;
         }
         entry = after;
     }
-    held.flush(into);
+    held.flush(out);
     true
 }
 
