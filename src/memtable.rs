@@ -1057,6 +1057,7 @@ impl HeldKey {
         }
     }
 
+    /// The chunk's entry for a key once held.
     fn resolved((key, seq, value): (Bytes, u64, Option<Bytes>)) -> Resolved {
         Resolved {
             key: Slice::from_shared(&key),
@@ -1142,10 +1143,9 @@ fn resolve_forward(
 /// never keys. Each guess is below the lowest measured key, since its
 /// window is smaller and the bytes before it are the key's own.
 struct KeySpacing {
-    /// The lowest measured key's bytes before the window.
+    /// The lowest measured key's bytes before the window (as many as
+    /// the window's start).
     leading: Vec<u8>,
-    /// Where the window starts.
-    window_start: usize,
     /// The lowest key's window.
     low_window: u64,
     /// The mean distance between neighbouring keys, in the window.
@@ -1163,9 +1163,10 @@ impl KeySpacing {
         let high_window = window_at(high, window_start);
         let gaps = u64::try_from(keys.checked_sub(1)?).ok()?;
         let per_key = high_window.checked_sub(low_window)?.checked_div(gaps)?;
+        // The window starts at or before the first difference, within `low`.
+        let leading = low.get(..window_start)?;
         (per_key > 0).then(|| KeySpacing {
-            leading: low[..window_start].to_vec(),
-            window_start,
+            leading: leading.to_vec(),
             low_window,
             per_key,
         })
@@ -1181,7 +1182,7 @@ impl KeySpacing {
         let window = self
             .low_window
             .saturating_sub(self.per_key.saturating_mul(n));
-        let mut key = Vec::with_capacity(self.window_start + 8);
+        let mut key = Vec::with_capacity(self.leading.len() + 8);
         key.extend_from_slice(&self.leading);
         key.extend_from_slice(&window.to_be_bytes());
         Some(key)
