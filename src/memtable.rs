@@ -827,21 +827,12 @@ impl Memtable {
         out: &mut VecDeque<Resolved>,
     ) -> bool {
         match direction {
-            Direction::Forward => self.scan_forward(snapshot_seq, lower, upper, max, out),
+            Direction::Forward => {
+                let past_upper = |key: &InternalKey| !within_upper(&key.user_key, upper);
+                resolve_forward(self.first_within(lower), snapshot_seq, past_upper, max, out)
+            }
             Direction::Backward => self.scan_backward(snapshot_seq, lower, upper, max, out),
         }
-    }
-
-    fn scan_forward(
-        &self,
-        snapshot_seq: u64,
-        lower: Bound<&[u8]>,
-        upper: Bound<&[u8]>,
-        max: usize,
-        out: &mut VecDeque<Resolved>,
-    ) -> bool {
-        let past_upper = |key: &InternalKey| !within_upper(&key.user_key, upper);
-        resolve_forward(self.first_within(lower), snapshot_seq, past_upper, max, out)
     }
 
     /// A backward chunk. The skiplist links each entry to the next one
