@@ -115,13 +115,12 @@ pub(crate) fn map_read_only(path: &Path) -> io::Result<MappedFile> {
 /// Asks the processor to start loading `bytes` into its caches without
 /// waiting for them, one request per 64-byte cache line.
 ///
-/// A reverse scan calls it on the block it will read next: it walks the
-/// file's blocks from the last to the first, an order in which the
-/// processor does not fetch ahead by itself, and each block's loads then
-/// stall its decoding (measured: 3 to 5% fewer cycles per reverse scan
-/// with this hint). A point read calls it on the block it is about to
-/// walk, so that the block's misses overlap instead of coming one per
-/// entry. Both ask for a block's first page at most: a longer block holds
+/// A reverse scan calls it on the block it will read next, a few lines
+/// per entry it reads: it walks the file's blocks from the last to the
+/// first, an order in which the processor does not fetch ahead by itself,
+/// and each block's loads would then stall its decoding. A point read
+/// calls it on the block it is about to walk, so that the block's misses
+/// overlap instead of coming one per entry. Both ask for a block's first page at most: a longer block holds
 /// one large value, which neither reads. Only a hint: it changes no
 /// result, and does nothing on other processors than x86-64.
 #[inline]

@@ -11,6 +11,7 @@
 //! against the block. Any failure is an [`Error::Corruption`] naming the
 //! file and the offset.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -261,20 +262,27 @@ impl SnapshotFile {
         Ok(bytes)
     }
 
-    /// Starts loading block `i`'s bytes into the processor's caches (see
-    /// [`prefetch`](crate::mmap::prefetch)); nothing if there is no such
-    /// block.
-    pub(super) fn prefetch_block(&self, i: usize) {
+    /// Where in the file's bytes the part of block `i` worth prefetching
+    /// lies (see [`block_head`]); an empty range if there is no such block
+    /// or the index is damaged.
+    pub(super) fn block_head_span(&self, i: usize) -> Range<usize> {
         let Ok(index) = self.index() else {
-            return;
+            return 0..0;
         };
         if i >= index.len() {
-            return;
+            return 0..0;
         }
         let block = index.location(i);
         let start = block.offset as usize;
-        if let Some(bytes) = self.data.get(start..start + block.len as usize) {
-            crate::mmap::prefetch(block_head(bytes));
+        start..start + (block.len as usize).min(BLOCK_ALIGN)
+    }
+
+    /// Starts loading `span` of the file's bytes into the processor's
+    /// caches (see [`prefetch`](crate::mmap::prefetch)); nothing for a
+    /// span outside the file.
+    pub(super) fn prefetch_span(&self, span: Range<usize>) {
+        if let Some(bytes) = self.data.get(span) {
+            crate::mmap::prefetch(bytes);
         }
     }
 
@@ -482,6 +490,40 @@ mod tests {
                 .zip(0u32..)
                 .all(|((key, _), i)| key[..] == i.to_be_bytes())
         );
+    }
+
+    /// What a reverse scan prefetches of each block: the block's own
+    /// bytes, up to a page, never a large value's rest, never past the
+    /// file.
+    #[test]
+    fn block_head_spans_are_each_block_up_to_a_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs: Arc<dyn FileSystem> = Arc::new(RealFileSystem);
+        let path = dir.path().join("1.snap");
+        let mut writer = SnapshotFileWriter::create(&*fs, dir.path(), path.clone()).unwrap();
+        for i in 0..200u32 {
+            // Key 100 holds a value of five pages, a block of its own.
+            let value = vec![i as u8; if i == 100 { 5 * BLOCK_ALIGN } else { 100 }];
+            writer
+                .add(&i.to_be_bytes(), u64::from(i) + 1, Some(&value))
+                .unwrap();
+        }
+        writer.finish().unwrap();
+        let file = SnapshotFile::open(fs, &path, 1).unwrap();
+        let mut long_blocks = 0;
+        for i in 0..file.block_count() {
+            let block = file.block_bytes(i).unwrap();
+            let start = block.as_ptr() as usize - file.data.as_ptr() as usize;
+            let span = file.block_head_span(i);
+            assert_eq!(
+                span,
+                start..start + block.len().min(BLOCK_ALIGN),
+                "block {i}"
+            );
+            long_blocks += usize::from(block.len() > BLOCK_ALIGN);
+        }
+        assert_eq!(long_blocks, 1);
+        assert_eq!(file.block_head_span(file.block_count()), 0..0);
     }
 
     #[test]
@@ -761,7 +803,9 @@ mod tests {
                     assert_eq!(cursor.head(), None);
                 }
             }
-            file.prefetch_block(0);
+            // Nothing to prefetch, and no panic, when the index is damaged.
+            assert_eq!(file.block_head_span(0), 0..0);
+            file.prefetch_span(file.block_head_span(0));
         }
     }
 
