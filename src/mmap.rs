@@ -120,9 +120,10 @@ pub(crate) fn map_read_only(path: &Path) -> io::Result<MappedFile> {
 /// first, an order in which the processor does not fetch ahead by itself,
 /// and each block's loads would then stall its decoding. A point read
 /// calls it on the block it is about to walk, so that the block's misses
-/// overlap instead of coming one per entry. Both ask for a block's first page at most: a longer block holds
-/// one large value, which neither reads. Only a hint: it changes no
-/// result, and does nothing on other processors than x86-64.
+/// overlap instead of coming one per entry. Both ask for a block's first
+/// page at most: a longer block holds one large value, which neither
+/// reads. Only a hint: it changes no result, and does nothing on other
+/// processors than x86-64.
 #[inline]
 pub(crate) fn prefetch(bytes: &[u8]) {
     #[cfg(target_arch = "x86_64")]
