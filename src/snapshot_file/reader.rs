@@ -274,7 +274,7 @@ impl SnapshotFile {
         }
         let block = index.location(i);
         let start = block.offset as usize;
-        start..start + (block.len as usize).min(BLOCK_ALIGN)
+        start..start + block_head_len(block.len as usize)
     }
 
     /// Starts loading `span` of the file's bytes into the processor's
@@ -336,7 +336,12 @@ impl SnapshotFile {
 /// handed out in place, not read, so a read must not pull megabytes of it
 /// into the cache.
 fn block_head(block: &[u8]) -> &[u8] {
-    &block[..block.len().min(BLOCK_ALIGN)]
+    &block[..block_head_len(block.len())]
+}
+
+/// How many bytes of a block of `len` bytes [`block_head`] takes.
+fn block_head_len(len: usize) -> usize {
+    len.min(BLOCK_ALIGN)
 }
 
 impl Drop for SnapshotFile {
