@@ -58,6 +58,18 @@ pub trait WritableFile: Send + Sync + fmt::Debug {
     fn write_pages_durably_at(&mut self, offset: u64, pages: &[u8]) -> io::Result<bool> {
         self.write_pages_at(offset, pages).map(|()| false)
     }
+    /// Asks for `len` bytes from `offset`, written before, to start going
+    /// to the device now, and returns without waiting for them. They are
+    /// no more durable for it: only `sync_data` and `sync_all` make them so.
+    ///
+    /// A file written in one go and then fsynced otherwise reaches the
+    /// device all at once, at the fsync, and a write queued behind it (a
+    /// WAL commit's) waits for all of it. A hint: the real file system
+    /// calls `sync_file_range` on Linux; the default does nothing.
+    fn start_writeback(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Flushes the file's data, and the metadata needed to read it back
     /// (`fdatasync`).
     fn sync_data(&mut self) -> io::Result<()>;
@@ -293,6 +305,9 @@ impl WritableFile for RealFile {
         }
     }
 
+    fn start_writeback(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        crate::mmap::start_writeback(&self.file, offset, len)
+    }
     fn sync_data(&mut self) -> io::Result<()> {
         self.file.sync_data()
     }

@@ -1,5 +1,6 @@
-//! Read-only memory maps of files that do not change, and a hint to the processor
-//! to load mapped bytes ahead of their use. This is the only module of
+//! Read-only memory maps of files that do not change, a hint to the processor
+//! to load mapped bytes ahead of their use, and one to the kernel to start
+//! writing a file's new bytes to the device. This is the only module of
 //! mapstore with `unsafe` code.
 //!
 //! A map is wrapped in [`Bytes`], so keys and values read from a snapshot
@@ -140,9 +141,61 @@ pub(crate) fn prefetch(bytes: &[u8]) {
     let _ = bytes;
 }
 
+/// Asks the kernel to start writing `len` bytes of `file` from `offset`
+/// (written before, still in the page cache) to the device, and returns
+/// without waiting for them (`sync_file_range` with
+/// `SYNC_FILE_RANGE_WRITE`). The bytes are no more durable for it: only
+/// an fsync makes them so. Does nothing on other systems than Linux.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let out_of_range = |_| io::Error::from(io::ErrorKind::InvalidInput);
+        let offset = offset.try_into().map_err(out_of_range)?;
+        let len = len.try_into().map_err(out_of_range)?;
+        // SAFETY: the call reads and writes no memory of this process: its
+        // arguments are a descriptor, which `file` keeps open through the
+        // call, and integers. A descriptor or range the kernel does not
+        // take comes back as an error (EBADF, EINVAL, ESPIPE).
+        let result = unsafe {
+            libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+        };
+        if result != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The call reaches the kernel: it takes a range of a regular file,
+    /// and the kernel's refusals come back as errors.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn writeback_of_a_file_starts_and_refusals_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 3 * 4096]).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        start_writeback(&file, 0, 3 * 4096).unwrap();
+        start_writeback(&file, 4096, 100).unwrap();
+        // Not a regular file: the kernel refuses (ESPIPE).
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        let refused = start_writeback(&null, 0, 4096).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::ESPIPE));
+        // Past what the kernel's offsets can express.
+        let too_far = start_writeback(&file, u64::MAX, 1).unwrap_err();
+        assert_eq!(too_far.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(std::fs::read(&path).unwrap(), vec![7u8; 3 * 4096]);
+    }
 
     #[test]
     fn maps_contents_and_outlives_the_file() {

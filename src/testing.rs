@@ -51,6 +51,8 @@ struct Faults {
     sync_delay_micros: AtomicU64,
     syncs: AtomicU64,
     writes: AtomicU64,
+    writeback_hints: AtomicU64,
+    writeback_hint_bytes: AtomicU64,
 }
 
 impl FaultyFileSystem {
@@ -87,6 +89,16 @@ impl FaultyFileSystem {
     /// How many writes were attempted.
     pub fn write_count(&self) -> u64 {
         self.faults.writes.load(Ordering::SeqCst)
+    }
+
+    /// How many times a file was asked to start writing bytes to the
+    /// device ahead of its fsync ([`WritableFile::start_writeback`]), and
+    /// how many bytes those requests covered.
+    pub fn writeback_hints(&self) -> (u64, u64) {
+        (
+            self.faults.writeback_hints.load(Ordering::SeqCst),
+            self.faults.writeback_hint_bytes.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -137,6 +149,13 @@ impl WritableFile for FaultyFile {
         }
         self.faults.write()?;
         self.inner.write_pages_at(offset, pages)
+    }
+    fn start_writeback(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.faults.writeback_hints.fetch_add(1, Ordering::SeqCst);
+        self.faults
+            .writeback_hint_bytes
+            .fetch_add(len, Ordering::SeqCst);
+        self.inner.start_writeback(offset, len)
     }
     fn sync_data(&mut self) -> io::Result<()> {
         self.faults.sync()?;

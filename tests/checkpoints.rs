@@ -375,6 +375,48 @@ fn a_missing_snapshot_file_is_corruption_and_an_orphan_is_removed() {
     assert_corruption_names(open_and_read_all(dir.path()), &file, "missing file");
 }
 
+/// A checkpoint sends its snapshot file to the device as it writes it, a
+/// megabyte at a time, rather than leaving all of it to the fsync at the
+/// end (where a WAL write queued behind it would wait for all of it).
+#[test]
+fn a_checkpoint_starts_writing_its_file_to_the_device_as_it_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let faulty = Arc::new(FaultyFileSystem::new());
+    // Small segments: their zeros, which are sent on the same way, add
+    // little to what the checkpoint's file asks for.
+    let segment_bytes = 64 << 10;
+    let options = Options::default()
+        .durability(Durability::Buffered)
+        .wal_segment_bytes(segment_bytes)
+        .file_system(faulty.clone());
+    let db = Db::open_with(dir.path(), options).unwrap();
+    let mut batch = WriteBatch::new();
+    for i in 0..40_000 {
+        batch.insert(key(i), [b'v'; 100]);
+    }
+    db.write(batch).unwrap();
+    let (hints_before, bytes_before) = faulty.writeback_hints();
+    db.checkpoint().unwrap();
+    let (hints_after, bytes_after) = faulty.writeback_hints();
+    let (hints, hinted_bytes) = (hints_after - hints_before, bytes_after - bytes_before);
+    let file_bytes = db.checkpoint_stats().snapshot_file_bytes;
+    // About 4.6 MB of entries: requests of at most a megabyte and a block
+    // each, which cover every block (all of the file but its index,
+    // filter and footer, written last and fsynced at once), beside at
+    // most a few new segments' zeros.
+    assert!(file_bytes > 4_000_000, "{file_bytes}");
+    assert!(hints >= 4, "{hints} requests");
+    assert!(
+        hinted_bytes >= file_bytes * 9 / 10,
+        "{hinted_bytes} of {file_bytes}"
+    );
+    assert!(
+        hinted_bytes <= file_bytes + 4 * segment_bytes,
+        "{hinted_bytes} of {file_bytes}"
+    );
+    db.close().unwrap();
+}
+
 #[test]
 fn a_failed_checkpoint_stops_writes_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -162,14 +162,28 @@ impl<'a> SnapshotFileWriter<'a> {
         Ok(())
     }
 
-    /// Writes the buffered blocks. The zeros that pad the last one up to
-    /// the next block's alignment are not in the buffer yet: the next block
-    /// adds them in front of itself, and after the last block the index
-    /// follows directly.
+    /// Writes the buffered blocks, and asks for them to start going to the
+    /// device. The zeros that pad the last one up to the next block's
+    /// alignment are not in the buffer yet: the next block adds them in
+    /// front of itself, and after the last block the index follows
+    /// directly.
+    ///
+    /// Without the request, the kernel would hold most of the file until
+    /// the fsync in [`finish`](Self::finish), then send it all at once (35
+    /// MB for a 64 MiB memtable), and a WAL write queued behind it would
+    /// wait for all of it: in a fill of a million keys in synced batches
+    /// of 1,000, the batch that met a checkpoint's fsync took 17-26 ms
+    /// instead of about 0.2 ms. With it, a megabyte at a time goes out
+    /// while the next is encoded.
     fn write_out(&mut self) -> Result<()> {
         self.file
             .write_all_at(self.out_offset, &self.out)
             .map_err(|e| Error::io("write", &self.temp_path, e))?;
+        // Only a hint, changing nothing on disk: if the kernel refuses it,
+        // the fsync in `finish` still writes, and checks, every byte.
+        let _ = self
+            .file
+            .start_writeback(self.out_offset, self.out.len() as u64);
         self.out_offset += self.out.len() as u64;
         self.out.clear();
         Ok(())

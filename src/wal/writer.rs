@@ -528,20 +528,116 @@ fn write_zeros(file: &mut dyn WritableFile, start: u64, end: u64) -> std::io::Re
     write_zeros_unless(file, start, end, &AtomicBool::new(false))
 }
 
-/// [`write_zeros`], in steps of 1 MiB, stopping early once `cancel` is set.
+/// The most zeros [`write_zeros_unless`] writes at a time.
+const ZEROS_PER_WRITE: u64 = 256 << 10;
+
+/// [`write_zeros`], in pieces of at most [`ZEROS_PER_WRITE`] bytes, each
+/// sent on to the device as soon as it is written
+/// ([`WritableFile::start_writeback`]); stops early once `cancel` is set.
+///
+/// Without the hint, a new segment's 4 MiB of zeros stayed in the page
+/// cache until its fsync and then reached the device all at once, and the
+/// WAL write of a commit queued behind them waited for all of it: in a
+/// fill of a million keys in synced batches of 1,000, the batch after
+/// each segment switch took 2-5 ms instead of about 0.2 ms. Sent a piece
+/// at a time, they delay a commit by a quarter of a megabyte at most.
+/// (Direct writes of the pieces did as well for the fill, but a single
+/// synced writer ran slower behind them, with a higher p99 latency.)
 fn write_zeros_unless(
     file: &mut dyn WritableFile,
     start: u64,
     end: u64,
     cancel: &AtomicBool,
 ) -> std::io::Result<()> {
-    const CHUNK: u64 = 1 << 20;
-    let zeros = vec![0u8; end.saturating_sub(start).min(CHUNK) as usize];
+    let zeros = vec![0u8; end.saturating_sub(start).min(ZEROS_PER_WRITE) as usize];
     let mut offset = start;
     while offset < end && !cancel.load(Ordering::Relaxed) {
-        let len = (end - offset).min(CHUNK) as usize;
-        file.write_all_at(offset, &zeros[..len])?;
-        offset += len as u64;
+        let len = (end - offset).min(ZEROS_PER_WRITE);
+        file.write_all_at(offset, &zeros[..len as usize])?;
+        // Only a hint: the fsync that follows the zeros writes, and
+        // checks, every byte whatever becomes of it.
+        let _ = file.start_writeback(offset, len);
+        offset += len;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file in memory that records its writes and writeback requests.
+    #[derive(Debug, Default)]
+    struct RecordedFile {
+        bytes: Vec<u8>,
+        writes: Vec<(u64, u64)>,
+        writebacks: Vec<(u64, u64)>,
+    }
+
+    impl WritableFile for RecordedFile {
+        fn write_all_at(&mut self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+            let end = offset as usize + bytes.len();
+            if self.bytes.len() < end {
+                self.bytes.resize(end, 0xee);
+            }
+            self.bytes[offset as usize..end].copy_from_slice(bytes);
+            self.writes.push((offset, bytes.len() as u64));
+            Ok(())
+        }
+        fn start_writeback(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+            self.writebacks.push((offset, len));
+            Ok(())
+        }
+        fn sync_data(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn sync_all(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+            self.bytes.resize(len as usize, 0);
+            Ok(())
+        }
+    }
+
+    /// Zeros land exactly on their range, in pieces of at most
+    /// `ZEROS_PER_WRITE` bytes, each sent on to the device once written.
+    #[test]
+    fn zeros_go_out_in_bounded_pieces_each_sent_on_at_once() {
+        let cases = [
+            (4096, 4 << 20), // a new segment after its header page
+            (1000, 600_000), // a cut segment filled up again
+            (4196, 8192),    // the rest of a page
+            (5, 5),          // nothing
+        ];
+        for (start, end) in cases {
+            let mut file = RecordedFile {
+                bytes: vec![0xab; end as usize + 4096],
+                ..RecordedFile::default()
+            };
+            write_zeros_unless(&mut file, start, end, &AtomicBool::new(false)).unwrap();
+            let (first, last) = (start as usize, end as usize);
+            assert!(file.bytes[..first].iter().all(|&b| b == 0xab));
+            assert!(file.bytes[first..last].iter().all(|&b| b == 0));
+            assert!(file.bytes[last..].iter().all(|&b| b == 0xab));
+            assert_eq!(
+                file.writebacks, file.writes,
+                "each piece sent on as written"
+            );
+            let mut next = start;
+            for &(offset, len) in &file.writes {
+                assert_eq!(offset, next, "pieces in order, without gaps");
+                assert!(len <= ZEROS_PER_WRITE);
+                next += len;
+            }
+            assert_eq!(next, end);
+        }
+    }
+
+    #[test]
+    fn a_cancelled_zero_fill_stops_before_its_next_piece() {
+        let mut file = RecordedFile::default();
+        write_zeros_unless(&mut file, 4096, 4 << 20, &AtomicBool::new(true)).unwrap();
+        assert!(file.writes.is_empty());
+    }
 }
