@@ -541,8 +541,8 @@ const ZEROS_PER_WRITE: u64 = 256 << 10;
 /// helper (by 1-35%). It does not pace the zeros: the pieces follow each
 /// other without waiting, so a commit whose flush comes right after a
 /// segment switch (when the next segment's preparation starts) still
-/// waits for most of them (3-5 ms in a fill of
-/// synced batches, against about 0.2 ms for other batches). Pacing them
+/// waits for most of them (3-5 ms in a fill of synced batches, against
+/// about 0.2 ms for other batches). Pacing them
 /// (one direct write of 64 KiB or 256 KiB at a time) shortened those
 /// waits but slowed one synced writer, whose commits then met the zeros
 /// more often (with 64 KiB pieces, 0.90-0.95x the in-place baseline
