@@ -346,6 +346,18 @@ impl Db {
             .map_or(0, |table| table.approximate_bytes())
     }
 
+    /// Keys in the memtable's read index: a hash index of each key's newest
+    /// version that the engine builds in the background once writes have
+    /// stopped and reads keep reaching the memtable, so that point reads
+    /// need not search the skiplist. 0 when there is none, or when a write
+    /// has begun since it was built (it is then stale and unused, until the
+    /// memtable is quiet again).
+    pub fn memtable_indexed_keys(&self) -> usize {
+        let view = self.inner.read_state.view();
+        view.active_memtable()
+            .map_or(0, |table| table.indexed_keys())
+    }
+
     /// The database directory.
     pub fn path(&self) -> &Path {
         &self.inner.path

@@ -22,6 +22,10 @@ use crate::proto::{OpKind, Operation};
 use crate::slice::Slice;
 use crate::snapshot_file::bloom;
 
+mod read_index;
+
+use read_index::{Answer, ReadIndexState};
+
 /// A key and the sequence number of one of its versions.
 ///
 /// `prefix` holds the key's first sixteen bytes (zero-padded, big-endian), so
@@ -650,7 +654,12 @@ impl Drop for FinishJob {
 #[must_use = "the versions are inserted only once the apply is finished"]
 pub(crate) struct Apply {
     work: ApplyWork,
+    finished: ApplyFinished,
 }
+
+/// Counts the apply as finished for the memtable's read index (see
+/// [`read_index`]) once every version is in, in [`Apply::finish`].
+struct ApplyFinished(Arc<ReadIndexState>);
 
 enum ApplyWork {
     /// Few versions, prepared at once and inserted by the committing
@@ -676,6 +685,7 @@ impl Apply {
             }
             ApplyWork::Shared(shared) => shared.work_until_inserted(),
         }
+        self.finished.0.apply_finished();
     }
 }
 
@@ -690,6 +700,10 @@ pub(crate) struct Memtable {
     /// sets the bits of the keys it prepares.
     filter: Arc<KeyFilter>,
     approximate_bytes: AtomicUsize,
+    /// A hash index of the newest versions, built once writes go quiet
+    /// (see [`read_index`]), and the apply counts that say whether it is
+    /// current.
+    read_index: Arc<ReadIndexState>,
 }
 
 impl Memtable {
@@ -700,6 +714,7 @@ impl Memtable {
             versions: Arc::new(SkipMap::new()),
             filter: Arc::new(KeyFilter::new(capacity_bytes / ENTRY_OVERHEAD_BYTES)),
             approximate_bytes: AtomicUsize::new(0),
+            read_index: Arc::default(),
         }
     }
 
@@ -736,6 +751,8 @@ impl Memtable {
     /// the readers that can see the versions). A caller that never
     /// publishes them (its WAL write failed) leaves them unseen.
     pub fn start_apply(&self, batches: BatchOps) -> Apply {
+        self.read_index.apply_begun();
+        let finished = ApplyFinished(self.read_index.clone());
         let mut count = 0;
         let mut bytes = 0;
         for (_, ops) in &batches {
@@ -757,6 +774,7 @@ impl Memtable {
                     versions: self.versions.clone(),
                     chunks: prepare_chunks(unprepared),
                 },
+                finished,
             };
         }
         let shared = Arc::new(SharedInserts {
@@ -776,6 +794,7 @@ impl Memtable {
         APPLY_HELPER.try_submit(&shared);
         Apply {
             work: ApplyWork::Shared(shared),
+            finished,
         }
     }
 
@@ -794,6 +813,12 @@ impl Memtable {
         })
     }
 
+    /// Keys in the current read index (see [`read_index`]), or 0 when
+    /// there is none or writes have begun since it was built.
+    pub fn indexed_keys(&self) -> usize {
+        self.read_index.indexed_keys()
+    }
+
     /// Approximate memory held by the entries, in bytes.
     pub fn approximate_bytes(&self) -> usize {
         self.approximate_bytes.load(AtomicOrdering::Relaxed)
@@ -806,6 +831,16 @@ impl Memtable {
         if !self.filter.may_contain(key_hash) {
             return None;
         }
+        match self.read_index.lookup(key, key_hash, snapshot_seq) {
+            Answer::Absent => return None,
+            Answer::Found(value) => return Some(value),
+            Answer::Unknown => self.read_index.note_skiplist_read(&self.versions),
+        }
+        self.search(key, snapshot_seq)
+    }
+
+    /// [`get`](Self::get) by searching the skiplist.
+    fn search(&self, key: &[u8], snapshot_seq: u64) -> Option<Option<Bytes>> {
         let probe = Probe::new(key, snapshot_seq);
         let entry = self
             .versions
@@ -1224,7 +1259,7 @@ mod tests {
 
     use super::*;
 
-    fn put(key: &str, value: &str) -> Operation {
+    pub(super) fn put(key: &str, value: &str) -> Operation {
         Operation {
             kind: OpKind::Put as i32,
             key: Bytes::copy_from_slice(key.as_bytes()),
@@ -1232,7 +1267,7 @@ mod tests {
         }
     }
 
-    fn delete(key: &str) -> Operation {
+    pub(super) fn delete(key: &str) -> Operation {
         Operation {
             kind: OpKind::Delete as i32,
             key: Bytes::copy_from_slice(key.as_bytes()),
