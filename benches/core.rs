@@ -2,7 +2,8 @@
 //! and buffered writes from 8 threads, beside the machine's own fdatasync
 //! rates measured in the same run (the baselines the write figures are
 //! compared with); random and absent point reads and a full scan, served by
-//! the memtable and by a snapshot file; and reopening after a checkpoint
+//! the memtable (random gets with and without its read index) and by a
+//! snapshot file; and reopening after a checkpoint
 //! against replaying the same data from the WAL.
 //!
 //! `cargo bench --bench core`; `MAPSTORE_BENCH_KEYS` sets the number of keys
@@ -14,7 +15,10 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{
+    BatchSize, BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main,
+};
 use mapstore::{Db, Durability, Options, WriteBatch};
 
 const VALUE_BYTES: usize = 100;
@@ -261,13 +265,10 @@ fn memtable_only() -> Options {
         .max_wal_bytes(u64::MAX)
 }
 
-/// Random get, absent get and full scans (forward and reverse) over `db`,
-/// holding keys `0..n`.
-fn read_benches(c: &mut Criterion, group_name: &str, db: &Db, n: u64) {
-    let mut group = c.benchmark_group(group_name);
-    group.throughput(Throughput::Elements(1));
+/// Gets of random keys of `0..n`, all present in `db`.
+fn bench_random_get(group: &mut BenchmarkGroup<'_, WallTime>, name: &str, db: &Db, n: u64) {
     let mut state = 1u64;
-    group.bench_function(format!("random_get_{n}_keys"), |b| {
+    group.bench_function(name, |b| {
         b.iter(|| {
             state = state
                 .wrapping_mul(6364136223846793005)
@@ -276,6 +277,15 @@ fn read_benches(c: &mut Criterion, group_name: &str, db: &Db, n: u64) {
             black_box(db.get(key(i)).unwrap().unwrap());
         })
     });
+}
+
+/// Random get, absent get and full scans (forward and reverse) over `db`,
+/// holding keys `0..n`.
+fn read_benches(c: &mut Criterion, group_name: &str, db: &Db, n: u64) {
+    let mut group = c.benchmark_group(group_name);
+    group.throughput(Throughput::Elements(1));
+    bench_random_get(&mut group, &format!("random_get_{n}_keys"), db, n);
+    let mut state = 1u64;
     group.bench_function("absent_get", |b| {
         b.iter(|| {
             state = state
@@ -317,6 +327,18 @@ fn bench_reads(c: &mut Criterion) {
     let db = Db::open_with(dir.path(), memtable_only()).unwrap();
     load(&db, n);
     read_benches(c, "reads", &db, n);
+    drop(db);
+
+    // The same random gets searching the skiplist: without the read index
+    // the memtable builds once reads go on with no write between them
+    // (which the gets above are served from, after criterion's warm-up).
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_with(dir.path(), memtable_only().memtable_read_index(false)).unwrap();
+    load(&db, n);
+    let mut group = c.benchmark_group("reads");
+    group.throughput(Throughput::Elements(1));
+    bench_random_get(&mut group, &format!("random_get_{n}_keys_skiplist"), &db, n);
+    group.finish();
 }
 
 /// The same reads served by one snapshot file (after a compaction the

@@ -232,11 +232,15 @@ struct WrittenGroup {
     apply: Apply,
 }
 
-/// When the active memtable is frozen for a checkpoint.
+/// When the active memtable is frozen for a checkpoint, and how the next
+/// one is made.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct FreezeLimits {
     pub memtable_bytes: usize,
     pub wal_bytes: u64,
+    /// Whether new memtables build a read index when quiet
+    /// ([`Options::memtable_read_index`](crate::Options::memtable_read_index)).
+    pub memtable_read_index: bool,
 }
 
 /// Orders commits, writes them to the WAL and applies them.
@@ -710,7 +714,10 @@ impl CommitPipeline {
             self.storage.wait_for_room()?;
         }
         let wal_start_segment = leader.wal.rotate()?;
-        let fresh = Arc::new(Memtable::new(self.limits.memtable_bytes));
+        let fresh = Arc::new(Memtable::with_read_index(
+            self.limits.memtable_bytes,
+            self.limits.memtable_read_index,
+        ));
         self.read_state.edit(|view| {
             let mut sources = Vec::with_capacity(view.sources.len() + 1);
             sources.push(Source::Memtable(fresh));

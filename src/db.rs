@@ -114,7 +114,10 @@ impl Db {
         let recovered = recovery::recover(&fs, &path, options.recovery_mode)?;
         // Writes go to a fresh memtable; what the replay recovered waits
         // behind it for its checkpoint, like a frozen memtable.
-        let memtable = Arc::new(Memtable::new(options.memtable_size));
+        let memtable = Arc::new(Memtable::with_read_index(
+            options.memtable_size,
+            options.memtable_read_index,
+        ));
         let mut sources = vec![Source::Memtable(memtable)];
         let replayed = (!recovered.replayed.is_empty()).then(|| Arc::new(recovered.replayed));
         if let Some(run) = &replayed {
@@ -176,6 +179,7 @@ impl Db {
             FreezeLimits {
                 memtable_bytes: options.memtable_size,
                 wal_bytes: options.max_wal_bytes,
+                memtable_read_index: options.memtable_read_index,
             },
         );
         Ok(Db {

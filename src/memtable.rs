@@ -6,6 +6,10 @@
 //! first. A reader at snapshot `s` takes, for each key, the first version
 //! with a sequence number at or below `s`. A removal is a version too (a
 //! tombstone), so that it hides older versions from newer readers only.
+//!
+//! Once writes to a memtable go quiet while reads keep reaching it, a
+//! background thread builds a hash index of each key's newest version
+//! ([`read_index`]), which point reads use until the next write begins.
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
@@ -707,14 +711,21 @@ pub(crate) struct Memtable {
 }
 
 impl Memtable {
-    /// An empty memtable whose key filter is sized for a memtable of
-    /// `capacity_bytes` (the freeze limit).
+    /// An empty memtable that builds a read index when quiet.
+    #[cfg(test)]
     pub fn new(capacity_bytes: usize) -> Memtable {
+        Memtable::with_read_index(capacity_bytes, true)
+    }
+
+    /// An empty memtable whose key filter is sized for a memtable of
+    /// `capacity_bytes` (the freeze limit), and which builds a read index
+    /// when quiet (see [`read_index`]) only if `read_index` is true.
+    pub fn with_read_index(capacity_bytes: usize, read_index: bool) -> Memtable {
         Memtable {
             versions: Arc::new(SkipMap::new()),
             filter: Arc::new(KeyFilter::new(capacity_bytes / ENTRY_OVERHEAD_BYTES)),
             approximate_bytes: AtomicUsize::new(0),
-            read_index: Arc::default(),
+            read_index: Arc::new(ReadIndexState::new(read_index)),
         }
     }
 

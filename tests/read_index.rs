@@ -156,3 +156,26 @@ fn readers_see_whole_batches_in_order_while_indexes_come_and_go() {
         assert_eq!(&db.get(key(i)).unwrap().unwrap()[..], &ROUNDS.to_be_bytes());
     }
 }
+
+#[test]
+fn no_index_is_built_when_the_option_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = small_options(Durability::Buffered).memtable_read_index(false);
+    let db = Db::open_with(dir.path(), options).unwrap();
+    let mut batch = WriteBatch::new();
+    for i in 0..2000 {
+        batch.insert(key(i), format!("v{i}"));
+    }
+    db.write(batch).unwrap();
+    // Far more quiet reads than would start a build with the option on.
+    for _ in 0..20 {
+        for i in 0..2000 {
+            assert_eq!(
+                &db.get(key(i)).unwrap().unwrap()[..],
+                format!("v{i}").as_bytes()
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(db.memtable_indexed_keys(), 0);
+}

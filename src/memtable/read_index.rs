@@ -72,8 +72,9 @@ pub(super) enum Answer {
 /// One memtable's apply counts, its current index (if any) and what
 /// decides when to build the next one. Shared with the thread that
 /// builds.
-#[derive(Default)]
 pub(super) struct ReadIndexState {
+    /// Whether indexes are built at all.
+    enabled: bool,
     /// Applies begun, counted before their first insert.
     applies_begun: AtomicU64,
     /// Applies finished, counted after their last insert.
@@ -101,6 +102,7 @@ struct QuietWatch {
 impl std::fmt::Debug for ReadIndexState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadIndexState")
+            .field("enabled", &self.enabled)
             .field("applies_begun", &self.applies_begun)
             .field("applies_finished", &self.applies_finished)
             .field("index_stamp", &self.index_stamp)
@@ -114,6 +116,19 @@ thread_local! {
 }
 
 impl ReadIndexState {
+    /// The state of a memtable that builds indexes when quiet only if
+    /// `enabled`.
+    pub fn new(enabled: bool) -> ReadIndexState {
+        ReadIndexState {
+            enabled,
+            applies_begun: AtomicU64::new(0),
+            applies_finished: AtomicU64::new(0),
+            index_stamp: AtomicU64::new(0),
+            index: RwLock::new(None),
+            quiet: Mutex::new(QuietWatch::default()),
+        }
+    }
+
     /// Counts an apply as begun. Call before its first insert.
     pub fn apply_begun(&self) {
         self.applies_begun.fetch_add(1, Ordering::SeqCst);
@@ -158,6 +173,9 @@ impl ReadIndexState {
     /// memtable has been quiet long enough to build an index, and if so
     /// starts a thread that builds it.
     pub fn note_skiplist_read(self: &Arc<Self>, versions: &Arc<VersionMap>) {
+        if !self.enabled {
+            return;
+        }
         let due = READS_SINCE_CHECK.with(|reads| {
             let count = reads.get() + 1;
             reads.set(if count >= READS_PER_CHECK { 0 } else { count });
