@@ -142,8 +142,9 @@ impl ReadIndexState {
     /// What the current index says of `key` (whose [`bloom::key_hash`] is
     /// `key_hash`) at `snapshot_seq`.
     pub fn lookup(&self, key: &[u8], key_hash: u64, snapshot_seq: u64) -> Answer {
-        // Acquire: pairs with the begun count of every apply whose
-        // versions the caller's snapshot includes (see the module docs).
+        // At least acquire: this load must see the begun count of every
+        // apply whose versions the caller's snapshot includes (see the
+        // module docs).
         let begun = self.applies_begun.load(Ordering::SeqCst);
         if self.index_stamp.load(Ordering::Acquire) != begun + 1 {
             return Answer::Unknown;
@@ -261,6 +262,8 @@ impl ReadIndexState {
                 value: entry.value().clone(),
             });
         }
+        // Sized for every version; a key with several keeps one.
+        entries.shrink_to_fit();
         after_walk();
         let index = ReadIndex::new(begun, entries)?;
         // An apply that began during the walk may have inserted versions
