@@ -15,8 +15,8 @@
 //!
 //! # When it is built
 //!
-//! Building costs about as much as a few hundred nanoseconds per key; a
-//! read it serves saves over a microsecond. So an index is built once the
+//! A build costs a few hundred nanoseconds per version walked; a read
+//! the index serves saves over a microsecond. So an index is built once the
 //! memtable has served, with no write begun in between, a number of
 //! skiplist reads at least an eighth of its versions (and at least
 //! [`MIN_QUIET_READS`]). A workload whose writes keep coming between reads
@@ -289,7 +289,7 @@ struct ReadIndex {
     entries: Vec<IndexedVersion>,
 }
 
-/// About 96 bytes per key: 80 here (the key and value are shared with the
+/// 88 to 96 bytes per key: 80 here (the key and value are shared with the
 /// skiplist, not copied) and two to four 4-byte slots.
 struct IndexedVersion {
     key_hash: u64,
