@@ -1,5 +1,6 @@
 //! The engine against a `BTreeMap` model: long random sequences of inserts,
-//! removals, batches, snapshots, scans and reopens must give the same answers.
+//! removals, batches, snapshots, scans and reopens must give the same answers,
+//! including in quiet read phases, where the memtable builds its read index.
 //!
 //! Seeded and reproducible: `MAPSTORE_MODEL_SEED` picks the first seed,
 //! `MAPSTORE_MODEL_SEEDS` how many seeds run, `MAPSTORE_MODEL_OPS` the
@@ -101,10 +102,50 @@ fn check_range(db_snapshot: &Snapshot, model: &Model, rng: &mut Rng, context: &s
     );
 }
 
+/// Point reads of every key until the memtable's read index is built (it
+/// is, once enough reads reach the memtable with no write between them)
+/// or 10,000 reads are done; then every key, at the newest snapshot and at
+/// each held one, read through the index where it has one. Returns
+/// whether an index was built.
+fn check_quiet_reads(
+    db: &Db,
+    model: &Model,
+    snapshots: &[(Snapshot, Model)],
+    context: &str,
+) -> bool {
+    let mut reads = 0;
+    while db.memtable_indexed_keys() == 0 && reads < 10_000 && !model.is_empty() {
+        for key in model.keys() {
+            db.get(key).unwrap();
+        }
+        reads += model.len();
+    }
+    let indexed = db.memtable_indexed_keys() > 0;
+    for (key, value) in model {
+        assert_eq!(
+            db.get(key).unwrap().as_deref(),
+            Some(&value[..]),
+            "{context}: quiet get {key:?}"
+        );
+    }
+    for (snapshot, old_model) in snapshots {
+        for key in model.keys().chain(old_model.keys()) {
+            assert_eq!(
+                snapshot.get(key).unwrap().as_deref(),
+                old_model.get(key).map(|v| &v[..]),
+                "{context}: quiet get {key:?} in an old snapshot"
+            );
+        }
+    }
+    indexed
+}
+
 /// Runs one seeded sequence. With `checkpoints`, the memtable limit is tiny,
 /// so background checkpoints and merges run many times, and the sequence
 /// also asks for them explicitly.
-fn run_seed(seed: u64, ops: u64, checkpoints: bool) {
+/// Returns how many of its quiet read phases ([`check_quiet_reads`]) had
+/// the memtable build a read index.
+fn run_seed(seed: u64, ops: u64, checkpoints: bool) -> usize {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     let mut rng = Rng::new(seed);
@@ -126,6 +167,7 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) {
     let mut last_seq = 0;
     // Background work done across reopens: (checkpoints, merges).
     let mut work = (0, 0);
+    let mut indexed_phases = 0;
     for step in 0..ops {
         let context = format!("seed {seed} step {step}");
         match rng.below(100) {
@@ -169,6 +211,10 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) {
                     "{context}: get {key:?}"
                 );
                 assert_eq!(db.contains_key(&key).unwrap(), model.contains_key(&key));
+                if rng.chance(3) {
+                    indexed_phases +=
+                        usize::from(check_quiet_reads(&db, &model, &snapshots, &context));
+                }
             }
             80..=87 => check_range(&db.snapshot(), &model, &mut rng, &context),
             88..=92 => {
@@ -261,6 +307,7 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) {
             "seed {seed}: snapshot at the end"
         );
     }
+    indexed_phases
 }
 
 /// Runs the seeds chosen by the environment (`MAPSTORE_MODEL_SEED`,
@@ -269,9 +316,17 @@ fn run_seeds(checkpoints: bool) {
     let first = env_u64("MAPSTORE_MODEL_SEED", 1);
     let seeds = env_u64("MAPSTORE_MODEL_SEEDS", 6);
     let ops = env_u64("MAPSTORE_MODEL_OPS", 1500);
+    let mut indexed_phases = 0;
     for seed in first..first + seeds {
-        run_seed(seed, ops, checkpoints);
+        indexed_phases += run_seed(seed, ops, checkpoints);
     }
+    // With the default memtable size every write since the last reopen is
+    // in the memtable, so some quiet phases must have read through an
+    // index. (With a tiny memtable, checkpoints empty it too often.)
+    if !checkpoints && ops >= 1000 {
+        assert!(indexed_phases > 0, "no quiet read phase built a read index");
+    }
+    eprintln!("quiet read phases with a read index: {indexed_phases}");
 }
 
 #[test]
