@@ -50,7 +50,7 @@ use crate::snapshot_file::bloom;
 /// Quiet skiplist reads an index needs before it is built, however small
 /// the memtable: below this, a build's thread start and table cost more
 /// than the reads it could speed up.
-pub(super) const MIN_QUIET_READS: u64 = 1024;
+const MIN_QUIET_READS: u64 = 1024;
 
 /// A thread checks whether the memtable is quiet on one skiplist read in
 /// this many, so that most reads touch no shared counter.
@@ -228,7 +228,11 @@ impl ReadIndexState {
     pub(super) fn build_and_install(&self, versions: &VersionMap) {
         if let Some(index) = self.build(versions, || ()) {
             let stamp = index.built_at + 1;
-            let mut slot = self.index.write().unwrap_or_else(|e| e.into_inner());
+            // As for `lock`: the write only replaces an `Arc`.
+            let mut slot = self
+                .index
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             *slot = Some(Arc::new(index));
             self.index_stamp.store(stamp, Ordering::Release);
         }
@@ -273,6 +277,8 @@ impl ReadIndexState {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The critical sections here set a flag, add to a count or replace an
+    // `Arc`: a panic in one cannot leave the state half-changed.
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
