@@ -658,12 +658,10 @@ impl Drop for FinishJob {
 #[must_use = "the versions are inserted only once the apply is finished"]
 pub(crate) struct Apply {
     work: ApplyWork,
-    finished: ApplyFinished,
+    /// Where [`Apply::finish`] counts the apply as finished once every
+    /// version is in (see [`read_index`]).
+    read_index: Arc<ReadIndexState>,
 }
-
-/// Counts the apply as finished for the memtable's read index (see
-/// [`read_index`]) once every version is in, in [`Apply::finish`].
-struct ApplyFinished(Arc<ReadIndexState>);
 
 enum ApplyWork {
     /// Few versions, prepared at once and inserted by the committing
@@ -689,7 +687,7 @@ impl Apply {
             }
             ApplyWork::Shared(shared) => shared.work_until_inserted(),
         }
-        self.finished.0.apply_finished();
+        self.read_index.apply_finished();
     }
 }
 
@@ -763,7 +761,7 @@ impl Memtable {
     /// publishes them (its WAL write failed) leaves them unseen.
     pub fn start_apply(&self, batches: BatchOps) -> Apply {
         self.read_index.apply_begun();
-        let finished = ApplyFinished(self.read_index.clone());
+        let read_index = self.read_index.clone();
         let mut count = 0;
         let mut bytes = 0;
         for (_, ops) in &batches {
@@ -785,7 +783,7 @@ impl Memtable {
                     versions: self.versions.clone(),
                     chunks: prepare_chunks(unprepared),
                 },
-                finished,
+                read_index,
             };
         }
         let shared = Arc::new(SharedInserts {
@@ -805,7 +803,7 @@ impl Memtable {
         APPLY_HELPER.try_submit(&shared);
         Apply {
             work: ApplyWork::Shared(shared),
-            finished,
+            read_index,
         }
     }
 

@@ -183,13 +183,13 @@ impl ReadIndexState {
             count >= READS_PER_CHECK
         });
         if due {
-            self.check_quiet(versions, u64::from(READS_PER_CHECK));
+            self.check_quiet(versions);
         }
     }
 
-    /// Adds `reads` skiplist reads to the quiet watch and starts a build
-    /// if the memtable has been quiet for long enough.
-    fn check_quiet(self: &Arc<Self>, versions: &Arc<VersionMap>, reads: u64) {
+    /// Adds [`READS_PER_CHECK`] skiplist reads to the quiet watch and
+    /// starts a build if the memtable has been quiet for long enough.
+    fn check_quiet(self: &Arc<Self>, versions: &Arc<VersionMap>) {
         let begun = self.applies_begun.load(Ordering::SeqCst);
         let mut quiet = lock(&self.quiet);
         if quiet.building {
@@ -200,7 +200,7 @@ impl ReadIndexState {
             quiet.quiet_reads = 0;
             return;
         }
-        quiet.quiet_reads += reads;
+        quiet.quiet_reads += u64::from(READS_PER_CHECK);
         let needed = (versions.len() as u64 / 8).max(MIN_QUIET_READS);
         if quiet.quiet_reads < needed
             || self.applies_finished.load(Ordering::SeqCst) != begun
@@ -336,10 +336,10 @@ impl ReadIndex {
             let Some(&slot) = self.slots.get(at) else {
                 return Answer::Unknown;
             };
-            let Some(entry) = (slot as usize).checked_sub(1).map(|i| self.entries.get(i)) else {
+            if slot == 0 {
                 return Answer::Absent;
-            };
-            let Some(entry) = entry else {
+            }
+            let Some(entry) = self.entries.get(slot as usize - 1) else {
                 return Answer::Unknown;
             };
             if entry.key_hash == key_hash && entry.key == key {
