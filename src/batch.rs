@@ -7,6 +7,7 @@ use bytes::Bytes;
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
+use crate::condition::Condition;
 use crate::error::{Error, Result};
 use crate::proto::{BatchRecord, OpKind, Operation};
 
@@ -64,6 +65,26 @@ struct OpSpan {
 /// each of the key and the value. ([`WriteBatch::with_capacity`] reserves
 /// this much per operation.)
 const OP_FRAMING_BYTES: usize = 1 + 2 + 2 + 2 + 3;
+
+/// The encoded length of an operation's fields (kind, key, value).
+fn op_fields_len(key_len: usize, value_len: usize) -> usize {
+    let field_len = |len: usize| {
+        if len == 0 {
+            0
+        } else {
+            1 + encoded_len_varint(len as u64) + len
+        }
+    };
+    // Field 1, the kind: one tag byte and a one-byte varint.
+    2 + field_len(key_len) + field_len(value_len)
+}
+
+/// How many bytes an operation with a key and value of these lengths adds
+/// to a batch's encoding (what [`MAX_BATCH_BYTES`] limits).
+pub(crate) fn encoded_op_len(key_len: usize, value_len: usize) -> usize {
+    let op_len = op_fields_len(key_len, value_len);
+    1 + encoded_len_varint(op_len as u64) + op_len
+}
 
 /// A key or value too long for the format, with its length.
 #[derive(Clone, Copy, Debug)]
@@ -146,15 +167,7 @@ impl WriteBatch {
                 self.over_limit = Some(OverLimit::Value(value.len()));
             }
         }
-        let field_len = |bytes: &[u8]| {
-            if bytes.is_empty() {
-                0
-            } else {
-                1 + encoded_len_varint(bytes.len() as u64) + bytes.len()
-            }
-        };
-        // Field 1, the kind: one tag byte and a one-byte varint.
-        let op_len = 2 + field_len(key) + field_len(value);
+        let op_len = op_fields_len(key.len(), value.len());
         self.body
             .reserve(1 + encoded_len_varint(op_len as u64) + op_len);
         encode_key(2, WireType::LengthDelimited, &mut self.body);
@@ -217,7 +230,11 @@ impl WriteBatch {
                 value: body.slice(span.value),
             })
             .collect();
-        Ok(SealedBatch { ops, body })
+        Ok(SealedBatch {
+            ops,
+            body,
+            conditions: Vec::new(),
+        })
     }
 }
 
@@ -228,6 +245,9 @@ pub(crate) struct SealedBatch {
     pub ops: Vec<Operation>,
     /// The encoded `ops` field of the record.
     pub body: Bytes,
+    /// What the database must look like for the batch to commit, checked
+    /// by the commit leader in commit order; empty for a plain write.
+    pub conditions: Vec<Condition>,
 }
 
 /// Encodes the `first_seq` field alone; concatenated with a sealed body it
@@ -379,6 +399,15 @@ mod tests {
         assert_eq!(sealed.ops, expected.ops);
         let decoded = BatchRecord::decode(sealed.body.clone()).unwrap();
         assert_eq!(sealed.ops, decoded.ops);
+    }
+
+    #[test]
+    fn encoded_op_len_is_what_an_operation_adds() {
+        for (key_len, value_len) in [(0, 0), (1, 0), (16, 100), (127, 128), (300, 20_000)] {
+            let mut batch = WriteBatch::new();
+            batch.insert(vec![1u8; key_len], vec![2u8; value_len]);
+            assert_eq!(batch.body.len(), encoded_op_len(key_len, value_len));
+        }
     }
 
     #[test]

@@ -60,8 +60,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use crate::batch::{SealedBatch, encode_seq_prefix};
 use crate::checkpoint::{FrozenContent, FrozenMemtable, Storage};
+use crate::condition::GroupCheck;
 use crate::error::{Error, Result};
 use crate::memtable::{Apply, Memtable};
 use crate::read::{ReadState, ReadView, Source};
@@ -219,8 +222,9 @@ struct LeaderState {
 struct WrittenGroup {
     /// The memtable that was active when the group was written.
     memtable: Arc<Memtable>,
-    /// Each batch's last sequence number (what its writer is told).
-    lasts: Vec<u64>,
+    /// Each batch's outcome (what its writer is told): the sequence number
+    /// of its last operation, or why its conditions refused it.
+    outcomes: Vec<Result<u64>>,
     /// The group's first and last sequence numbers.
     first_seq: u64,
     last_seq: u64,
@@ -228,8 +232,10 @@ struct WrittenGroup {
     wal_full: bool,
     /// Whether the group's write ended in an fsync.
     synced: bool,
-    /// The group's insert into `memtable`, begun before its WAL write.
-    apply: Apply,
+    /// The group's insert into `memtable`, begun before its WAL write;
+    /// `None` when every batch of the group was refused, so that nothing
+    /// was written.
+    apply: Option<Apply>,
 }
 
 /// When the active memtable is frozen for a checkpoint, and how the next
@@ -310,7 +316,7 @@ impl CommitPipeline {
         self.storage.check_healthy()?;
         let mut queue = lock(&self.queue);
         check_open(&queue)?;
-        if batch.ops.is_empty() {
+        if batch.ops.is_empty() && batch.conditions.is_empty() {
             // Nothing to write: the batch is trivially applied.
             return Ok(self.read_state.visible_seq());
         }
@@ -426,12 +432,14 @@ impl CommitPipeline {
             Ok(written) => {
                 #[cfg(test)]
                 std::thread::sleep(tests::PAUSE_BEFORE_APPLY.get());
-                written.apply.finish();
-                // Every batch of the group is applied: once every earlier
-                // group is too, readers may see them.
-                self.publish_in_order(written.first_seq, written.last_seq);
-                for (pending, last) in group.iter().zip(&written.lasts) {
-                    pending.slot.set(Ok(*last));
+                if let Some(apply) = written.apply {
+                    apply.finish();
+                    // Every batch of the group is applied: once every
+                    // earlier group is too, readers may see them.
+                    self.publish_in_order(written.first_seq, written.last_seq);
+                }
+                for (pending, outcome) in group.iter().zip(written.outcomes) {
+                    pending.slot.set(outcome);
                 }
                 self.wake_others(&group, own);
                 // The group is durable and visible; a failed freeze only
@@ -573,20 +581,58 @@ impl CommitPipeline {
                 cause: "no active memtable".into(),
             })?;
         let mut next_seq = leader.next_seq;
-        let mut lasts = Vec::with_capacity(group.len());
-        let mut prefixes = Vec::with_capacity(group.len());
+        // Conditions are checked against every commit before them: the
+        // groups written before this one must be applied and published
+        // first (a plain group skips this wait, and overlaps its WAL write
+        // with the last group's apply).
+        let mut check = group
+            .iter()
+            .any(|pending| !pending.batch.conditions.is_empty())
+            .then(|| {
+                self.wait_until_published(next_seq - 1);
+                GroupCheck::new(self.read_state.unregistered_snapshot())
+            });
+        let mut outcomes = Vec::with_capacity(group.len());
+        // The WAL records: each batch's encoded first_seq and its body.
+        let mut records: Vec<(Vec<u8>, Bytes)> = Vec::with_capacity(group.len());
+        // Whether a batch that is written asked for an fsync.
+        let mut sync = false;
         // The operations' keys and values go to the memtable; the WAL
         // record is the encoded body, which stays.
         let mut batches = Vec::with_capacity(group.len());
         for pending in group.iter_mut() {
-            prefixes.push(encode_seq_prefix(next_seq));
+            if let Some(check) = &mut check {
+                if let Err(refused) = check.check(&pending.batch.conditions) {
+                    outcomes.push(Err(refused));
+                    continue;
+                }
+                check.record(next_seq, &pending.batch.ops);
+            }
             let ops = std::mem::take(&mut pending.batch.ops);
             let count = ops.len() as u64;
-            // A queued batch has at least one operation (empty ones return
-            // before they are queued).
-            lasts.push(next_seq + count - 1);
+            // Only a conditional batch may have no operation (a plain
+            // empty one returns before it is queued): it passed, and
+            // writes nothing.
+            outcomes.push(Ok(next_seq + count - 1));
+            if count == 0 {
+                continue;
+            }
+            records.push((encode_seq_prefix(next_seq), pending.batch.body.clone()));
+            sync |= pending.sync;
             batches.push((next_seq, ops));
             next_seq += count;
+        }
+        if batches.is_empty() {
+            // Every batch was refused (or wrote nothing): no WAL write.
+            return Ok(WrittenGroup {
+                memtable,
+                outcomes,
+                first_seq: next_seq,
+                last_seq: next_seq - 1,
+                wal_full: false,
+                synced: false,
+                apply: None,
+            });
         }
         // The memtable insert starts before the WAL write: a large group is
         // handed to the helper thread as it is, which prepares (sorts) and
@@ -596,12 +642,11 @@ impl CommitPipeline {
         // published, after its fsync; if the write fails, never. (A freeze
         // after a failure is refused, so they never reach a file either.)
         let apply = memtable.start_apply(batches);
-        let records: Vec<[&[u8]; 2]> = prefixes
+        let commits = records.len() as u64;
+        let records: Vec<[&[u8]; 2]> = records
             .iter()
-            .zip(&*group)
-            .map(|(prefix, pending)| [&prefix[..], &pending.batch.body[..]])
+            .map(|(prefix, body)| [&prefix[..], &body[..]])
             .collect();
-        let sync = group.iter().any(|pending| pending.sync);
         if let Err(error) = leader.wal.append_group(&records, sync) {
             leader.failure = Some(error.to_string());
             apply.finish();
@@ -610,19 +655,18 @@ impl CommitPipeline {
         let first_seq = leader.next_seq;
         leader.next_seq = next_seq;
         self.groups.fetch_add(1, Ordering::Relaxed);
-        self.commits
-            .fetch_add(group.len() as u64, Ordering::Relaxed);
+        self.commits.fetch_add(commits, Ordering::Relaxed);
         if sync {
             self.wal_syncs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(WrittenGroup {
             memtable,
-            lasts,
+            outcomes,
             first_seq,
             last_seq: next_seq - 1,
             wal_full: leader.wal.bytes_since_rotation() >= self.limits.wal_bytes,
             synced: sync,
-            apply,
+            apply: Some(apply),
         })
     }
 

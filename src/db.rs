@@ -7,9 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+
 use crate::batch::WriteBatch;
 use crate::checkpoint::{CheckpointStats, FrozenContent, FrozenMemtable, Storage, StorageConfig};
 use crate::commit::{CommitPipeline, CommitStats, FreezeLimits};
+use crate::condition::Condition;
 use crate::error::{Error, Result};
 use crate::files;
 use crate::io::{FileLock, FileSystem};
@@ -18,6 +21,7 @@ use crate::options::{Durability, Options, RecoveryMode};
 use crate::read::{Iter, ReadState, ReadView, Snapshot, Source};
 use crate::recovery::{self, RecoveryReport};
 use crate::slice::Slice;
+use crate::transaction::{Isolation, MAX_TRANSACT_ATTEMPTS, Transaction};
 use crate::wal::recycle::RecycledSegments;
 use crate::wal::writer::{WalConfig, WalWriter};
 
@@ -262,6 +266,235 @@ impl Db {
         Ok(self.get(key)?.is_some())
     }
 
+    /// The value of `key` and its version, if present: the version is the
+    /// sequence number of the commit that wrote it (stable across
+    /// checkpoints, merges and reopening), what
+    /// [`compare_and_swap`](Db::compare_and_swap) expects.
+    ///
+    /// # Errors
+    /// As [`get`](Db::get).
+    pub fn get_versioned(&self, key: impl AsRef<[u8]>) -> Result<Option<(Slice, u64)>> {
+        self.check_open()?;
+        self.inner
+            .read_state
+            .unregistered_snapshot()
+            .get_versioned(key)
+    }
+
+    /// Stores `value` under `key` if the key is absent, and returns `None`;
+    /// if it is present, changes nothing and returns its value (Go's
+    /// `sync.Map.LoadOrStore`). Of many threads racing to insert one key,
+    /// exactly one stores its value and the others all get that value.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), mapstore::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let db = mapstore::Db::open(dir.path())?;
+    /// assert_eq!(db.insert_if_absent("k", "first")?, None);
+    /// assert_eq!(db.insert_if_absent("k", "second")?.as_deref(), Some(&b"first"[..]));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`insert`](Db::insert).
+    pub fn insert_if_absent(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<Option<Slice>> {
+        let key = key.as_ref();
+        let mut batch = WriteBatch::new();
+        batch.insert(key, value);
+        loop {
+            match self.commit_conditional(batch.clone(), vec![expect_version(key, None)]) {
+                Ok(_) => return Ok(None),
+                Err(Error::Conflict { .. }) => {
+                    if let Some(present) = self.get(key)? {
+                        return Ok(Some(present));
+                    }
+                    // Removed since the check refused the insert: try again.
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Sets `key` to `value` if the key's version is `expected` (`None`:
+    /// the key is absent); returns the commit's sequence number, the key's
+    /// new version. The check and the write are one step in commit order,
+    /// so concurrent swaps of one key from one version succeed exactly once.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), mapstore::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let db = mapstore::Db::open(dir.path())?;
+    /// let v1 = db.compare_and_swap("counter", None, "1")?;
+    /// let v2 = db.compare_and_swap("counter", Some(v1), "2")?;
+    /// // A stale version is refused, and nothing is written.
+    /// let stale = db.compare_and_swap("counter", Some(v1), "3");
+    /// assert!(matches!(stale, Err(mapstore::Error::Conflict { version: Some(v), .. }) if v == v2));
+    /// assert_eq!(db.get("counter")?.as_deref(), Some(&b"2"[..]));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] with the key's current version if it is not
+    /// `expected` (nothing is written); otherwise as [`insert`](Db::insert).
+    pub fn compare_and_swap(
+        &self,
+        key: impl AsRef<[u8]>,
+        expected: Option<u64>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<u64> {
+        let key = key.as_ref();
+        let mut batch = WriteBatch::new();
+        batch.insert(key, value);
+        self.commit_conditional(batch, vec![expect_version(key, expected)])
+    }
+
+    /// Removes `key` if its version is `expected`; returns the commit's
+    /// sequence number.
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] with the key's current version (`None` if it is
+    /// absent) if it is not `expected`; otherwise as [`insert`](Db::insert).
+    pub fn compare_and_remove(&self, key: impl AsRef<[u8]>, expected: u64) -> Result<u64> {
+        let key = key.as_ref();
+        let mut batch = WriteBatch::new();
+        batch.remove(key);
+        self.commit_conditional(batch, vec![expect_version(key, Some(expected))])
+    }
+
+    /// Reads `key`, calls `change` with its value (`None`: absent), and
+    /// stores what `change` returns (`None`: removes the key), as one
+    /// compare-and-swap on the version read; on a conflict it reads again
+    /// and calls `change` again, until a swap succeeds. Returns the commit's
+    /// sequence number, or, when the key is absent and `change` returns
+    /// `None` (nothing to write), the sequence number it read at.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), mapstore::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let db = mapstore::Db::open(dir.path())?;
+    /// let increment = |old: Option<&[u8]>| {
+    ///     let n: u64 = old.map_or(0, |v| std::str::from_utf8(v).unwrap().parse().unwrap());
+    ///     Some((n + 1).to_string().into_bytes())
+    /// };
+    /// db.update("hits", increment)?;
+    /// db.update("hits", increment)?;
+    /// assert_eq!(db.get("hits")?.as_deref(), Some(&b"2"[..]));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`insert`](Db::insert); never [`Error::Conflict`].
+    pub fn update<F>(&self, key: impl AsRef<[u8]>, mut change: F) -> Result<u64>
+    where
+        F: FnMut(Option<&[u8]>) -> Option<Vec<u8>>,
+    {
+        let key = key.as_ref();
+        loop {
+            self.check_open()?;
+            let snapshot = self.inner.read_state.unregistered_snapshot();
+            let current = snapshot.get_versioned(key)?;
+            let version = current.as_ref().map(|(_, version)| *version);
+            let changed = change(current.as_ref().map(|(value, _)| &value[..]));
+            let mut batch = WriteBatch::new();
+            match (changed, version) {
+                (Some(value), _) => batch.insert(key, value),
+                (None, Some(_)) => batch.remove(key),
+                (None, None) => return Ok(snapshot.seq()),
+            }
+            match self.commit_conditional(batch, vec![expect_version(key, version)]) {
+                Err(Error::Conflict { .. }) => continue,
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// Begins an optimistic transaction under snapshot isolation (see
+    /// [`Transaction`] and [`Isolation`]).
+    pub fn transaction(&self) -> Transaction {
+        self.transaction_with(Isolation::Snapshot)
+    }
+
+    /// Begins an optimistic transaction under `isolation`.
+    pub fn transaction_with(&self, isolation: Isolation) -> Transaction {
+        Transaction::new(self.clone(), self.snapshot(), isolation)
+    }
+
+    /// Runs `body` in a snapshot-isolation transaction and commits it; on
+    /// [`Error::Conflict`] (from the commit, or returned by `body`) runs it
+    /// again in a new transaction, up to [`MAX_TRANSACT_ATTEMPTS`] times in
+    /// all. Returns what `body` returned in the run that committed.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), mapstore::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let db = mapstore::Db::open(dir.path())?;
+    /// db.insert("a", "10")?;
+    /// let moved = db.transact(|tx| {
+    ///     let a = tx.get("a")?.map_or(0, |v| v[0] - b'0');
+    ///     tx.insert("a", "0")?;
+    ///     tx.insert("b", [b'0' + a])?;
+    ///     Ok(a)
+    /// })?;
+    /// assert_eq!(moved, 1);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Whatever `body` returns other than a conflict, at once; the last
+    /// [`Error::Conflict`] after [`MAX_TRANSACT_ATTEMPTS`] refused runs;
+    /// otherwise as [`Transaction::commit`].
+    pub fn transact<T, F>(&self, body: F) -> Result<T>
+    where
+        F: FnMut(&mut Transaction) -> Result<T>,
+    {
+        self.transact_with(Isolation::Snapshot, body)
+    }
+
+    /// [`transact`](Db::transact) under `isolation`.
+    ///
+    /// # Errors
+    /// As [`transact`](Db::transact).
+    pub fn transact_with<T, F>(&self, isolation: Isolation, mut body: F) -> Result<T>
+    where
+        F: FnMut(&mut Transaction) -> Result<T>,
+    {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mut transaction = self.transaction_with(isolation);
+            let outcome = body(&mut transaction).and_then(|output| {
+                transaction.commit()?;
+                Ok(output)
+            });
+            match outcome {
+                Err(error) if error.is_conflict() && attempts < MAX_TRANSACT_ATTEMPTS => {
+                    // Let the commit that won run on before trying again.
+                    std::thread::yield_now();
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// Commits `batch` if every one of `conditions` holds when its turn
+    /// comes in the commit order; else [`Error::Conflict`], and nothing is
+    /// written.
+    pub(crate) fn commit_conditional(
+        &self,
+        batch: WriteBatch,
+        conditions: Vec<Condition>,
+    ) -> Result<u64> {
+        let mut sealed = batch.seal()?;
+        sealed.conditions = conditions;
+        self.inner
+            .pipeline
+            .commit(sealed, self.inner.options.durability == Durability::Sync)
+    }
+
     /// A point-in-time view of everything committed so far.
     pub fn snapshot(&self) -> Snapshot {
         self.inner.read_state.snapshot()
@@ -375,6 +608,14 @@ impl Db {
     }
 }
 
+/// The condition "`key`'s version is `expected`" (`None`: absent).
+fn expect_version(key: &[u8], expected: Option<u64>) -> Condition {
+    Condition::VersionIs {
+        key: Bytes::copy_from_slice(key),
+        expected,
+    }
+}
+
 impl DbInner {
     fn close(&self) -> Result<()> {
         let mut lock = self
@@ -417,4 +658,5 @@ const _: () = {
     assert_send_sync::<Db>();
     assert_send_sync::<Snapshot>();
     assert_send_sync::<Iter>();
+    assert_send_sync::<Transaction>();
 };

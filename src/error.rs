@@ -93,6 +93,22 @@ pub enum Error {
         /// The failure that stopped writes.
         cause: String,
     },
+    /// A conditional write or a transaction was refused because the
+    /// database no longer matches what it expected: a
+    /// [`compare_and_swap`](crate::Db::compare_and_swap) whose key has
+    /// another version, an [`insert_if_absent`](crate::Db::insert_if_absent)
+    /// whose key is present, or a [`Transaction`](crate::Transaction) whose
+    /// keys (or, under [`Isolation::Serializable`](crate::Isolation), whose
+    /// reads) another commit changed after its snapshot. Nothing was written;
+    /// read again and retry.
+    Conflict {
+        /// The first key found changed.
+        key: Vec<u8>,
+        /// That key's version when the commit was checked: the sequence
+        /// number of the commit that last wrote it, or `None` if it is
+        /// absent.
+        version: Option<u64>,
+    },
     /// The database was closed with [`Db::close`](crate::Db::close).
     Closed,
     /// An [`Options`](crate::Options) value is out of its allowed range.
@@ -123,6 +139,12 @@ impl Error {
             offset,
             reason: reason.into(),
         }
+    }
+
+    /// True for [`Error::Conflict`]: the commit was refused, nothing was
+    /// written, and a retry may succeed.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Conflict { .. })
     }
 
     /// True for [`Error::Corruption`].
@@ -193,6 +215,13 @@ impl fmt::Display for Error {
                 f,
                 "writes are stopped after a failed write-ahead log write or fsync ({cause}); reopen the database to recover"
             ),
+            Error::Conflict { key, version } => {
+                write!(f, "conflict on key \"{}\": ", key.escape_ascii())?;
+                match version {
+                    Some(version) => write!(f, "it is now at version {version}"),
+                    None => write!(f, "it is now absent"),
+                }
+            }
             Error::Closed => write!(f, "the database is closed"),
             Error::InvalidOptions { reason } => write!(f, "invalid options: {reason}"),
         }

@@ -38,6 +38,7 @@ mod batch;
 mod checkpoint;
 mod checksum;
 mod commit;
+mod condition;
 mod db;
 mod error;
 mod files;
@@ -68,6 +69,7 @@ mod slice;
 mod snapshot_file;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod transaction;
 mod wal;
 
 /// The protobuf messages of the on-disk formats, generated from
@@ -87,6 +89,7 @@ pub use options::{Durability, Options, RecoveryMode};
 pub use read::{Iter, Snapshot};
 pub use recovery::RecoveryReport;
 pub use slice::Slice;
+pub use transaction::{Isolation, MAX_TRANSACT_ATTEMPTS, Transaction, TransactionIter};
 
 /// Entry points for the fuzz targets and their corpus replay tests: the
 /// decoders, fed arbitrary bytes. Not a stable API.

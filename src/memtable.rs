@@ -210,6 +210,15 @@ pub(crate) struct Resolved {
     pub value: Option<Bytes>,
 }
 
+/// The newest version of a key that a snapshot sees in one source: its
+/// sequence number (the key's version) and its value, `None` for a removal
+/// (which must still hide older versions in older sources).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct FoundVersion {
+    pub seq: u64,
+    pub value: Option<Bytes>,
+}
+
 /// One version of a key, as stored (a `None` value is a removal).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Version {
@@ -835,26 +844,29 @@ impl Memtable {
 
     /// The newest version of `key` (whose [`bloom::key_hash`] is
     /// `key_hash`) at or below `snapshot_seq`: `None` if this memtable has
-    /// none, `Some(None)` if it is a removal.
-    pub fn get(&self, key: &[u8], key_hash: u64, snapshot_seq: u64) -> Option<Option<Bytes>> {
+    /// none.
+    pub fn get(&self, key: &[u8], key_hash: u64, snapshot_seq: u64) -> Option<FoundVersion> {
         if !self.filter.may_contain(key_hash) {
             return None;
         }
         match self.read_index.lookup(key, key_hash, snapshot_seq) {
             Answer::Absent => return None,
-            Answer::Found(value) => return Some(value),
+            Answer::Found(found) => return Some(found),
             Answer::Unknown => self.read_index.note_skiplist_read(&self.versions),
         }
         self.search(key, snapshot_seq)
     }
 
     /// [`get`](Self::get) by searching the skiplist.
-    fn search(&self, key: &[u8], snapshot_seq: u64) -> Option<Option<Bytes>> {
+    fn search(&self, key: &[u8], snapshot_seq: u64) -> Option<FoundVersion> {
         let probe = Probe::new(key, snapshot_seq);
         let entry = self
             .versions
             .lower_bound(Bound::Included(&probe as &dyn KeyView))?;
-        (entry.key().user_key == key).then(|| entry.value().clone())
+        (entry.key().user_key == key).then(|| FoundVersion {
+            seq: entry.key().seq,
+            value: entry.value().clone(),
+        })
     }
 
     /// Appends to `out` up to `max` keys in `direction` within the bounds,
@@ -1407,7 +1419,11 @@ mod tests {
             10,
             &[put("a", "1"), put("b", "1"), put("a", "2"), delete("a")],
         );
-        let get = |key: &str, seq| table.get(key.as_bytes(), bloom::key_hash(key.as_bytes()), seq);
+        let get = |key: &str, seq| {
+            table
+                .get(key.as_bytes(), bloom::key_hash(key.as_bytes()), seq)
+                .map(|found| found.value)
+        };
         assert_eq!(get("a", 10), Some(Some(Bytes::from("1"))));
         assert_eq!(get("a", 11), Some(Some(Bytes::from("1"))));
         assert_eq!(get("a", 12), Some(Some(Bytes::from("2"))));
@@ -1518,20 +1534,51 @@ mod tests {
         table.apply(1, &[put("a", "1"), put("b", "1")]);
         table.apply(3, &[put("a", "2"), delete("b"), put("c", "1")]);
         assert_eq!(
-            table.get(b"a", bloom::key_hash(b"a"), 1),
+            table
+                .get(b"a", bloom::key_hash(b"a"), 1)
+                .map(|found| found.value),
             Some(Some(Bytes::from("1")))
         );
         assert_eq!(
-            table.get(b"a", bloom::key_hash(b"a"), 2),
+            table
+                .get(b"a", bloom::key_hash(b"a"), 2)
+                .map(|found| found.value),
             Some(Some(Bytes::from("1")))
         );
         assert_eq!(
-            table.get(b"a", bloom::key_hash(b"a"), 3),
+            table
+                .get(b"a", bloom::key_hash(b"a"), 3)
+                .map(|found| found.value),
             Some(Some(Bytes::from("2")))
         );
-        assert_eq!(table.get(b"b", bloom::key_hash(b"b"), 4), Some(None));
-        assert_eq!(table.get(b"c", bloom::key_hash(b"c"), 4), None);
-        assert_eq!(table.get(b"zz", bloom::key_hash(b"zz"), 9), None);
+        assert_eq!(
+            table
+                .get(b"b", bloom::key_hash(b"b"), 4)
+                .map(|found| found.value),
+            Some(None)
+        );
+        assert_eq!(
+            table
+                .get(b"c", bloom::key_hash(b"c"), 4)
+                .map(|found| found.value),
+            None
+        );
+        assert_eq!(
+            table
+                .get(b"zz", bloom::key_hash(b"zz"), 9)
+                .map(|found| found.value),
+            None
+        );
+        // A found version carries its sequence number, a removal's too.
+        let seq_at = |key: &[u8], seq| {
+            table
+                .get(key, bloom::key_hash(key), seq)
+                .map(|found| found.seq)
+        };
+        assert_eq!(seq_at(b"a", 2), Some(1));
+        assert_eq!(seq_at(b"a", 9), Some(3));
+        assert_eq!(seq_at(b"b", 9), Some(4));
+        assert_eq!(seq_at(b"c", 9), Some(5));
         for chunk in [1, 2, 100] {
             let forward = scan_all(&table, 2, Direction::Forward, chunk);
             assert_eq!(

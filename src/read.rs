@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use bytes::Bytes;
 
 use crate::error::Result;
-use crate::memtable::{Direction, Memtable, Resolved, as_ref_bound};
+use crate::memtable::{Direction, FoundVersion, Memtable, Resolved, as_ref_bound};
 use crate::replayed::ReplayedRun;
 use crate::slice::Slice;
 use crate::snapshot_file::{FileCursor, SnapshotFile, bloom};
@@ -34,7 +34,7 @@ pub(crate) enum Source {
 }
 
 impl Source {
-    fn get(&self, key: &[u8], key_hash: u64, seq: u64) -> Result<Option<Option<Bytes>>> {
+    fn get(&self, key: &[u8], key_hash: u64, seq: u64) -> Result<Option<FoundVersion>> {
         match self {
             Source::Memtable(table) => Ok(table.get(key, key_hash, seq)),
             Source::Replayed(run) => Ok(run.get(key, seq)),
@@ -235,13 +235,69 @@ impl Snapshot {
     /// [`Error::Corruption`](crate::Error::Corruption) if a file holding the
     /// key fails its checksum.
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Slice>> {
-        let key = key.as_ref();
+        Ok(self
+            .newest_version(key.as_ref())?
+            .and_then(|found| found.value.map(Slice::from_bytes)))
+    }
+
+    /// The value of `key` and its version: the sequence number of the
+    /// commit that wrote it, which stays the same across checkpoints,
+    /// merges and reopening. `None` if the key is absent.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), mapstore::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let db = mapstore::Db::open(dir.path())?;
+    /// let seq = db.insert("k", "v")?;
+    /// let (value, version) = db.snapshot().get_versioned("k")?.unwrap();
+    /// assert_eq!((&value[..], version), (&b"v"[..], seq));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`get`](Snapshot::get).
+    pub fn get_versioned(&self, key: impl AsRef<[u8]>) -> Result<Option<(Slice, u64)>> {
+        Ok(self.newest_version(key.as_ref())?.and_then(|found| {
+            let seq = found.seq;
+            found.value.map(|value| (Slice::from_bytes(value), seq))
+        }))
+    }
+
+    /// The newest version of `key` this snapshot sees, a removal included
+    /// (what conditional commits check); `None` if no source holds one.
+    pub(crate) fn newest_version(&self, key: &[u8]) -> Result<Option<FoundVersion>> {
         // One hash serves the filters of every memtable and file.
         let key_hash = bloom::key_hash(key);
         for source in &self.view.sources {
-            if let Some(version) = source.get(key, key_hash, self.seq)? {
-                return Ok(version.map(Slice::from_bytes));
+            if let Some(found) = source.get(key, key_hash, self.seq)? {
+                return Ok(Some(found));
             }
+        }
+        Ok(None)
+    }
+
+    /// The first key in the bounds whose newest version this snapshot sees
+    /// (a removal included) is newer than `seq`, with that version's
+    /// sequence number: whether anything in the range changed after `seq`.
+    /// Reads every key in the range.
+    pub(crate) fn first_change_after(
+        &self,
+        lower: &Bound<Bytes>,
+        upper: &Bound<Bytes>,
+        seq: u64,
+    ) -> Result<Option<(Slice, u64)>> {
+        let mut versions = Iter::new(self.clone(), lower.clone(), upper.clone());
+        versions.removals = true;
+        while let Some(index) = versions.step(Direction::Forward)? {
+            let Some(cursor) = versions.front.cursors.get_mut(index) else {
+                break;
+            };
+            if let Some((key, version)) = cursor.head() {
+                if version > seq {
+                    return Ok(Some((Slice::copy_from(key), version)));
+                }
+            }
+            cursor.skip();
         }
         Ok(None)
     }
@@ -253,23 +309,18 @@ impl Snapshot {
 
     /// The entries with keys in `range`, in key order (reverse it with `.rev()`).
     pub fn range<K: AsRef<[u8]>, R: RangeBounds<K>>(&self, range: R) -> Iter {
-        let lower = own_bound(range.start_bound());
-        let upper = own_bound(range.end_bound());
-        Iter::new(self.clone(), lower, upper)
+        self.range_of(own_bound(range.start_bound()), own_bound(range.end_bound()))
     }
 
     /// The entries whose keys start with `prefix`, in key order.
     pub fn prefix(&self, prefix: impl AsRef<[u8]>) -> Iter {
-        let prefix = prefix.as_ref();
-        let upper = match prefix_successor(prefix) {
-            Some(successor) => Bound::Excluded(Bytes::from(successor)),
-            None => Bound::Unbounded,
-        };
-        Iter::new(
-            self.clone(),
-            Bound::Included(Bytes::copy_from_slice(prefix)),
-            upper,
-        )
+        let (lower, upper) = prefix_bounds(prefix.as_ref());
+        self.range_of(lower, upper)
+    }
+
+    /// The entries within owned bounds.
+    pub(crate) fn range_of(&self, lower: Bound<Bytes>, upper: Bound<Bytes>) -> Iter {
+        Iter::new(self.clone(), lower, upper)
     }
 
     /// Every entry, in key order.
@@ -278,7 +329,28 @@ impl Snapshot {
     }
 }
 
-fn own_bound<K: AsRef<[u8]>>(bound: Bound<&K>) -> Bound<Bytes> {
+/// The bounds of the keys that start with `prefix`.
+pub(crate) fn prefix_bounds(prefix: &[u8]) -> (Bound<Bytes>, Bound<Bytes>) {
+    let upper = match prefix_successor(prefix) {
+        Some(successor) => Bound::Excluded(Bytes::from(successor)),
+        None => Bound::Unbounded,
+    };
+    (Bound::Included(Bytes::copy_from_slice(prefix)), upper)
+}
+
+/// Whether no key lies within the bounds (`BTreeMap::range` panics on
+/// such bounds, and a caller may pass them).
+pub(crate) fn range_is_empty(lower: &Bound<Bytes>, upper: &Bound<Bytes>) -> bool {
+    match (lower, upper) {
+        (Bound::Included(low), Bound::Included(high)) => low > high,
+        (Bound::Included(low), Bound::Excluded(high))
+        | (Bound::Excluded(low), Bound::Included(high))
+        | (Bound::Excluded(low), Bound::Excluded(high)) => low >= high,
+        _ => false,
+    }
+}
+
+pub(crate) fn own_bound<K: AsRef<[u8]>>(bound: Bound<&K>) -> Bound<Bytes> {
     match bound {
         Bound::Included(key) => Bound::Included(Bytes::copy_from_slice(key.as_ref())),
         Bound::Excluded(key) => Bound::Excluded(Bytes::copy_from_slice(key.as_ref())),
@@ -472,6 +544,9 @@ pub struct Iter {
     front: End,
     back: End,
     finished: bool,
+    /// Whether removals are stepped on rather than skipped (for
+    /// [`Snapshot::first_change_after`]; never in a public `Iter`).
+    removals: bool,
 }
 
 /// One end of an [`Iter`]: a cursor per source, walking in its direction.
@@ -611,6 +686,7 @@ impl Iter {
             front: End::new(&snapshot, Direction::Forward, &lower, &upper),
             back: End::new(&snapshot, Direction::Backward, &lower, &upper),
             finished: false,
+            removals: false,
             snapshot,
             lower,
             upper,
@@ -624,6 +700,7 @@ impl Iter {
     /// here and moved out through the layers, their copies stalled the
     /// processor (`perf` put a third of a scan's time on them).
     fn step(&mut self, direction: Direction) -> Result<Option<usize>> {
+        let removals = self.removals;
         let (end, other) = match direction {
             Direction::Forward => (&mut self.front, &self.back),
             Direction::Backward => (&mut self.back, &self.front),
@@ -664,7 +741,7 @@ impl Iter {
                 }
             }
             match end.cursors.get_mut(index) {
-                Some(cursor) if cursor.head_is_removal() => cursor.skip(),
+                Some(cursor) if !removals && cursor.head_is_removal() => cursor.skip(),
                 _ => return Ok(Some(index)),
             }
         }

@@ -22,8 +22,8 @@ use std::ops::Bound;
 use bytes::Bytes;
 
 use crate::memtable::{
-    Direction, KeyView, Prefix, Probe, Resolved, Version, compare, key_prefix, within_lower,
-    within_upper,
+    Direction, FoundVersion, KeyView, Prefix, Probe, Resolved, Version, compare, key_prefix,
+    within_lower, within_upper,
 };
 use crate::proto::{OpKind, Operation};
 use crate::slice::Slice;
@@ -280,11 +280,14 @@ impl ReplayedRun {
     }
 
     /// The newest version of `key` at or below `snapshot_seq`: `None` if
-    /// the run has none, `Some(None)` if it is a removal.
-    pub fn get(&self, key: &[u8], snapshot_seq: u64) -> Option<Option<Bytes>> {
+    /// the run has none.
+    pub fn get(&self, key: &[u8], snapshot_seq: u64) -> Option<FoundVersion> {
         // Versions of `key` newer than the snapshot sort before the probe.
         let view = self.at(self.first_from(&Probe::new(key, snapshot_seq), true))?;
-        (view.version.key == key).then(|| view.version.value.clone())
+        (view.version.key == key).then(|| FoundVersion {
+            seq: view.seq,
+            value: view.version.value.clone(),
+        })
     }
 
     /// Every version, in order: what a checkpoint writes.

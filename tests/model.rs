@@ -1,6 +1,7 @@
 //! The engine against a `BTreeMap` model: long random sequences of inserts,
-//! removals, batches, snapshots, scans and reopens must give the same answers,
-//! including in quiet read phases, where the memtable builds its read index.
+//! removals, batches, conditional writes, transactions, snapshots, scans and
+//! reopens must give the same answers (values and versions), including in
+//! quiet read phases, where the memtable builds its read index.
 //!
 //! Seeded and reproducible: `MAPSTORE_MODEL_SEED` picks the first seed,
 //! `MAPSTORE_MODEL_SEEDS` how many seeds run, `MAPSTORE_MODEL_OPS` the
@@ -9,12 +10,217 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
+use std::ops::{Bound, RangeBounds};
 
 use common::{Rng, collect, env_u64, model_entries, small_options};
-use mapstore::{Db, Durability, Snapshot, WriteBatch};
+use mapstore::{Db, Durability, Error, Isolation, Snapshot, WriteBatch};
 
 type Model = BTreeMap<Vec<u8>, Vec<u8>>;
+/// Each present key's version: the sequence number of its last write.
+type Versions = BTreeMap<Vec<u8>, u64>;
+/// The bounds of a range of keys.
+type KeyRange = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
+/// One conditional write or transaction, chosen at random, checked against
+/// the model: whether it commits or is refused (and with which version),
+/// what a transaction reads, and what the model becomes. Returns the
+/// newest sequence number the step committed, or `last_seq`.
+fn conditional_step(
+    db: &Db,
+    model: &mut Model,
+    versions: &mut Versions,
+    rng: &mut Rng,
+    last_seq: u64,
+    context: &str,
+) -> u64 {
+    let key = random_key(rng);
+    let current = versions.get(&key).copied();
+    // The right version, usually; sometimes a wrong one.
+    let guess = |rng: &mut Rng| match rng.below(4) {
+        0 => None,
+        1 => Some(rng.below(last_seq + 2)),
+        _ => current,
+    };
+    match rng.below(4) {
+        0 => {
+            let expected = guess(rng);
+            let value = rng.bytes(40);
+            match db.compare_and_swap(&key, expected, &value) {
+                Ok(seq) => {
+                    assert_eq!(
+                        expected, current,
+                        "{context}: swap of {key:?} at a wrong version"
+                    );
+                    model.insert(key.clone(), value);
+                    versions.insert(key, seq);
+                    seq
+                }
+                Err(Error::Conflict { version, .. }) => {
+                    assert_ne!(expected, current, "{context}: swap of {key:?} refused");
+                    assert_eq!(version, current, "{context}: conflict version");
+                    last_seq
+                }
+                Err(error) => panic!("{context}: {error}"),
+            }
+        }
+        1 => {
+            let Some(expected) = guess(rng) else {
+                return last_seq;
+            };
+            match db.compare_and_remove(&key, expected) {
+                Ok(seq) => {
+                    assert_eq!(Some(expected), current, "{context}: removal of {key:?}");
+                    model.remove(&key);
+                    versions.remove(&key);
+                    seq
+                }
+                Err(Error::Conflict { version, .. }) => {
+                    assert_ne!(
+                        Some(expected),
+                        current,
+                        "{context}: removal of {key:?} refused"
+                    );
+                    assert_eq!(version, current, "{context}: conflict version");
+                    last_seq
+                }
+                Err(error) => panic!("{context}: {error}"),
+            }
+        }
+        2 => {
+            let value = rng.bytes(40);
+            let present = db.insert_if_absent(&key, &value).unwrap();
+            assert_eq!(
+                present.map(|v| v.to_vec()),
+                model.get(&key).cloned(),
+                "{context}: insert_if_absent {key:?}"
+            );
+            if current.is_some() {
+                return last_seq;
+            }
+            let seq = db.get_versioned(&key).unwrap().unwrap().1;
+            model.insert(key.clone(), value);
+            versions.insert(key, seq);
+            seq
+        }
+        _ => transaction_step(db, model, versions, rng, last_seq, context),
+    }
+}
+
+/// A transaction of random reads, scans and writes, with (sometimes) a
+/// plain write by "another client" between its snapshot and its commit:
+/// the commit must be refused exactly when the isolation level says so.
+fn transaction_step(
+    db: &Db,
+    model: &mut Model,
+    versions: &mut Versions,
+    rng: &mut Rng,
+    mut last_seq: u64,
+    context: &str,
+) -> u64 {
+    let isolation = if rng.chance(50) {
+        Isolation::Snapshot
+    } else {
+        Isolation::Serializable
+    };
+    let mut tx = db.transaction_with(isolation);
+    // The transaction's view, and what it read and wrote.
+    let mut view = model.clone();
+    let mut read = Vec::new();
+    let mut ranges: Vec<KeyRange> = Vec::new();
+    let mut written = BTreeMap::new();
+    for _ in 0..1 + rng.below(6) {
+        let key = random_key(rng);
+        match rng.below(4) {
+            0 => {
+                assert_eq!(
+                    tx.get(&key).unwrap().map(|v| v.to_vec()),
+                    view.get(&key).cloned(),
+                    "{context}: transaction get {key:?}"
+                );
+                if !written.contains_key(&key) {
+                    read.push(key);
+                }
+            }
+            1 => {
+                let prefix = &key[..key.len().min(rng.below(3) as usize)];
+                let expected: Vec<_> = view
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                assert_eq!(
+                    collect(tx.prefix(prefix)),
+                    expected,
+                    "{context}: transaction prefix {prefix:?}"
+                );
+                // The keys that start with the prefix: up to the next
+                // prefix after trailing 0xff bytes are dropped.
+                let mut upper = prefix.to_vec();
+                while upper.last() == Some(&0xff) {
+                    upper.pop();
+                }
+                let upper = match upper.pop() {
+                    Some(last) => {
+                        upper.push(last + 1);
+                        Bound::Excluded(upper)
+                    }
+                    None => Bound::Unbounded,
+                };
+                ranges.push((Bound::Included(prefix.to_vec()), upper));
+            }
+            2 => {
+                tx.remove(&key).unwrap();
+                view.remove(&key);
+                written.insert(key, None);
+            }
+            _ => {
+                let value = rng.bytes(40);
+                tx.insert(&key, &value).unwrap();
+                view.insert(key.clone(), value.clone());
+                written.insert(key, Some(value));
+            }
+        }
+    }
+    let mut conflict = false;
+    if rng.chance(40) {
+        let other = random_key(rng);
+        let value = rng.bytes(10);
+        last_seq = db.insert(&other, &value).unwrap();
+        model.insert(other.clone(), value);
+        versions.insert(other.clone(), last_seq);
+        let in_ranges = ranges.iter().any(|range| range.contains(&other));
+        conflict = !written.is_empty()
+            && (written.contains_key(&other)
+                || (isolation == Isolation::Serializable && (read.contains(&other) || in_ranges)));
+    }
+    match tx.commit() {
+        Ok(seq) => {
+            assert!(!conflict, "{context}: {isolation:?} transaction committed");
+            if written.is_empty() {
+                return last_seq;
+            }
+            let first = seq + 1 - written.len() as u64;
+            for ((key, value), seq) in written.into_iter().zip(first..) {
+                match value {
+                    Some(value) => {
+                        model.insert(key.clone(), value);
+                        versions.insert(key, seq);
+                    }
+                    None => {
+                        model.remove(&key);
+                        versions.remove(&key);
+                    }
+                }
+            }
+            seq
+        }
+        Err(Error::Conflict { .. }) => {
+            assert!(conflict, "{context}: {isolation:?} transaction refused");
+            last_seq
+        }
+        Err(error) => panic!("{context}: {error}"),
+    }
+}
 
 fn random_key(rng: &mut Rng) -> Vec<u8> {
     // A small key space so that keys are overwritten and removed often; the
@@ -140,6 +346,17 @@ fn check_quiet_reads(
     indexed
 }
 
+/// Every present key's version, as the model has it.
+fn check_versions(db: &Db, versions: &Versions, context: &str) {
+    for (key, version) in versions {
+        assert_eq!(
+            db.get_versioned(key).unwrap().map(|(_, version)| version),
+            Some(*version),
+            "{context}: version of {key:?}"
+        );
+    }
+}
+
 /// Runs one seeded sequence. With `checkpoints`, the memtable limit is tiny,
 /// so background checkpoints and merges run many times, and the sequence
 /// also asks for them explicitly.
@@ -163,6 +380,7 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) -> usize {
     }
     let mut db = Db::open_with(&path, options.clone()).unwrap();
     let mut model = Model::new();
+    let mut versions = Versions::new();
     let mut snapshots: Vec<(Snapshot, Model)> = Vec::new();
     let mut last_seq = 0;
     // Background work done across reopens: (checkpoints, merges).
@@ -171,32 +389,52 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) -> usize {
     for step in 0..ops {
         let context = format!("seed {seed} step {step}");
         match rng.below(100) {
-            0..=39 => {
+            0..=9 => {
+                let seq =
+                    conditional_step(&db, &mut model, &mut versions, &mut rng, last_seq, &context);
+                assert!(seq >= last_seq, "{context}: sequence numbers must grow");
+                last_seq = seq;
+            }
+            10..=39 => {
                 let (key, value) = (random_key(&mut rng), rng.bytes(40));
                 let seq = db.insert(&key, &value).unwrap();
                 assert!(seq > last_seq, "{context}: sequence numbers must grow");
                 last_seq = seq;
-                model.insert(key, value);
+                model.insert(key.clone(), value);
+                versions.insert(key, seq);
             }
             40..=54 => {
                 let key = random_key(&mut rng);
                 last_seq = db.remove(&key).unwrap();
                 model.remove(&key);
+                versions.remove(&key);
             }
             55..=69 => {
                 let mut batch = WriteBatch::new();
+                let mut keys = Vec::new();
                 for _ in 0..rng.below(8) {
                     let key = random_key(&mut rng);
                     if rng.chance(70) {
                         let value = rng.bytes(300);
                         batch.insert(&key, &value);
-                        model.insert(key, value);
+                        model.insert(key.clone(), value);
                     } else {
                         batch.remove(&key);
                         model.remove(&key);
                     }
+                    keys.push(key);
                 }
                 let seq = db.write(batch).unwrap();
+                // Operation i of the batch has sequence number
+                // seq - len + 1 + i; a later one on the same key wins.
+                let first = (seq + 1).saturating_sub(keys.len() as u64);
+                for (key, seq) in keys.into_iter().zip(first..) {
+                    if model.contains_key(&key) {
+                        versions.insert(key, seq);
+                    } else {
+                        versions.remove(&key);
+                    }
+                }
                 assert!(
                     seq >= last_seq,
                     "{context}: sequence numbers must not go back"
@@ -211,6 +449,11 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) -> usize {
                     "{context}: get {key:?}"
                 );
                 assert_eq!(db.contains_key(&key).unwrap(), model.contains_key(&key));
+                assert_eq!(
+                    db.get_versioned(&key).unwrap().map(|(_, version)| version),
+                    versions.get(&key).copied(),
+                    "{context}: version of {key:?}"
+                );
                 if rng.chance(3) {
                     indexed_phases +=
                         usize::from(check_quiet_reads(&db, &model, &snapshots, &context));
@@ -264,6 +507,7 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) -> usize {
                     model_entries(&model),
                     "{context}: after checkpoint"
                 );
+                check_versions(&db, &versions, &context);
             }
             _ => {
                 // Reopen: a clean close, or a drop without close.
@@ -284,6 +528,7 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) -> usize {
                     last_seq,
                     "{context}: sequence number after reopen"
                 );
+                check_versions(&db, &versions, &context);
             }
         }
     }

@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
 
-use super::VersionMap;
+use super::{FoundVersion, VersionMap};
 use crate::snapshot_file::bloom;
 
 /// Quiet skiplist reads an index needs before it is built, however small
@@ -64,9 +64,8 @@ pub(super) enum Answer {
     Unknown,
     /// The memtable holds no version of the key.
     Absent,
-    /// The newest version the snapshot sees: a value, or `None` for a
-    /// removal.
-    Found(Option<Bytes>),
+    /// The newest version the snapshot sees.
+    Found(FoundVersion),
 }
 
 /// One memtable's apply counts, its current index (if any) and what
@@ -344,7 +343,10 @@ impl ReadIndex {
             };
             if entry.key_hash == key_hash && entry.key == key {
                 return if entry.seq <= snapshot_seq {
-                    Answer::Found(entry.value.clone())
+                    Answer::Found(FoundVersion {
+                        seq: entry.seq,
+                        value: entry.value.clone(),
+                    })
                 } else {
                     Answer::Unknown
                 };
@@ -370,8 +372,19 @@ mod tests {
         table.read_index.lookup(key, bloom::key_hash(key), seq)
     }
 
+    /// The value `get` finds (`Some(None)`: a removal).
     fn get(table: &Memtable, key: &[u8], seq: u64) -> Option<Option<Bytes>> {
-        table.get(key, bloom::key_hash(key), seq)
+        table
+            .get(key, bloom::key_hash(key), seq)
+            .map(|found| found.value)
+    }
+
+    /// The value an index answer holds, if it found one.
+    fn found(answer: Answer) -> Option<Option<Bytes>> {
+        match answer {
+            Answer::Found(found) => Some(found.value),
+            _ => None,
+        }
     }
 
     /// Keys of 1 to 40 bytes (so both sides of the 16-byte prefix), some
@@ -415,7 +428,7 @@ mod tests {
                     answered += 1;
                 }
                 assert_eq!(
-                    get(&table, key, seq),
+                    table.get(key, bloom::key_hash(key), seq),
                     table.search(key, seq),
                     "{key:?} at {seq}"
                 );
@@ -429,8 +442,8 @@ mod tests {
         let (table, _, last_seq) = mixed_memtable();
         build_now(&table);
         assert_eq!(
-            answer(&table, b"002", last_seq),
-            Answer::Found(Some(Bytes::from("v2")))
+            found(answer(&table, b"002", last_seq)),
+            Some(Some(Bytes::from("v2")))
         );
         table.apply(last_seq + 1, &[put("002", "new"), put("brand new", "x")]);
         assert_eq!(table.indexed_keys(), 0);
@@ -448,8 +461,8 @@ mod tests {
         build_now(&table);
         assert_eq!(table.indexed_keys(), 301);
         assert_eq!(
-            answer(&table, b"002", last_seq + 2),
-            Answer::Found(Some(Bytes::from("new")))
+            found(answer(&table, b"002", last_seq + 2)),
+            Some(Some(Bytes::from("new")))
         );
     }
 
@@ -463,8 +476,8 @@ mod tests {
         assert_eq!(get(&table, b"k", 3), Some(Some(Bytes::from("old"))));
         assert_eq!(get(&table, b"k", 0), None);
         assert_eq!(
-            answer(&table, b"k", 5),
-            Answer::Found(Some(Bytes::from("new")))
+            found(answer(&table, b"k", 5)),
+            Some(Some(Bytes::from("new")))
         );
     }
 
@@ -478,10 +491,7 @@ mod tests {
         assert_eq!(answer(&table, b"a", 2), Answer::Unknown);
         apply.finish();
         build_now(&table);
-        assert_eq!(
-            answer(&table, b"a", 2),
-            Answer::Found(Some(Bytes::from("2")))
-        );
+        assert_eq!(found(answer(&table, b"a", 2)), Some(Some(Bytes::from("2"))));
     }
 
     #[test]
@@ -544,8 +554,8 @@ mod tests {
         for i in (0..5000).step_by(97) {
             let key = format!("key{i:05}");
             assert_eq!(
-                answer(&table, key.as_bytes(), 5000),
-                Answer::Found(Some(Bytes::from("v")))
+                found(answer(&table, key.as_bytes(), 5000)),
+                Some(Some(Bytes::from("v")))
             );
         }
     }

@@ -26,7 +26,7 @@ use super::format::{
 use super::index::BlockIndex;
 use crate::error::{Error, Result};
 use crate::io::FileSystem;
-use crate::memtable::Version;
+use crate::memtable::{FoundVersion, Version};
 use crate::mmap::PageReleaser;
 
 /// An open snapshot file.
@@ -287,9 +287,8 @@ impl SnapshotFile {
     }
 
     /// The newest version of `key` (whose [`bloom::key_hash`] is
-    /// `key_hash`) at or below `seq`: `None` if the file has none,
-    /// `Some(None)` for a removal.
-    pub fn get(&self, key: &[u8], key_hash: u64, seq: u64) -> Result<Option<Option<Bytes>>> {
+    /// `key_hash`) at or below `seq`: `None` if the file has none.
+    pub fn get(&self, key: &[u8], key_hash: u64, seq: u64) -> Result<Option<FoundVersion>> {
         if !bloom::may_contain(&self.bloom_bits, self.bloom_probes, key_hash) {
             return Ok(None);
         }
@@ -311,7 +310,10 @@ impl SnapshotFile {
                     std::cmp::Ordering::Less => continue,
                     std::cmp::Ordering::Greater => return Ok(None),
                     std::cmp::Ordering::Equal if entry.seq <= seq => {
-                        return Ok(Some(entry.value().map(|range| bytes.slice(range))));
+                        return Ok(Some(FoundVersion {
+                            seq: entry.seq,
+                            value: entry.value().map(|range| bytes.slice(range)),
+                        }));
                     }
                     std::cmp::Ordering::Equal => {}
                 }
@@ -480,7 +482,8 @@ mod tests {
         for i in (0..count).step_by(97).chain([count - 1]) {
             let key = i.to_be_bytes();
             let got = file.get(&key, bloom::key_hash(&key), u64::MAX).unwrap();
-            assert_eq!(got.flatten().as_deref(), Some(&value(i)[..]), "key {i}");
+            let got = got.and_then(|found| found.value);
+            assert_eq!(got.as_deref(), Some(&value(i)[..]), "key {i}");
         }
         let all = scan(
             &file,
@@ -547,7 +550,7 @@ mod tests {
                 .get(b"m", bloom::key_hash(b"m"), seq)
                 .unwrap()
                 .expect("m has a version");
-            assert_eq!(got.as_deref(), expected_m.as_deref(), "get at {seq}");
+            assert_eq!(got.value.as_deref(), expected_m.as_deref(), "get at {seq}");
             let mut expected = Vec::new();
             if seq >= 500 {
                 expected.push((b"a".to_vec(), 500));
@@ -717,8 +720,8 @@ mod tests {
         for (key, seq, value) in &expected {
             let got = file.get(key, bloom::key_hash(key), *seq).unwrap();
             assert_eq!(
-                got.map(|value| value.map(|v| v.to_vec())),
-                Some(value.clone())
+                got.map(|found| (found.seq, found.value.map(|v| v.to_vec()))),
+                Some((*seq, value.clone()))
             );
             // Below a key's oldest version, the file has nothing for it.
             let oldest = expected.iter().filter(|v| v.0 == *key).map(|v| v.1).min();
