@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use mapstore::testing::{PowerCut, PowerCutFileSystem};
-use mapstore::{Db, Durability, Options, RecoveryMode, WriteBatch};
+use mapstore::{Db, Durability, Error, Options, RecoveryMode, WriteBatch};
 
 type Model = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -39,6 +39,12 @@ enum Step {
     Insert(String, Vec<u8>),
     Remove(String),
     Batch(Vec<(String, Option<Vec<u8>>)>),
+    /// `compare_and_swap` at the key's current version (`true`), which
+    /// must commit, or at a wrong one, which must be refused.
+    Swap(String, Vec<u8>, bool),
+    InsertIfAbsent(String, Vec<u8>),
+    /// A transaction that reads each key, then writes it (`None`: removes).
+    Transaction(Vec<(String, Option<Vec<u8>>)>),
     Checkpoint,
     Compact,
     Reopen,
@@ -53,7 +59,7 @@ impl Step {
             Step::Remove(key) => {
                 model.remove(key.as_bytes());
             }
-            Step::Batch(ops) => {
+            Step::Batch(ops) | Step::Transaction(ops) => {
                 for (key, value) in ops {
                     match value {
                         Some(value) => model.insert(key.as_bytes().to_vec(), value.clone()),
@@ -61,7 +67,15 @@ impl Step {
                     };
                 }
             }
-            Step::Checkpoint | Step::Compact | Step::Reopen => {}
+            Step::Swap(key, value, true) => {
+                model.insert(key.as_bytes().to_vec(), value.clone());
+            }
+            Step::InsertIfAbsent(key, value) => {
+                model
+                    .entry(key.as_bytes().to_vec())
+                    .or_insert_with(|| value.clone());
+            }
+            Step::Swap(_, _, false) | Step::Checkpoint | Step::Compact | Step::Reopen => {}
         }
     }
 }
@@ -113,6 +127,28 @@ fn run(fs: &PowerCutFileSystem, steps: &[Step]) -> Outcome {
                 }
                 db.write(batch)
             }
+            Step::Swap(key, value, at_current) => {
+                swap(&db, key, value, *at_current, &outcome.acknowledged)
+            }
+            Step::InsertIfAbsent(key, value) => db.insert_if_absent(key, value).map(|present| {
+                assert_eq!(
+                    present.map(|v| v.to_vec()).as_ref(),
+                    outcome.acknowledged.get(key.as_bytes())
+                );
+                0
+            }),
+            Step::Transaction(ops) => db
+                .transact(|tx| {
+                    for (key, value) in ops {
+                        tx.get(key)?;
+                        match value {
+                            Some(value) => tx.insert(key, value)?,
+                            None => tx.remove(key)?,
+                        }
+                    }
+                    Ok(())
+                })
+                .map(|()| 0),
             Step::Checkpoint => db.checkpoint().map(|()| 0),
             Step::Compact => db.compact().map(|()| 0),
             Step::Reopen => {
@@ -145,6 +181,36 @@ fn run(fs: &PowerCutFileSystem, steps: &[Step]) -> Outcome {
     outcome.segments_reused += db.commit_stats().wal_segments_reused;
     let _ = db.close();
     outcome
+}
+
+/// A `compare_and_swap` of `key` at its current version, or at a wrong one
+/// (which must be refused, and then counts as done: it wrote nothing).
+fn swap(
+    db: &Db,
+    key: &str,
+    value: &[u8],
+    at_current: bool,
+    acknowledged: &Model,
+) -> mapstore::Result<u64> {
+    let version = db.get_versioned(key)?.map(|(_, version)| version);
+    assert_eq!(version.is_some(), acknowledged.contains_key(key.as_bytes()));
+    if at_current {
+        return db.compare_and_swap(key, version, value);
+    }
+    let wrong = match version {
+        Some(version) => Some(version + 1_000),
+        None => Some(1),
+    };
+    match db.compare_and_swap(key, wrong, value) {
+        Err(Error::Conflict {
+            version: current, ..
+        }) => {
+            assert_eq!(current, version);
+            Ok(0)
+        }
+        Ok(seq) => panic!("a swap at a wrong version committed as {seq}"),
+        Err(error) => Err(error),
+    }
 }
 
 fn contents(db: &Db) -> Model {
@@ -331,6 +397,36 @@ fn checkpoints_merges_and_reopens_survive_every_power_cut() {
             Step::Reopen,
             Step::Insert("c".into(), b"after reopen".to_vec()),
             batch("d", 20, 150),
+        ],
+    );
+}
+
+/// Conditional writes and transactions: a refused one writes nothing, so
+/// no power cut can bring it back; an accepted one is a commit like any
+/// other, whole or absent. Swaps read the version they expect from the
+/// database, across a checkpoint and a reopen.
+#[test]
+fn conditional_writes_and_transactions_survive_every_power_cut() {
+    crash_everywhere(
+        "conditional writes and transactions",
+        &[
+            Step::Insert("a".into(), b"1".to_vec()),
+            Step::Swap("a".into(), b"2".to_vec(), true),
+            Step::Swap("a".into(), b"refused".to_vec(), false),
+            Step::InsertIfAbsent("b".into(), vec![3; 300]),
+            Step::InsertIfAbsent("a".into(), b"refused".to_vec()),
+            Step::Transaction(vec![
+                ("a".into(), None),
+                ("c".into(), Some(vec![4; 700])),
+                ("d".into(), Some(b"5".to_vec())),
+            ]),
+            Step::Swap("a".into(), b"refused".to_vec(), false),
+            Step::Swap("a".into(), b"6".to_vec(), true),
+            Step::Checkpoint,
+            Step::Swap("c".into(), b"7".to_vec(), true),
+            Step::Reopen,
+            Step::Swap("d".into(), b"refused".to_vec(), false),
+            Step::Transaction(vec![("b".into(), Some(b"8".to_vec())), ("c".into(), None)]),
         ],
     );
 }
