@@ -24,6 +24,13 @@
 //! - `MAPSTORE_COMPARE_OUT`: where `compare.md` and `compare.json` go
 //!   (`target/compare` by default). `benches/compare_chart.py` draws the chart.
 //!
+//! Beside the synced writes, mapstore's synced `compare_and_swap` and
+//! `insert_if_absent` from 16 threads (set beside its own plain inserts),
+//! and a transfer workload for the engines with transactions: 16 threads
+//! move money between 10,000 accounts in synced read-modify-write
+//! transactions (mapstore's, redb's write transactions, fjall's optimistic
+//! ones), retrying conflicts; the share of attempts refused is reported.
+//!
 //! Synced workloads run each peer in its documented durable mode, written down
 //! beside each adapter below.
 
@@ -477,18 +484,37 @@ impl DeviceCounters {
 /// Synced single-key inserts from `threads` threads for the time budget,
 /// in `dir` (an engine's directory, for the device's counters).
 fn synced_writes(engine: &dyn Engine, dir: &Path, threads: usize, settings: &Settings) {
+    timed_synced_ops(&format!("write_{threads}t"), dir, threads, settings, |_| {
+        |i| engine.insert_synced(&random_key(i), &value(i, 0))
+    });
+}
+
+/// Runs synced operations from `threads` threads for the time budget and
+/// reports their rate and latencies as `{name}_...`: each thread makes its
+/// operation with `per_thread(thread)` and calls it with item numbers of
+/// its own (`thread << 40` on). `dir` is the engine's directory, for the
+/// device's counters. Returns how many operations ran.
+fn timed_synced_ops<F: FnMut(u64)>(
+    name: &str,
+    dir: &Path,
+    threads: usize,
+    settings: &Settings,
+    per_thread: impl Fn(u64) -> F + Sync,
+) -> usize {
     let device_before = DeviceCounters::of(dir);
     let stop_at = Instant::now() + settings.budget();
     let start = Instant::now();
+    let per_thread = &per_thread;
     let mut latencies: Vec<Duration> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..threads as u64)
             .map(|thread| {
                 scope.spawn(move || {
+                    let mut op = per_thread(thread);
                     let mut latencies = Vec::new();
                     let mut i = thread << 40;
                     while Instant::now() < stop_at {
                         let begun = Instant::now();
-                        engine.insert_synced(&random_key(i), &value(i, 0));
+                        op(i);
                         latencies.push(begun.elapsed());
                         i += 1;
                     }
@@ -504,13 +530,13 @@ fn synced_writes(engine: &dyn Engine, dir: &Path, threads: usize, settings: &Set
     let elapsed = start.elapsed().as_secs_f64();
     let device_after = DeviceCounters::of(dir);
     latencies.sort();
-    let name = format!("write_{threads}t");
     report(&format!("{name}_ops"), latencies.len() as f64 / elapsed);
     report(&format!("{name}_p50_us"), percentile(&latencies, 0.50));
     report(&format!("{name}_p99_us"), percentile(&latencies, 0.99));
     if let (Some(before), Some(after)) = (device_before, device_after) {
-        after.report_since(&before, &name, latencies.len());
+        after.report_since(&before, name, latencies.len());
     }
+    latencies.len()
 }
 
 /// Writes `keys` items in batches of 1,000; returns keys per second.
@@ -732,6 +758,206 @@ fn run_synced_writes(name: &str, settings: &Settings) {
         synced_writes(&*engine, &dir, threads, settings);
         engine.close();
     }
+    if name == "mapstore" {
+        conditional_writes(scratch.path(), settings);
+    }
+}
+
+/// mapstore's synced conditional writes from 16 threads, each on keys of
+/// its own, to set beside its plain synced inserts from 16 threads in the
+/// same child: `compare_and_swap` of one key per thread, each swap at the
+/// version the last one returned (so every swap succeeds, and is checked),
+/// and `insert_if_absent` of new keys (every one stores).
+fn conditional_writes(scratch: &Path, settings: &Settings) {
+    settle();
+    let dir = scratch.join("cas_16");
+    let db = mapstore::Db::open(&dir).unwrap();
+    timed_synced_ops("cas_16t", &dir, 16, settings, |thread| {
+        let db = &db;
+        let key = random_key(thread << 40);
+        let mut version = None;
+        move |i| version = Some(db.compare_and_swap(key, version, value(i, 0)).unwrap())
+    });
+    db.close().unwrap();
+    settle();
+    let dir = scratch.join("insert_if_absent_16");
+    let db = mapstore::Db::open(&dir).unwrap();
+    timed_synced_ops("insert_if_absent_16t", &dir, 16, settings, |_| {
+        let db = &db;
+        move |i| {
+            let present = db.insert_if_absent(random_key(i), value(i, 0)).unwrap();
+            assert!(present.is_none());
+        }
+    });
+    db.close().unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Transfers: read-modify-write transactions
+
+/// Accounts of the transfer workload, and each one's opening balance.
+const ACCOUNTS: u64 = 10_000;
+const OPENING_BALANCE: u64 = 1_000_000;
+const TRANSFER_THREADS: usize = 16;
+
+/// An account's value: its balance in the first 8 bytes (little-endian),
+/// padded to the usual value size.
+fn balance_value(balance: u64) -> [u8; VALUE_BYTES] {
+    let mut out = [0u8; VALUE_BYTES];
+    out[..8].copy_from_slice(&balance.to_le_bytes());
+    out
+}
+
+fn balance_of(value: &[u8]) -> u64 {
+    u64::from_le_bytes(value[..8].try_into().unwrap())
+}
+
+/// An engine's transactions, for the transfer workload.
+trait Bank: Send + Sync {
+    /// Moves 1 from `from` to `to` in one synced transaction that reads
+    /// both balances and writes both; `false` if it was refused for a
+    /// conflict (nothing written; the caller tries again).
+    fn transfer(&self, from: &[u8], to: &[u8]) -> bool;
+    /// The balance of `account`.
+    fn balance(&self, account: &[u8]) -> u64;
+}
+
+/// mapstore: a snapshot-isolation `Transaction`, committed with
+/// `Durability::Sync` (the default), group-committed with the others.
+impl Bank for mapstore::Db {
+    fn transfer(&self, from: &[u8], to: &[u8]) -> bool {
+        let mut tx = self.transaction();
+        let from_balance = balance_of(&tx.get(from).unwrap().unwrap());
+        let to_balance = balance_of(&tx.get(to).unwrap().unwrap());
+        tx.insert(from, balance_value(from_balance - 1)).unwrap();
+        tx.insert(to, balance_value(to_balance + 1)).unwrap();
+        match tx.commit() {
+            Ok(_) => true,
+            Err(mapstore::Error::Conflict { .. }) => false,
+            Err(error) => panic!("{error}"),
+        }
+    }
+    fn balance(&self, account: &[u8]) -> u64 {
+        balance_of(&self.get(account).unwrap().unwrap())
+    }
+}
+
+/// redb: one write transaction per transfer (redb runs them one at a
+/// time), `Durability::Immediate` (the default).
+impl Bank for redb::Database {
+    fn transfer(&self, from: &[u8], to: &[u8]) -> bool {
+        let txn = self.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(REDB_TABLE).unwrap();
+            let from_balance = balance_of(table.get(from).unwrap().unwrap().value());
+            let to_balance = balance_of(table.get(to).unwrap().unwrap().value());
+            table
+                .insert(from, &balance_value(from_balance - 1)[..])
+                .unwrap();
+            table
+                .insert(to, &balance_value(to_balance + 1)[..])
+                .unwrap();
+        }
+        txn.commit().unwrap();
+        true
+    }
+    fn balance(&self, account: &[u8]) -> u64 {
+        let txn = self.begin_read().unwrap();
+        let table = txn.open_table(REDB_TABLE).unwrap();
+        balance_of(table.get(account).unwrap().unwrap().value())
+    }
+}
+
+/// fjall: its optimistic transactions (`OptimisticTxDatabase`), each
+/// committed with `durability(Some(PersistMode::SyncData))`.
+struct FjallBank {
+    db: fjall::OptimisticTxDatabase,
+    keyspace: fjall::OptimisticTxKeyspace,
+}
+
+impl Bank for FjallBank {
+    fn transfer(&self, from: &[u8], to: &[u8]) -> bool {
+        use fjall::Readable as _;
+        let mut tx = self
+            .db
+            .write_tx()
+            .unwrap()
+            .durability(Some(fjall::PersistMode::SyncData));
+        let from_balance = balance_of(&tx.get(&self.keyspace, from).unwrap().unwrap());
+        let to_balance = balance_of(&tx.get(&self.keyspace, to).unwrap().unwrap());
+        tx.insert(&self.keyspace, from, balance_value(from_balance - 1));
+        tx.insert(&self.keyspace, to, balance_value(to_balance + 1));
+        tx.commit().unwrap().is_ok()
+    }
+    fn balance(&self, account: &[u8]) -> u64 {
+        balance_of(&self.keyspace.get(account).unwrap().unwrap())
+    }
+}
+
+/// The transfer workload, for the engines that have transactions: 16
+/// threads each move 1 between two random accounts of 10,000, retrying a
+/// transfer refused for a conflict, for the time budget. Reports committed
+/// transfers per second and the share of attempts refused, then checks
+/// that the balances still add up.
+fn run_transfers(name: &str, settings: &Settings) {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("bank");
+    std::fs::create_dir_all(&dir).unwrap();
+    let funding: Vec<_> = (0..ACCOUNTS)
+        .map(|i| (random_key(i), balance_value(OPENING_BALANCE)))
+        .collect();
+    let bank: Box<dyn Bank> = match name {
+        "mapstore" => {
+            let db = MapstoreEngine::open(&dir);
+            db.write_batch(&funding, true);
+            Box::new(db.0)
+        }
+        "redb" => {
+            let db = RedbEngine::open(&dir);
+            db.write_batch(&funding, true);
+            Box::new(db.0)
+        }
+        "fjall" => {
+            let db = fjall::OptimisticTxDatabase::builder(dir.join("fjall"))
+                .open()
+                .unwrap();
+            let keyspace = db
+                .keyspace("data", fjall::KeyspaceCreateOptions::default)
+                .unwrap();
+            for (key, value) in &funding {
+                keyspace.insert(&key[..], &value[..]).unwrap();
+            }
+            db.persist(fjall::PersistMode::SyncAll).unwrap();
+            Box::new(FjallBank { db, keyspace })
+        }
+        _ => return,
+    };
+    settle();
+    let conflicts = AtomicU64::new(0);
+    let (bank, conflicts_ref) = (&*bank, &conflicts);
+    let committed = timed_synced_ops("transfer_16t", &dir, TRANSFER_THREADS, settings, |_| {
+        move |i| {
+            let mut rng = Rng(i);
+            let from = rng.below(ACCOUNTS);
+            let to = (from + 1 + rng.below(ACCOUNTS - 1)) % ACCOUNTS;
+            while !bank.transfer(&random_key(from), &random_key(to)) {
+                conflicts_ref.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let total: u64 = (0..ACCOUNTS).map(|i| bank.balance(&random_key(i))).sum();
+    assert_eq!(
+        total,
+        ACCOUNTS * OPENING_BALANCE,
+        "{name}: money was made or lost"
+    );
+    // The share of attempts refused for a conflict (redb's one writer at
+    // a time has none).
+    let refused = conflicts.load(Ordering::Relaxed) as f64;
+    report(
+        "transfer_16t_conflict_percent",
+        100.0 * refused / (refused + committed as f64),
+    );
 }
 
 /// Writes back every dirty page of the machine (`sync(1)`), so that one
@@ -998,6 +1224,27 @@ const METRICS: &[(&str, &str, Better)] = &[
     (
         "write_16t_device_flushes_per_op",
         "  16 threads, device cache flushes per write",
+        Better::Neither,
+    ),
+    (
+        "cas_16t_ops",
+        "synced compare_and_swap, 16 threads, a key each (ops/s)",
+        Better::Higher,
+    ),
+    (
+        "insert_if_absent_16t_ops",
+        "synced insert_if_absent, 16 threads, new keys (ops/s)",
+        Better::Higher,
+    ),
+    (
+        "transfer_16t_ops",
+        "transfers, 16 threads, synced transactions (commits/s)",
+        Better::Higher,
+    ),
+    ("transfer_16t_p99_us", "  latency p99 (us)", Better::Lower),
+    (
+        "transfer_16t_conflict_percent",
+        "  attempts refused for a conflict (%)",
         Better::Neither,
     ),
     (
@@ -1270,6 +1517,7 @@ fn main() {
     {
         ["--engine", name] => return run_engine(name, &settings),
         ["--synced-writes", name] => return run_synced_writes(name, &settings),
+        ["--transfers", name] => return run_transfers(name, &settings),
         ["--crash-fill", name, dir] => return crash_fill(name, Path::new(dir), &settings),
         ["--crash-reopen", name, dir] => return crash_reopen(name, Path::new(dir), ""),
         ["--crash-reopen", name, dir, prefix] => {
@@ -1311,7 +1559,9 @@ fn main() {
         for turn in 0..engines.len() {
             let engine = &engines[(round - 1 + turn) % engines.len()];
             eprintln!("{engine}");
-            for (metric, value) in run_child(&["--synced-writes", engine]) {
+            let mut measured = run_child(&["--synced-writes", engine]);
+            measured.extend(run_child(&["--transfers", engine]));
+            for (metric, value) in measured {
                 let per_engine = write_rounds.entry(engine).or_default();
                 per_engine.entry(metric).or_default().push(value);
             }
