@@ -7,8 +7,11 @@ use bytes::Bytes;
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 
+use std::sync::Arc;
+
 use crate::condition::Condition;
 use crate::error::{Error, Result};
+use crate::keyspace::{DEFAULT_KEYSPACE, Keyspace, KeyspaceInfo};
 use crate::proto::{BatchRecord, OpKind, Operation};
 
 /// Longest key accepted, in bytes.
@@ -48,6 +51,9 @@ pub struct WriteBatch {
     spans: Vec<OpSpan>,
     /// The first limit an added operation broke, reported by `seal`.
     over_limit: Option<OverLimit>,
+    /// The named keyspaces the operations write to, each once, so that the
+    /// commit can check that they belong to its database and exist.
+    keyspaces: Vec<Arc<KeyspaceInfo>>,
 }
 
 /// One operation of a batch: its kind, and its key and value as byte
@@ -55,6 +61,7 @@ pub struct WriteBatch {
 #[derive(Clone, Debug)]
 struct OpSpan {
     kind: OpKind,
+    keyspace: u32,
     key: Range<usize>,
     value: Range<usize>,
 }
@@ -66,8 +73,9 @@ struct OpSpan {
 /// this much per operation.)
 const OP_FRAMING_BYTES: usize = 1 + 2 + 2 + 2 + 3;
 
-/// The encoded length of an operation's fields (kind, key, value).
-fn op_fields_len(key_len: usize, value_len: usize) -> usize {
+/// The encoded length of an operation's fields (kind, key, value,
+/// keyspace).
+fn op_fields_len(key_len: usize, value_len: usize, keyspace: u32) -> usize {
     let field_len = |len: usize| {
         if len == 0 {
             0
@@ -75,14 +83,19 @@ fn op_fields_len(key_len: usize, value_len: usize) -> usize {
             1 + encoded_len_varint(len as u64) + len
         }
     };
+    let keyspace_len = if keyspace == DEFAULT_KEYSPACE {
+        0
+    } else {
+        1 + encoded_len_varint(u64::from(keyspace))
+    };
     // Field 1, the kind: one tag byte and a one-byte varint.
-    2 + field_len(key_len) + field_len(value_len)
+    2 + field_len(key_len) + field_len(value_len) + keyspace_len
 }
 
-/// How many bytes an operation with a key and value of these lengths adds
-/// to a batch's encoding (what [`MAX_BATCH_BYTES`] limits).
-pub(crate) fn encoded_op_len(key_len: usize, value_len: usize) -> usize {
-    let op_len = op_fields_len(key_len, value_len);
+/// How many bytes an operation with a key and value of these lengths, in
+/// `keyspace`, adds to a batch's encoding (what [`MAX_BATCH_BYTES`] limits).
+pub(crate) fn encoded_op_len(key_len: usize, value_len: usize, keyspace: u32) -> usize {
+    let op_len = op_fields_len(key_len, value_len, keyspace);
     1 + encoded_len_varint(op_len as u64) + op_len
 }
 
@@ -127,17 +140,76 @@ impl WriteBatch {
             ),
             spans: Vec::with_capacity(operations),
             over_limit: None,
+            keyspaces: Vec::new(),
         }
     }
 
-    /// Adds "set `key` to `value`".
+    /// Adds "set `key` to `value`" in the default keyspace.
     pub fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
-        self.push(OpKind::Put, key.as_ref(), value.as_ref());
+        self.push(OpKind::Put, DEFAULT_KEYSPACE, key.as_ref(), value.as_ref());
     }
 
-    /// Adds "remove `key`" (a no-op for a key that is absent).
+    /// Adds "remove `key`" in the default keyspace (a no-op for a key that
+    /// is absent).
     pub fn remove(&mut self, key: impl AsRef<[u8]>) {
-        self.push(OpKind::Delete, key.as_ref(), &[]);
+        self.push(OpKind::Delete, DEFAULT_KEYSPACE, key.as_ref(), &[]);
+    }
+
+    /// Adds "set `key` to `value`" in `keyspace`. A batch may write to any
+    /// number of keyspaces of one database, atomically. Committing it with
+    /// another database, or after `keyspace` was dropped, is refused
+    /// whole ([`Error::ForeignKeyspace`], [`Error::KeyspaceDropped`]).
+    pub fn insert_in(
+        &mut self,
+        keyspace: &Keyspace,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) {
+        self.insert_into(&keyspace.info, key.as_ref(), value.as_ref());
+    }
+
+    /// Adds "remove `key`" in `keyspace` (see [`insert_in`](Self::insert_in)).
+    pub fn remove_in(&mut self, keyspace: &Keyspace, key: impl AsRef<[u8]>) {
+        self.remove_from(&keyspace.info, key.as_ref());
+    }
+
+    /// Adds "set `key` to `value`" in the keyspace `info` describes.
+    pub(crate) fn insert_into(&mut self, keyspace: &Arc<KeyspaceInfo>, key: &[u8], value: &[u8]) {
+        if keyspace.id != DEFAULT_KEYSPACE {
+            self.note_keyspace(keyspace);
+        }
+        self.push(OpKind::Put, keyspace.id, key, value);
+    }
+
+    /// Adds "remove `key`" in the keyspace `info` describes.
+    pub(crate) fn remove_from(&mut self, keyspace: &Arc<KeyspaceInfo>, key: &[u8]) {
+        if keyspace.id != DEFAULT_KEYSPACE {
+            self.note_keyspace(keyspace);
+        }
+        self.push(OpKind::Delete, keyspace.id, key, &[]);
+    }
+
+    /// Adds "create keyspace `id` named `name`" (only ever alone in a batch).
+    pub(crate) fn create_keyspace(&mut self, id: u32, name: &str) {
+        self.push(OpKind::CreateKeyspace, id, name.as_bytes(), &[]);
+    }
+
+    /// Adds "drop `keyspace`" (only ever alone in a batch).
+    pub(crate) fn drop_keyspace(&mut self, keyspace: &Arc<KeyspaceInfo>) {
+        self.note_keyspace(keyspace);
+        self.push(
+            OpKind::DropKeyspace,
+            keyspace.id,
+            keyspace.name.as_bytes(),
+            &[],
+        );
+    }
+
+    /// Adds `info` to the keyspaces the batch writes to.
+    pub(crate) fn note_keyspace(&mut self, info: &Arc<KeyspaceInfo>) {
+        if !self.keyspaces.iter().any(|known| Arc::ptr_eq(known, info)) {
+            self.keyspaces.push(info.clone());
+        }
     }
 
     /// Number of operations in the batch.
@@ -155,11 +227,12 @@ impl WriteBatch {
         self.body.clear();
         self.spans.clear();
         self.over_limit = None;
+        self.keyspaces.clear();
     }
 
     /// Appends one `Operation` as field 2 of `BatchRecord`, exactly as prost
-    /// encodes it (proto3 leaves out an empty key or value).
-    fn push(&mut self, kind: OpKind, key: &[u8], value: &[u8]) {
+    /// encodes it (proto3 leaves out an empty key or value, and keyspace 0).
+    fn push(&mut self, kind: OpKind, keyspace: u32, key: &[u8], value: &[u8]) {
         if self.over_limit.is_none() {
             if key.len() > MAX_KEY_BYTES {
                 self.over_limit = Some(OverLimit::Key(key.len()));
@@ -167,7 +240,7 @@ impl WriteBatch {
                 self.over_limit = Some(OverLimit::Value(value.len()));
             }
         }
-        let op_len = op_fields_len(key.len(), value.len());
+        let op_len = op_fields_len(key.len(), value.len(), keyspace);
         self.body
             .reserve(1 + encoded_len_varint(op_len as u64) + op_len);
         encode_key(2, WireType::LengthDelimited, &mut self.body);
@@ -176,7 +249,16 @@ impl WriteBatch {
         encode_varint(kind as u64, &mut self.body);
         let key = self.push_bytes_field(2, key);
         let value = self.push_bytes_field(3, value);
-        self.spans.push(OpSpan { kind, key, value });
+        if keyspace != DEFAULT_KEYSPACE {
+            encode_key(4, WireType::Varint, &mut self.body);
+            encode_varint(u64::from(keyspace), &mut self.body);
+        }
+        self.spans.push(OpSpan {
+            kind,
+            keyspace,
+            key,
+            value,
+        });
     }
 
     /// Appends a bytes field (nothing when `bytes` is empty); returns where
@@ -228,12 +310,14 @@ impl WriteBatch {
                 kind: span.kind as i32,
                 key: body.slice(span.key),
                 value: body.slice(span.value),
+                keyspace: span.keyspace,
             })
             .collect();
         Ok(SealedBatch {
             ops,
             body,
             conditions: Vec::new(),
+            keyspaces: self.keyspaces,
         })
     }
 }
@@ -248,6 +332,8 @@ pub(crate) struct SealedBatch {
     /// What the database must look like for the batch to commit, checked
     /// by the commit leader in commit order; empty for a plain write.
     pub conditions: Vec<Condition>,
+    /// The named keyspaces it writes to (see [`WriteBatch::keyspaces`]).
+    pub keyspaces: Vec<Arc<KeyspaceInfo>>,
 }
 
 /// Encodes the `first_seq` field alone; concatenated with a sealed body it
@@ -320,6 +406,15 @@ pub(crate) fn decode_record_into(
             Ok(OpKind::Put) => {}
             Ok(OpKind::Delete) if op.value.is_empty() => {}
             Ok(OpKind::Delete) => return Err("removal with a value".into()),
+            Ok(OpKind::CreateKeyspace | OpKind::DropKeyspace) => {
+                let named = std::str::from_utf8(&op.key)
+                    .is_ok_and(|name| crate::keyspace::check_name(name).is_ok());
+                if op.keyspace == DEFAULT_KEYSPACE || !named || !op.value.is_empty() {
+                    return Err(
+                        "keyspace operation without an id, a valid name, or with a value".into(),
+                    );
+                }
+            }
             _ => return Err(format!("unknown operation kind {}", op.kind)),
         }
         if op.key.len() > MAX_KEY_BYTES {
@@ -391,6 +486,7 @@ mod tests {
                 kind: kind as i32,
                 key: Bytes::copy_from_slice(key),
                 value: Bytes::copy_from_slice(value),
+                keyspace: 0,
             });
         }
         assert_eq!(batch.len(), cases.len());
@@ -406,7 +502,61 @@ mod tests {
         for (key_len, value_len) in [(0, 0), (1, 0), (16, 100), (127, 128), (300, 20_000)] {
             let mut batch = WriteBatch::new();
             batch.insert(vec![1u8; key_len], vec![2u8; value_len]);
-            assert_eq!(batch.body.len(), encoded_op_len(key_len, value_len));
+            assert_eq!(batch.body.len(), encoded_op_len(key_len, value_len, 0));
+        }
+    }
+
+    /// Keyspace ids (field 4) and keyspace operations encode as prost
+    /// does, and `encoded_op_len` counts the id.
+    #[test]
+    fn keyspace_fields_match_prost() {
+        let mut batch = WriteBatch::new();
+        let mut expected = BatchRecord::default();
+        let cases: [(OpKind, u32, &[u8], &[u8]); 5] = [
+            (OpKind::CreateKeyspace, 1, b"users", b""),
+            (OpKind::Put, 1, b"k", b"v"),
+            (OpKind::Delete, 300, b"gone", b""),
+            (OpKind::Put, 0, b"default", b"x"),
+            (OpKind::DropKeyspace, u32::MAX, b"old", b""),
+        ];
+        for &(kind, keyspace, key, value) in &cases {
+            let before = batch.body.len();
+            batch.push(kind, keyspace, key, value);
+            assert_eq!(
+                batch.body.len() - before,
+                encoded_op_len(key.len(), value.len(), keyspace)
+            );
+            expected.ops.push(Operation {
+                kind: kind as i32,
+                key: Bytes::copy_from_slice(key),
+                value: Bytes::copy_from_slice(value),
+                keyspace,
+            });
+        }
+        let sealed = batch.seal().unwrap();
+        assert_eq!(&sealed.body[..], &expected.encode_to_vec()[..]);
+        assert_eq!(sealed.ops, expected.ops);
+        let mut payload = encode_seq_prefix(9);
+        payload.extend_from_slice(&sealed.body);
+        assert_eq!(
+            decode_record(Bytes::from(payload)).unwrap().ops,
+            expected.ops
+        );
+        // A keyspace operation needs an id and a valid name, and no value.
+        for (keyspace, name, value) in [(0, "x", ""), (1, "", ""), (1, "x", "v")] {
+            let mut batch = WriteBatch::new();
+            batch.push(
+                OpKind::CreateKeyspace,
+                keyspace,
+                name.as_bytes(),
+                value.as_bytes(),
+            );
+            let mut payload = encode_seq_prefix(1);
+            payload.extend_from_slice(&batch.seal().unwrap().body);
+            assert!(
+                decode_record(Bytes::from(payload)).is_err(),
+                "{keyspace} {name:?}"
+            );
         }
     }
 

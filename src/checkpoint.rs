@@ -12,10 +12,14 @@
 //! 3. swaps the frozen memtable for the file in the read view, and
 //! 4. deletes the WAL segments the checkpoint covers.
 //!
-//! When there are more than `max_snapshot_files` files (or on
-//! [`Db::compact`](crate::Db::compact)), it merges all of them into one,
+//! A frozen generation holds a memtable per keyspace, and each becomes a
+//! file of its own: a snapshot file holds one keyspace. When a keyspace
+//! has more than `max_snapshot_files` files (or on
+//! [`Db::compact`](crate::Db::compact)), its files are merged into one,
 //! dropping versions no reader can see. Files leave the manifest first and
-//! the disk only when the last snapshot holding them is dropped.
+//! the disk only when the last snapshot holding them is dropped; the files
+//! of a dropped keyspace leave it with the first manifest whose checkpoint
+//! covers the drop.
 //!
 //! The manifest and the file list change only on this thread, one job at a
 //! time, so no two jobs race to install a manifest.
@@ -32,12 +36,13 @@ use bytes::Bytes;
 use crate::error::{Error, Result};
 use crate::files::{self, FileKind};
 use crate::io::FileSystem;
+use crate::keyspace::Catalog;
 use crate::manifest;
-use crate::memtable::{Memtable, Version};
+use crate::memtable::{MemtableSet, Version};
 use crate::merge::{MergeIter, VersionGc};
 use crate::proto::{Manifest, SnapshotFileMeta};
 use crate::read::{ReadState, ReadView, Source};
-use crate::replayed::ReplayedRun;
+use crate::replayed::ReplayedRuns;
 use crate::snapshot_file::writer::FileSummary;
 use crate::snapshot_file::{SnapshotFile, SnapshotFileWriter};
 use crate::wal::recycle::{Offer, RecycledSegments};
@@ -53,19 +58,38 @@ pub(crate) struct FrozenMemtable {
     pub wal_start_segment: u64,
 }
 
-/// What a frozen memtable holds.
+/// What a frozen memtable generation holds, by keyspace.
 #[derive(Debug, Clone)]
 pub(crate) enum FrozenContent {
-    Memtable(Arc<Memtable>),
-    Replayed(Arc<ReplayedRun>),
+    Memtables(Arc<MemtableSet>),
+    Replayed(Arc<ReplayedRuns>),
 }
 
 impl FrozenContent {
     /// The same versions as a source of the read view.
     pub fn source(&self) -> Source {
         match self {
-            FrozenContent::Memtable(table) => Source::Memtable(table.clone()),
-            FrozenContent::Replayed(run) => Source::Replayed(run.clone()),
+            FrozenContent::Memtables(set) => Source::Memtables(set.clone()),
+            FrozenContent::Replayed(runs) => Source::Replayed(runs.clone()),
+        }
+    }
+
+    /// Each keyspace's versions, in order, as a checkpoint writes them.
+    fn keyspaces(&self) -> Vec<(u32, Box<dyn Iterator<Item = Version> + '_>)> {
+        match self {
+            FrozenContent::Memtables(set) => set
+                .tables()
+                .map(|(id, table)| {
+                    (
+                        id,
+                        Box::new(table.versions()) as Box<dyn Iterator<Item = _>>,
+                    )
+                })
+                .collect(),
+            FrozenContent::Replayed(runs) => runs
+                .iter()
+                .map(|(id, run)| (id, Box::new(run.versions()) as Box<dyn Iterator<Item = _>>))
+                .collect(),
         }
     }
 }
@@ -95,6 +119,16 @@ pub struct CheckpointStats {
     /// left them unused for
     /// [`Options::wal_segments_kept_idle`](crate::Options::wal_segments_kept_idle).
     pub idle_wal_segments_deleted: u64,
+}
+
+/// The database's state on disk as recovery left it.
+#[derive(Debug)]
+pub(crate) struct OnDisk {
+    pub manifest: Manifest,
+    /// The manifest's snapshot files, open, newest first.
+    pub files: Vec<Arc<SnapshotFile>>,
+    /// Files nothing reads any more, to remove in the background.
+    pub leftovers: Vec<PathBuf>,
 }
 
 /// Settings the background work needs.
@@ -130,6 +164,8 @@ pub(crate) struct Storage {
     config: StorageConfig,
     read_state: Arc<ReadState>,
     file_numbers: Arc<AtomicU64>,
+    /// The keyspaces: which exist as of a checkpoint, for its MANIFEST.
+    catalog: Arc<Mutex<Catalog>>,
     state: Mutex<State>,
     changed: Condvar,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -159,15 +195,20 @@ impl Storage {
         config: StorageConfig,
         read_state: Arc<ReadState>,
         file_numbers: Arc<AtomicU64>,
-        manifest: Manifest,
-        files: Vec<Arc<SnapshotFile>>,
-        leftovers: Vec<PathBuf>,
+        catalog: Arc<Mutex<Catalog>>,
+        on_disk: OnDisk,
     ) -> Arc<Storage> {
+        let OnDisk {
+            manifest,
+            files,
+            leftovers,
+        } = on_disk;
         let storage = Arc::new(Storage {
             fs,
             config,
             read_state,
             file_numbers,
+            catalog,
             state: Mutex::new(State {
                 frozen: VecDeque::new(),
                 manifest,
@@ -380,8 +421,9 @@ impl Storage {
                     // Too many files come first, so that the bound on the
                     // files a lookup reads holds even under a stream of
                     // checkpoints (writers may then wait for the merge).
-                    if state.files.len() > self.config.max_snapshot_files {
+                    if let Some(keyspace) = self.keyspace_over_file_limit(&state.files) {
                         break Job::Merge {
+                            keyspaces: vec![keyspace],
                             requested: state.merges_done,
                         };
                     }
@@ -389,7 +431,13 @@ impl Storage {
                         break Job::Checkpoint(frozen.clone());
                     }
                     if state.merges_requested > state.merges_done {
+                        // A compaction merges every keyspace's files.
+                        let mut keyspaces: Vec<u32> =
+                            state.files.iter().map(|file| file.keyspace()).collect();
+                        keyspaces.sort_unstable();
+                        keyspaces.dedup();
                         break Job::Merge {
+                            keyspaces,
                             requested: state.merges_requested,
                         };
                     }
@@ -398,7 +446,10 @@ impl Storage {
             };
             let result = match &job {
                 Job::Checkpoint(frozen) => self.checkpoint(frozen),
-                Job::Merge { requested } => self.merge(*requested),
+                Job::Merge {
+                    keyspaces,
+                    requested,
+                } => self.merge(keyspaces, *requested),
             };
             if let Err(error) = result {
                 self.record_failure(error.to_string());
@@ -447,16 +498,30 @@ impl Storage {
         )
     }
 
-    /// Writes `versions` (sorted) to a new snapshot file, keeping what `gc`
-    /// keeps; returns the open file and what it holds, or `None` if nothing
-    /// survived.
+    /// A keyspace with more than `max_snapshot_files` files, if any.
+    fn keyspace_over_file_limit(&self, files: &[Arc<SnapshotFile>]) -> Option<u32> {
+        let mut counts = std::collections::BTreeMap::new();
+        for file in files {
+            *counts.entry(file.keyspace()).or_insert(0usize) += 1;
+        }
+        counts
+            .into_iter()
+            .find(|(_, count)| *count > self.config.max_snapshot_files)
+            .map(|(keyspace, _)| keyspace)
+    }
+
+    /// Writes `versions` (sorted) of `keyspace` to a new snapshot file,
+    /// keeping what `gc` keeps; returns the open file and what it holds, or
+    /// `None` if nothing survived.
     fn write_file(
         &self,
+        keyspace: u32,
         versions: impl Iterator<Item = Result<Version>>,
         gc: &mut VersionGc,
     ) -> Result<Option<(Arc<SnapshotFile>, FileSummary)>> {
         let (number, path) = self.new_file_path();
-        let mut writer = SnapshotFileWriter::create(&*self.fs, &self.config.dir, path.clone())?;
+        let mut writer = SnapshotFileWriter::create(&*self.fs, &self.config.dir, path.clone())?
+            .for_keyspace(keyspace);
         let mut written = 0u64;
         for version in versions {
             let version = match version {
@@ -490,13 +555,46 @@ impl Storage {
         Ok(Some((file, summary)))
     }
 
+    /// Writes the keyspaces that exist as of `manifest.checkpoint_seq` into
+    /// `manifest`, and takes the files of every other keyspace out of it
+    /// and out of `files`; returns those files (a drop's space comes back
+    /// once the checkpoint that covers the drop is durable).
+    fn record_keyspaces(
+        &self,
+        manifest: &mut Manifest,
+        files: &mut Vec<Arc<SnapshotFile>>,
+    ) -> Vec<Arc<SnapshotFile>> {
+        let catalog = lock(&self.catalog);
+        let seq = manifest.checkpoint_seq;
+        manifest.keyspaces = catalog.manifest_entries(seq);
+        manifest.next_keyspace_id = catalog.next_id();
+        manifest
+            .snapshot_files
+            .retain(|meta| catalog.exists_at(meta.keyspace, seq));
+        let (kept, dropped) = std::mem::take(files)
+            .into_iter()
+            .partition(|file| catalog.exists_at(file.keyspace(), seq));
+        *files = kept;
+        dropped
+    }
+
     fn checkpoint(&self, frozen: &FrozenMemtable) -> Result<()> {
         // Tombstones stay: older versions of their keys may be in files.
         let mut gc = VersionGc::new(self.live_seqs(), false);
-        let written = match &frozen.content {
-            FrozenContent::Memtable(table) => self.write_file(table.versions().map(Ok), &mut gc)?,
-            FrozenContent::Replayed(run) => self.write_file(run.versions().map(Ok), &mut gc)?,
+        // A keyspace dropped by the end of the generation gets no file.
+        let keyspaces: Vec<_> = {
+            let catalog = lock(&self.catalog);
+            frozen
+                .content
+                .keyspaces()
+                .into_iter()
+                .filter(|(id, _)| catalog.exists_at(*id, frozen.last_seq))
+                .collect()
         };
+        let mut written = Vec::new();
+        for (keyspace, versions) in keyspaces {
+            written.extend(self.write_file(keyspace, versions.map(Ok), &mut gc)?);
+        }
         let frozen_source = frozen.content.source();
 
         let (old_manifest, old_files) = {
@@ -508,31 +606,34 @@ impl Storage {
             wal_start_segment: frozen.wal_start_segment,
             next_file_number: self.file_numbers.load(Ordering::SeqCst),
             snapshot_files: old_manifest.snapshot_files.clone(),
+            ..old_manifest
         };
         let mut files = old_files;
-        if let Some((file, summary)) = &written {
+        for (file, summary) in written.iter().rev() {
             manifest
                 .snapshot_files
-                .insert(0, file_meta(file.number(), summary));
+                .insert(0, file_meta(file.number(), file.keyspace(), summary));
             files.insert(0, file.clone());
         }
+        let dropped = self.record_keyspaces(&mut manifest, &mut files);
         manifest::write(&*self.fs, &self.config.dir, &manifest)?;
 
-        // The manifest is durable: readers switch to the file, and the WAL
+        // The manifest is durable: readers switch to the files, and the WAL
         // before `wal_start_segment` is no longer needed.
         self.read_state.edit(|view| {
-            let mut sources = Vec::with_capacity(view.sources.len());
+            let mut sources = Vec::with_capacity(view.sources.len() + written.len());
             for source in &view.sources {
                 if source.is(&frozen_source) {
-                    if let Some((file, _)) = &written {
-                        sources.push(Source::File(file.clone()));
-                    }
-                } else {
+                    sources.extend(written.iter().map(|(file, _)| Source::File(file.clone())));
+                } else if !is_one_of(source, &dropped) {
                     sources.push(source.clone());
                 }
             }
             ReadView { sources }
         });
+        for file in &dropped {
+            file.mark_obsolete();
+        }
         retire_wal_segments_before(
             &*self.fs,
             &self.config.dir,
@@ -550,56 +651,71 @@ impl Storage {
         Ok(())
     }
 
-    fn merge(&self, requested: u64) -> Result<()> {
-        let (old_manifest, old_files) = {
+    /// Merges the files of each of `keyspaces` into one file per keyspace,
+    /// and installs the result with one manifest.
+    fn merge(&self, keyspaces: &[u32], requested: u64) -> Result<()> {
+        let (old_manifest, mut files) = {
             let state = self.state();
             (state.manifest.clone(), state.files.clone())
         };
-        // Every file takes part, so nothing older can hide under a dropped
-        // tombstone.
-        let mut gc = VersionGc::new(self.live_seqs(), true);
-        let streams: Vec<_> = old_files.iter().map(|file| file.versions()).collect();
-        let written = if old_files.is_empty() {
-            None
-        } else {
-            self.write_file(MergeIter::new(streams), &mut gc)?
-        };
-        let manifest = Manifest {
-            next_file_number: self.file_numbers.load(Ordering::SeqCst),
-            snapshot_files: written
+        let mut merged: Vec<Arc<SnapshotFile>> = Vec::new();
+        let mut written = Vec::new();
+        for &keyspace in keyspaces {
+            // Every file of the keyspace takes part, so nothing older can
+            // hide under a dropped tombstone.
+            let inputs: Vec<Arc<SnapshotFile>> = files
                 .iter()
-                .map(|(file, summary)| file_meta(file.number(), summary))
-                .collect(),
+                .filter(|file| file.keyspace() == keyspace)
+                .cloned()
+                .collect();
+            if inputs.is_empty() {
+                continue;
+            }
+            let mut gc = VersionGc::new(self.live_seqs(), true);
+            let streams: Vec<_> = inputs.iter().map(|file| file.versions()).collect();
+            written.extend(self.write_file(keyspace, MergeIter::new(streams), &mut gc)?);
+            merged.extend(inputs);
+        }
+        // The merged files take the place of the oldest: each replaces
+        // every file of its keyspace.
+        files.retain(|file| !merged.iter().any(|old| Arc::ptr_eq(old, file)));
+        files.extend(written.iter().map(|(file, _)| file.clone()));
+        let mut manifest = Manifest {
+            next_file_number: self.file_numbers.load(Ordering::SeqCst),
             ..old_manifest
         };
+        manifest
+            .snapshot_files
+            .retain(|meta| files.iter().any(|file| file.number() == meta.file_number));
+        for (file, summary) in &written {
+            manifest
+                .snapshot_files
+                .push(file_meta(file.number(), file.keyspace(), summary));
+        }
+        merged.extend(self.record_keyspaces(&mut manifest, &mut files));
         manifest::write(&*self.fs, &self.config.dir, &manifest)?;
 
         self.read_state.edit(|view| {
             let mut sources: Vec<Source> = view
                 .sources
                 .iter()
-                .filter(|source| match source {
-                    Source::File(file) => !old_files.iter().any(|old| Arc::ptr_eq(old, file)),
-                    Source::Memtable(_) | Source::Replayed(_) => true,
-                })
+                .filter(|source| !is_one_of(source, &merged))
                 .cloned()
                 .collect();
-            if let Some((file, _)) = &written {
-                sources.push(Source::File(file.clone()));
-            }
+            sources.extend(written.iter().map(|(file, _)| Source::File(file.clone())));
             ReadView { sources }
         });
         // Out of the manifest: each old file goes when its last reader does.
         // Let go of them here before reporting the merge done, so that a
         // caller dropping its last snapshot sees the files go at once.
-        for file in &old_files {
+        for file in &merged {
             file.mark_obsolete();
         }
-        drop(old_files);
+        drop(merged);
         {
             let mut state = self.state();
             state.manifest = manifest;
-            state.files = written.into_iter().map(|(file, _)| file).collect();
+            state.files = files;
             state.merges_done = state.merges_done.max(requested);
         }
         self.merges.fetch_add(1, Ordering::Relaxed);
@@ -610,7 +726,11 @@ impl Storage {
 
 enum Job {
     Checkpoint(FrozenMemtable),
-    Merge { requested: u64 },
+    /// Merge each of these keyspaces' files into one.
+    Merge {
+        keyspaces: Vec<u32>,
+        requested: u64,
+    },
 }
 
 /// Lowers the calling thread's priority by `levels` nice levels, at most to
@@ -638,9 +758,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn file_meta(number: u64, summary: &FileSummary) -> SnapshotFileMeta {
+/// Whether `source` is one of `files`.
+fn is_one_of(source: &Source, files: &[Arc<SnapshotFile>]) -> bool {
+    match source {
+        Source::File(file) => files.iter().any(|old| Arc::ptr_eq(old, file)),
+        Source::Memtables(_) | Source::Replayed(_) => false,
+    }
+}
+
+fn file_meta(number: u64, keyspace: u32, summary: &FileSummary) -> SnapshotFileMeta {
     SnapshotFileMeta {
         file_number: number,
+        keyspace,
         size_bytes: summary.size_bytes,
         level: 0,
         smallest_key: Bytes::copy_from_slice(&summary.smallest_key),

@@ -66,7 +66,9 @@ use crate::batch::{SealedBatch, encode_seq_prefix};
 use crate::checkpoint::{FrozenContent, FrozenMemtable, Storage};
 use crate::condition::GroupCheck;
 use crate::error::{Error, Result};
-use crate::memtable::{Apply, Memtable};
+use crate::keyspace::{Catalog, PerKeyspace};
+use crate::memtable::{Apply, BatchOps, MemtableSet};
+use crate::proto::{OpKind, Operation};
 use crate::read::{ReadState, ReadView, Source};
 use crate::wal::writer::WalWriter;
 
@@ -213,15 +215,18 @@ struct Queue {
 struct LeaderState {
     wal: WalWriter,
     next_seq: u64,
+    /// The last sequence number frozen for a checkpoint (or recovered):
+    /// a freeze with nothing committed after it has nothing to do.
+    frozen_through: u64,
     /// Set when a WAL write, fsync or rotation failed: the WAL's state is
     /// unknown and nothing more may be written to it.
     failure: Option<String>,
 }
 
-/// A group that is in the WAL, on its way to the memtable.
+/// A group that is in the WAL, on its way to the memtables.
 struct WrittenGroup {
-    /// The memtable that was active when the group was written.
-    memtable: Arc<Memtable>,
+    /// The memtable generation that was active when the group was written.
+    memtables: Arc<MemtableSet>,
     /// Each batch's outcome (what its writer is told): the sequence number
     /// of its last operation, or why its conditions refused it.
     outcomes: Vec<Result<u64>>,
@@ -232,10 +237,10 @@ struct WrittenGroup {
     wal_full: bool,
     /// Whether the group's write ended in an fsync.
     synced: bool,
-    /// The group's insert into `memtable`, begun before its WAL write;
+    /// The group's inserts into `memtables`, begun before its WAL write;
     /// `None` when every batch of the group was refused, so that nothing
     /// was written.
-    apply: Option<Apply>,
+    apply: Option<Vec<Apply>>,
 }
 
 /// When the active memtable is frozen for a checkpoint, and how the next
@@ -263,6 +268,8 @@ pub(crate) struct CommitPipeline {
     published: Condvar,
     read_state: Arc<ReadState>,
     storage: Arc<Storage>,
+    /// The keyspaces, which keyspace operations change as they are written.
+    catalog: Arc<Mutex<Catalog>>,
     limits: FreezeLimits,
     commits: AtomicU64,
     groups: AtomicU64,
@@ -288,6 +295,7 @@ impl CommitPipeline {
         next_seq: u64,
         read_state: Arc<ReadState>,
         storage: Arc<Storage>,
+        catalog: Arc<Mutex<Catalog>>,
         limits: FreezeLimits,
     ) -> CommitPipeline {
         CommitPipeline {
@@ -296,12 +304,14 @@ impl CommitPipeline {
             leader: Mutex::new(LeaderState {
                 wal,
                 next_seq,
+                frozen_through: next_seq - 1,
                 failure: None,
             }),
             publish_waiters: Mutex::new(0),
             published: Condvar::new(),
             read_state,
             storage,
+            catalog,
             limits,
             commits: AtomicU64::new(0),
             groups: AtomicU64::new(0),
@@ -432,8 +442,8 @@ impl CommitPipeline {
             Ok(written) => {
                 #[cfg(test)]
                 std::thread::sleep(tests::PAUSE_BEFORE_APPLY.get());
-                if let Some(apply) = written.apply {
-                    apply.finish();
+                if let Some(applies) = written.apply {
+                    applies.into_iter().for_each(Apply::finish);
                     // Every batch of the group is applied: once every
                     // earlier group is too, readers may see them.
                     self.publish_in_order(written.first_seq, written.last_seq);
@@ -445,9 +455,9 @@ impl CommitPipeline {
                 // The group is durable and visible; a failed freeze only
                 // refuses later writes.
                 let full = written.wal_full
-                    || written.memtable.approximate_bytes() >= self.limits.memtable_bytes;
+                    || written.memtables.approximate_bytes() >= self.limits.memtable_bytes;
                 if full {
-                    self.freeze_full(&written.memtable);
+                    self.freeze_full(&written.memtables);
                 }
                 let mut queue = lock(&self.queue);
                 queue.groups_applying -= 1;
@@ -569,17 +579,17 @@ impl CommitPipeline {
                 cause: cause.clone(),
             });
         }
-        // The memtable is chosen under the leader's lock: a freeze, which
+        // The memtables are chosen under the leader's lock: a freeze, which
         // takes that lock, waits for every group written before it to be
         // applied and published, and every group written after it goes to
-        // the fresh memtable.
+        // the fresh generation.
         let view = self.read_state.view();
-        let memtable = view
-            .active_memtable()
-            .cloned()
-            .ok_or_else(|| Error::WritesStopped {
-                cause: "no active memtable".into(),
-            })?;
+        let mut memtables =
+            view.active_memtables()
+                .cloned()
+                .ok_or_else(|| Error::WritesStopped {
+                    cause: "no active memtable".into(),
+                })?;
         let mut next_seq = leader.next_seq;
         // Conditions are checked against every commit before them: the
         // groups written before this one must be applied and published
@@ -597,16 +607,13 @@ impl CommitPipeline {
         let mut records: Vec<(Vec<u8>, Bytes)> = Vec::with_capacity(group.len());
         // Whether a batch that is written asked for an fsync.
         let mut sync = false;
-        // The operations' keys and values go to the memtable; the WAL
-        // record is the encoded body, which stays.
-        let mut batches = Vec::with_capacity(group.len());
+        // The operations' keys and values go to the memtables, by keyspace;
+        // the WAL record is the encoded body, which stays.
+        let mut per_keyspace: PerKeyspace<BatchOps> = PerKeyspace::default();
         for pending in group.iter_mut() {
-            if let Some(check) = &mut check {
-                if let Err(refused) = check.check(&pending.batch.conditions) {
-                    outcomes.push(Err(refused));
-                    continue;
-                }
-                check.record(next_seq, &pending.batch.ops);
+            if let Err(refused) = self.admit(&pending.batch, check.as_mut(), next_seq) {
+                outcomes.push(Err(refused));
+                continue;
             }
             let ops = std::mem::take(&mut pending.batch.ops);
             let count = ops.len() as u64;
@@ -619,13 +626,13 @@ impl CommitPipeline {
             }
             records.push((encode_seq_prefix(next_seq), pending.batch.body.clone()));
             sync |= pending.sync;
-            batches.push((next_seq, ops));
+            split_by_keyspace(next_seq, ops, &mut per_keyspace);
             next_seq += count;
         }
-        if batches.is_empty() {
+        if records.is_empty() {
             // Every batch was refused (or wrote nothing): no WAL write.
             return Ok(WrittenGroup {
-                memtable,
+                memtables,
                 outcomes,
                 first_seq: next_seq,
                 last_seq: next_seq - 1,
@@ -634,6 +641,20 @@ impl CommitPipeline {
                 apply: None,
             });
         }
+        // A keyspace this generation has no memtable for gets one now,
+        // before the apply; readers see it empty until the group is
+        // published.
+        if let Some(grown) = memtables.with_keyspaces(per_keyspace.iter().map(|(id, _)| id)) {
+            let grown = Arc::new(grown);
+            self.read_state.edit(|view| {
+                let mut sources = view.sources.clone();
+                if let Some(first) = sources.first_mut() {
+                    *first = Source::Memtables(grown.clone());
+                }
+                ReadView { sources }
+            });
+            memtables = grown;
+        }
         // The memtable insert starts before the WAL write: a large group is
         // handed to the helper thread as it is, which prepares (sorts) and
         // inserts it while this thread writes and fsyncs (a batch of 1,000
@@ -641,7 +662,13 @@ impl CommitPipeline {
         // afterwards). The versions stay unseen until the group is
         // published, after its fsync; if the write fails, never. (A freeze
         // after a failure is refused, so they never reach a file either.)
-        let apply = memtable.start_apply(batches);
+        let applies: Vec<Apply> = per_keyspace
+            .into_iter()
+            .filter_map(|(keyspace, batches)| {
+                let table = memtables.get(keyspace)?;
+                Some(table.start_apply(batches))
+            })
+            .collect();
         let commits = records.len() as u64;
         let records: Vec<[&[u8]; 2]> = records
             .iter()
@@ -649,7 +676,7 @@ impl CommitPipeline {
             .collect();
         if let Err(error) = leader.wal.append_group(&records, sync) {
             leader.failure = Some(error.to_string());
-            apply.finish();
+            applies.into_iter().for_each(Apply::finish);
             return Err(error);
         }
         let first_seq = leader.next_seq;
@@ -660,14 +687,56 @@ impl CommitPipeline {
             self.wal_syncs.fetch_add(1, Ordering::Relaxed);
         }
         Ok(WrittenGroup {
-            memtable,
+            memtables,
             outcomes,
             first_seq,
             last_seq: next_seq - 1,
             wal_full: leader.wal.bytes_since_rotation() >= self.limits.wal_bytes,
             synced: sync,
-            apply: Some(apply),
+            apply: Some(applies),
         })
+    }
+
+    /// Decides, in commit order, whether a batch of the group being written
+    /// commits as operation `first_seq` on: not if it writes to a keyspace
+    /// dropped before it, or if its conditions fail (checked by `check`,
+    /// which then records it). A keyspace it creates or drops is recorded
+    /// in the catalog here, so that the batches after it see the change.
+    fn admit(
+        &self,
+        batch: &SealedBatch,
+        check: Option<&mut GroupCheck>,
+        first_seq: u64,
+    ) -> Result<()> {
+        if let Some(dropped) = batch.keyspaces.iter().find(|info| info.is_dropped()) {
+            if !batch
+                .ops
+                .iter()
+                .any(|op| op.kind == OpKind::DropKeyspace as i32)
+            {
+                return Err(Error::KeyspaceDropped {
+                    name: dropped.name.clone(),
+                });
+            }
+        }
+        if let Some(check) = check {
+            check.check(&batch.conditions)?;
+            check.record(first_seq, &batch.ops);
+        }
+        // Keyspace operations come alone in their batch (`Db::keyspace`,
+        // `Db::drop_keyspace`), which serialize them.
+        for (seq, op) in (first_seq..).zip(&batch.ops) {
+            let changed = match OpKind::try_from(op.kind) {
+                Ok(OpKind::CreateKeyspace) => {
+                    let name = std::str::from_utf8(&op.key).unwrap_or_default();
+                    lock(&self.catalog).create(op.keyspace, name, seq)
+                }
+                Ok(OpKind::DropKeyspace) => lock(&self.catalog).drop_keyspace(op.keyspace, seq),
+                _ => continue,
+            };
+            changed.map_err(|cause| Error::WritesStopped { cause })?;
+        }
+        Ok(())
     }
 
     /// Makes every sequence number up to `last_seq` visible, once every
@@ -702,15 +771,15 @@ impl CommitPipeline {
 
     /// Freezes `memtable`, which a group just filled, unless another group
     /// froze it first. A failure stops later writes.
-    fn freeze_full(&self, memtable: &Arc<Memtable>) {
+    fn freeze_full(&self, memtables: &MemtableSet) {
         let mut leader = lock(&self.leader);
         if leader.failure.is_some() {
             return;
         }
         let view = self.read_state.view();
         let still_active = view
-            .active_memtable()
-            .is_some_and(|active| Arc::ptr_eq(active, memtable));
+            .active_memtables()
+            .is_some_and(|active| active.generation == memtables.generation);
         if !still_active {
             return;
         }
@@ -741,38 +810,42 @@ impl CommitPipeline {
             });
         }
         let last_seq = leader.next_seq - 1;
+        // Nothing committed since the last freeze: every commit up to
+        // `last_seq` is frozen or in files already. (A generation can be
+        // empty of versions and still hold commits: keyspaces created or
+        // dropped, which the checkpoint's MANIFEST records.)
+        if last_seq == leader.frozen_through {
+            return Ok(last_seq);
+        }
         // Groups written before this freeze may still be applying to the
-        // active memtable: it is complete (and `is_empty` is right about
-        // it) once they are published.
+        // active generation: it is complete once they are published.
         self.wait_until_published(last_seq);
         let view = self.read_state.view();
-        let Some(active) = view.active_memtable().cloned() else {
+        let Some(active) = view.active_memtables().cloned() else {
             return Err(Error::WritesStopped {
                 cause: "no active memtable".into(),
             });
         };
-        if active.is_empty() {
-            return Ok(last_seq);
-        }
         if backpressure {
             self.storage.wait_for_room()?;
         }
         let wal_start_segment = leader.wal.rotate()?;
-        let fresh = Arc::new(Memtable::with_read_index(
+        let fresh = Arc::new(MemtableSet::new(
             self.limits.memtable_bytes,
             self.limits.memtable_read_index,
         ));
         self.read_state.edit(|view| {
             let mut sources = Vec::with_capacity(view.sources.len() + 1);
-            sources.push(Source::Memtable(fresh));
+            sources.push(Source::Memtables(fresh));
             sources.extend(view.sources.iter().cloned());
             ReadView { sources }
         });
         self.storage.push_frozen(FrozenMemtable {
-            content: FrozenContent::Memtable(active),
+            content: FrozenContent::Memtables(active),
             last_seq,
             wal_start_segment,
         });
+        leader.frozen_through = last_seq;
         Ok(last_seq)
     }
 
@@ -845,6 +918,49 @@ impl CommitPipeline {
             // fsync: stats are not read on a hot path.
             wal_segments_reused: lock(&self.leader).wal.reused_segments(),
         }
+    }
+}
+
+/// Adds the operations of a batch numbered from `first_seq` to the
+/// inserts of each keyspace's memtable, as runs of consecutive operations
+/// on one keyspace (a batch on one keyspace, the usual one, moves whole).
+/// Keyspace operations change no memtable and are left out.
+fn split_by_keyspace(first_seq: u64, ops: Vec<Operation>, out: &mut PerKeyspace<BatchOps>) {
+    let is_data =
+        |op: &Operation| op.kind == OpKind::Put as i32 || op.kind == OpKind::Delete as i32;
+    if let Some(first) = ops.first() {
+        if ops
+            .iter()
+            .all(|op| is_data(op) && op.keyspace == first.keyspace)
+        {
+            let keyspace = first.keyspace;
+            out.get_or_insert_with(keyspace, Vec::new)
+                .push((first_seq, ops));
+            return;
+        }
+    }
+    let mut run: Option<(u32, u64, Vec<Operation>)> = None;
+    for (seq, op) in (first_seq..).zip(ops) {
+        let same_run = run
+            .as_ref()
+            .is_some_and(|(keyspace, _, _)| *keyspace == op.keyspace);
+        if !same_run || !is_data(&op) {
+            if let Some((keyspace, start, ops)) = run.take() {
+                out.get_or_insert_with(keyspace, Vec::new)
+                    .push((start, ops));
+            }
+        }
+        if !is_data(&op) {
+            continue;
+        }
+        match &mut run {
+            Some((_, _, ops)) => ops.push(op),
+            None => run = Some((op.keyspace, seq, vec![op])),
+        }
+    }
+    if let Some((keyspace, start, ops)) = run {
+        out.get_or_insert_with(keyspace, Vec::new)
+            .push((start, ops));
     }
 }
 

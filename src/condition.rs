@@ -23,16 +23,22 @@ use crate::error::{Error, Result};
 use crate::proto::{OpKind, Operation};
 use crate::read::{Snapshot, range_is_empty};
 
-/// What a batch requires of the database at its commit.
+/// What a batch requires of the database at its commit. Each names the
+/// keyspace (by id) its key or range is in.
 #[derive(Clone, Debug)]
 pub(crate) enum Condition {
     /// The key's version is `expected`; `None`: the key is absent.
-    VersionIs { key: Bytes, expected: Option<u64> },
+    VersionIs {
+        keyspace: u32,
+        key: Bytes,
+        expected: Option<u64>,
+    },
     /// No commit after `seq` wrote the key (a removal counts).
-    KeyUnchangedSince { key: Bytes, seq: u64 },
+    KeyUnchangedSince { keyspace: u32, key: Bytes, seq: u64 },
     /// No commit after `seq` wrote any key in the range: none was
     /// inserted, changed or removed there.
     RangeUnchangedSince {
+        keyspace: u32,
         lower: Bound<Bytes>,
         upper: Bound<Bytes>,
         seq: u64,
@@ -57,7 +63,8 @@ struct GroupVersion {
 /// against them too.
 pub(crate) struct GroupCheck {
     snapshot: Snapshot,
-    written: BTreeMap<Bytes, GroupVersion>,
+    /// By keyspace, then key.
+    written: BTreeMap<u32, BTreeMap<Bytes, GroupVersion>>,
 }
 
 impl GroupCheck {
@@ -73,36 +80,52 @@ impl GroupCheck {
     pub fn check(&self, conditions: &[Condition]) -> Result<()> {
         for condition in conditions {
             match condition {
-                Condition::VersionIs { key, expected } => {
-                    let version = self.live_version(key)?;
+                Condition::VersionIs {
+                    keyspace,
+                    key,
+                    expected,
+                } => {
+                    let version = self.live_version(*keyspace, key)?;
                     if version != *expected {
                         return Err(conflict(key, version));
                     }
                 }
-                Condition::KeyUnchangedSince { key, seq } => {
-                    let newest = match self.written.get(key) {
+                Condition::KeyUnchangedSince { keyspace, key, seq } => {
+                    let newest = match self.written(*keyspace, key) {
                         Some(written) => Some(written.seq),
-                        None => self.snapshot.newest_version(key)?.map(|found| found.seq),
+                        None => self
+                            .snapshot
+                            .newest_version(*keyspace, key)?
+                            .map(|found| found.seq),
                     };
                     if newest.is_some_and(|newest| newest > *seq) {
-                        return Err(conflict(key, self.live_version(key)?));
+                        return Err(conflict(key, self.live_version(*keyspace, key)?));
                     }
                 }
-                Condition::RangeUnchangedSince { lower, upper, seq } => {
-                    // Anything an earlier batch of the group wrote there is
-                    // newer than any snapshot the condition names.
+                Condition::RangeUnchangedSince {
+                    keyspace,
+                    lower,
+                    upper,
+                    seq,
+                } => {
                     if range_is_empty(lower, upper) {
                         continue;
                     }
-                    let in_group = self
-                        .written
-                        .range::<Bytes, _>((lower.as_ref(), upper.as_ref()))
-                        .next();
+                    // Anything an earlier batch of the group wrote there is
+                    // newer than any snapshot the condition names.
+                    let in_group = self.written.get(keyspace).and_then(|written| {
+                        written
+                            .range::<Bytes, _>((lower.as_ref(), upper.as_ref()))
+                            .next()
+                    });
                     if let Some((key, written)) = in_group {
                         return Err(conflict(key, written.live.then_some(written.seq)));
                     }
-                    if let Some((key, _)) = self.snapshot.first_change_after(lower, upper, *seq)? {
-                        return Err(conflict(&key, self.live_version(&key)?));
+                    let changed = self
+                        .snapshot
+                        .first_change_after(*keyspace, lower, upper, *seq)?;
+                    if let Some((key, _)) = changed {
+                        return Err(conflict(&key, self.live_version(*keyspace, &key)?));
                     }
                 }
             }
@@ -114,20 +137,30 @@ impl GroupCheck {
     /// number `first_seq + i`.
     pub fn record(&mut self, first_seq: u64, ops: &[Operation]) {
         for (seq, op) in (first_seq..).zip(ops) {
-            let live = op.kind != OpKind::Delete as i32;
+            if op.kind != OpKind::Put as i32 && op.kind != OpKind::Delete as i32 {
+                continue;
+            }
+            let live = op.kind == OpKind::Put as i32;
             self.written
+                .entry(op.keyspace)
+                .or_default()
                 .insert(op.key.clone(), GroupVersion { seq, live });
         }
     }
 
+    /// What an earlier batch of the group wrote to the key, if anything.
+    fn written(&self, keyspace: u32, key: &[u8]) -> Option<&GroupVersion> {
+        self.written.get(&keyspace)?.get(key)
+    }
+
     /// The key's version as of the batches checked so far: `None` if absent.
-    fn live_version(&self, key: &[u8]) -> Result<Option<u64>> {
-        if let Some(written) = self.written.get(key) {
+    fn live_version(&self, keyspace: u32, key: &[u8]) -> Result<Option<u64>> {
+        if let Some(written) = self.written(keyspace, key) {
             return Ok(written.live.then_some(written.seq));
         }
         Ok(self
             .snapshot
-            .newest_version(key)?
+            .newest_version(keyspace, key)?
             .and_then(|found| found.value.is_some().then_some(found.seq)))
     }
 }

@@ -5,18 +5,21 @@ use std::io;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 
 use crate::batch::WriteBatch;
-use crate::checkpoint::{CheckpointStats, FrozenContent, FrozenMemtable, Storage, StorageConfig};
+use crate::checkpoint::{
+    CheckpointStats, FrozenContent, FrozenMemtable, OnDisk, Storage, StorageConfig,
+};
 use crate::commit::{CommitPipeline, CommitStats, FreezeLimits};
 use crate::condition::Condition;
 use crate::error::{Error, Result};
 use crate::files;
 use crate::io::{FileLock, FileSystem};
-use crate::memtable::Memtable;
+use crate::keyspace::{Catalog, DEFAULT_KEYSPACE, Keyspace, KeyspaceInfo, check_name};
+use crate::memtable::MemtableSet;
 use crate::options::{Durability, Options, RecoveryMode};
 use crate::read::{Iter, ReadState, ReadView, Snapshot, Source};
 use crate::recovery::{self, RecoveryReport};
@@ -55,8 +58,18 @@ pub struct Db {
 }
 
 struct DbInner {
+    /// Tells this open database apart from every other one in the process,
+    /// so that a keyspace handle of another cannot be used with it.
+    id: u64,
     path: PathBuf,
     options: Options,
+    /// The named keyspaces (shared with the commit leader, which records
+    /// their creation and drop in commit order, and the checkpoints).
+    catalog: Arc<Mutex<Catalog>>,
+    /// Held while a keyspace is created or dropped: one change at a time.
+    keyspace_changes: Mutex<()>,
+    /// The default keyspace, as the internal operations take it.
+    default_keyspace: Arc<KeyspaceInfo>,
     read_state: Arc<ReadState>,
     pipeline: CommitPipeline,
     storage: Arc<Storage>,
@@ -115,20 +128,26 @@ impl Db {
                 io::ErrorKind::WouldBlock => Error::Locked { path: path.clone() },
                 _ => Error::io("lock", &lock_path, error),
             })?;
-        let recovered = recovery::recover(&fs, &path, options.recovery_mode)?;
-        // Writes go to a fresh memtable; what the replay recovered waits
-        // behind it for its checkpoint, like a frozen memtable.
-        let memtable = Arc::new(Memtable::with_read_index(
+        static NEXT_DB_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_DB_ID.fetch_add(1, Ordering::Relaxed);
+        let recovered = recovery::recover(&fs, &path, options.recovery_mode, id)?;
+        // Writes go to a fresh memtable generation; what the replay
+        // recovered waits behind it for its checkpoint, like a frozen one.
+        let memtables = Arc::new(MemtableSet::new(
             options.memtable_size,
             options.memtable_read_index,
         ));
-        let mut sources = vec![Source::Memtable(memtable)];
-        let replayed = (!recovered.replayed.is_empty()).then(|| Arc::new(recovered.replayed));
-        if let Some(run) = &replayed {
-            sources.push(Source::Replayed(run.clone()));
+        let mut sources = vec![Source::Memtables(memtables)];
+        // Any record replayed (even one that only created a keyspace) waits
+        // for a checkpoint, whose MANIFEST then covers it.
+        let replayed = (recovered.last_seq > recovered.manifest.checkpoint_seq)
+            .then(|| Arc::new(recovered.replayed));
+        if let Some(runs) = &replayed {
+            sources.push(Source::Replayed(runs.clone()));
         }
         sources.extend(recovered.files.iter().cloned().map(Source::File));
-        let read_state = Arc::new(ReadState::new(ReadView { sources }, recovered.last_seq));
+        let read_state = Arc::new(ReadState::new(ReadView { sources }, recovered.last_seq, id));
+        let catalog = Arc::new(Mutex::new(recovered.catalog));
         let file_numbers = Arc::new(AtomicU64::new(recovered.next_file_number));
         // Up to `wal_segments_kept` WAL segments a checkpoint covers are kept
         // for reuse, except under `Strict`: a reused segment's tail after a
@@ -151,16 +170,19 @@ impl Db {
             },
             read_state.clone(),
             file_numbers.clone(),
-            recovered.manifest,
-            recovered.files,
-            recovered.leftovers,
+            catalog.clone(),
+            OnDisk {
+                manifest: recovered.manifest,
+                files: recovered.files,
+                leftovers: recovered.leftovers,
+            },
         );
-        if let Some(run) = replayed {
+        if let Some(runs) = replayed {
             // Every replayed segment is numbered below `next_file_number`,
             // and the WAL writer starts a new segment numbered from there:
-            // once the run is in a file, recovery starts at that segment.
+            // once the runs are in files, recovery starts at that segment.
             storage.push_frozen(FrozenMemtable {
-                content: FrozenContent::Replayed(run),
+                content: FrozenContent::Replayed(runs),
                 last_seq: recovered.last_seq,
                 wal_start_segment: recovered.next_file_number,
             });
@@ -180,6 +202,7 @@ impl Db {
             recovered.last_seq + 1,
             read_state.clone(),
             storage.clone(),
+            catalog.clone(),
             FreezeLimits {
                 memtable_bytes: options.memtable_size,
                 wal_bytes: options.max_wal_bytes,
@@ -188,8 +211,12 @@ impl Db {
         );
         Ok(Db {
             inner: Arc::new(DbInner {
+                id,
                 path,
                 options,
+                catalog,
+                keyspace_changes: Mutex::new(()),
+                default_keyspace: Arc::new(KeyspaceInfo::new(DEFAULT_KEYSPACE, String::new(), id)),
                 read_state,
                 pipeline,
                 storage,
@@ -207,9 +234,7 @@ impl Db {
     /// [`Error::Io`] or [`Error::WritesStopped`] if the log write failed,
     /// [`Error::Closed`].
     pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<u64> {
-        let mut batch = WriteBatch::new();
-        batch.insert(key, value);
-        self.write(batch)
+        self.insert_at(&self.inner.default_keyspace, key.as_ref(), value.as_ref())
     }
 
     /// Removes `key` (a no-op if absent); returns the commit's sequence number.
@@ -217,9 +242,7 @@ impl Db {
     /// # Errors
     /// As [`insert`](Db::insert).
     pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<u64> {
-        let mut batch = WriteBatch::new();
-        batch.remove(key);
-        self.write(batch)
+        self.remove_at(&self.inner.default_keyspace, key.as_ref())
     }
 
     /// Commits `batch` atomically; returns the sequence number of its last
@@ -244,6 +267,7 @@ impl Db {
     /// As [`write`](Db::write).
     pub fn write_with_durability(&self, batch: WriteBatch, durability: Durability) -> Result<u64> {
         let sealed = batch.seal()?;
+        self.check_keyspaces(&sealed.keyspaces)?;
         self.inner
             .pipeline
             .commit(sealed, durability == Durability::Sync)
@@ -254,8 +278,7 @@ impl Db {
     /// # Errors
     /// [`Error::Closed`]; [`Error::Corruption`] if a file holding it is damaged.
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Slice>> {
-        self.check_open()?;
-        self.inner.read_state.unregistered_snapshot().get(key)
+        self.get_at(&self.inner.default_keyspace, key.as_ref())
     }
 
     /// Whether `key` is present.
@@ -274,11 +297,7 @@ impl Db {
     /// # Errors
     /// As [`get`](Db::get).
     pub fn get_versioned(&self, key: impl AsRef<[u8]>) -> Result<Option<(Slice, u64)>> {
-        self.check_open()?;
-        self.inner
-            .read_state
-            .unregistered_snapshot()
-            .get_versioned(key)
+        self.get_versioned_at(&self.inner.default_keyspace, key.as_ref())
     }
 
     /// Stores `value` under `key` if the key is absent, and returns `None`;
@@ -302,21 +321,7 @@ impl Db {
         key: impl AsRef<[u8]>,
         value: impl AsRef<[u8]>,
     ) -> Result<Option<Slice>> {
-        let key = key.as_ref();
-        let mut batch = WriteBatch::new();
-        batch.insert(key, value);
-        loop {
-            match self.commit_conditional(batch.clone(), vec![expect_version(key, None)]) {
-                Ok(_) => return Ok(None),
-                Err(Error::Conflict { .. }) => {
-                    if let Some(present) = self.get(key)? {
-                        return Ok(Some(present));
-                    }
-                    // Removed since the check refused the insert: try again.
-                }
-                Err(error) => return Err(error),
-            }
-        }
+        self.insert_if_absent_at(&self.inner.default_keyspace, key.as_ref(), value.as_ref())
     }
 
     /// Sets `key` to `value` if the key's version is `expected` (`None`:
@@ -346,10 +351,12 @@ impl Db {
         expected: Option<u64>,
         value: impl AsRef<[u8]>,
     ) -> Result<u64> {
-        let key = key.as_ref();
-        let mut batch = WriteBatch::new();
-        batch.insert(key, value);
-        self.commit_conditional(batch, vec![expect_version(key, expected)])
+        self.compare_and_swap_at(
+            &self.inner.default_keyspace,
+            key.as_ref(),
+            expected,
+            Some(value.as_ref()),
+        )
     }
 
     /// Removes `key` if its version is `expected`; returns the commit's
@@ -359,10 +366,12 @@ impl Db {
     /// [`Error::Conflict`] with the key's current version (`None` if it is
     /// absent) if it is not `expected`; otherwise as [`insert`](Db::insert).
     pub fn compare_and_remove(&self, key: impl AsRef<[u8]>, expected: u64) -> Result<u64> {
-        let key = key.as_ref();
-        let mut batch = WriteBatch::new();
-        batch.remove(key);
-        self.commit_conditional(batch, vec![expect_version(key, Some(expected))])
+        self.compare_and_swap_at(
+            &self.inner.default_keyspace,
+            key.as_ref(),
+            Some(expected),
+            None,
+        )
     }
 
     /// Reads `key`, calls `change` with its value (`None`: absent), and
@@ -388,28 +397,11 @@ impl Db {
     ///
     /// # Errors
     /// As [`insert`](Db::insert); never [`Error::Conflict`].
-    pub fn update<F>(&self, key: impl AsRef<[u8]>, mut change: F) -> Result<u64>
+    pub fn update<F>(&self, key: impl AsRef<[u8]>, change: F) -> Result<u64>
     where
         F: FnMut(Option<&[u8]>) -> Option<Vec<u8>>,
     {
-        let key = key.as_ref();
-        loop {
-            self.check_open()?;
-            let snapshot = self.inner.read_state.unregistered_snapshot();
-            let current = snapshot.get_versioned(key)?;
-            let version = current.as_ref().map(|(_, version)| *version);
-            let changed = change(current.as_ref().map(|(value, _)| &value[..]));
-            let mut batch = WriteBatch::new();
-            match (changed, version) {
-                (Some(value), _) => batch.insert(key, value),
-                (None, Some(_)) => batch.remove(key),
-                (None, None) => return Ok(snapshot.seq()),
-            }
-            match self.commit_conditional(batch, vec![expect_version(key, version)]) {
-                Err(Error::Conflict { .. }) => continue,
-                outcome => return outcome,
-            }
-        }
+        self.update_at(&self.inner.default_keyspace, key.as_ref(), change)
     }
 
     /// Begins an optimistic transaction under snapshot isolation (see
@@ -489,10 +481,214 @@ impl Db {
         conditions: Vec<Condition>,
     ) -> Result<u64> {
         let mut sealed = batch.seal()?;
+        self.check_keyspaces(&sealed.keyspaces)?;
         sealed.conditions = conditions;
         self.inner
             .pipeline
             .commit(sealed, self.inner.options.durability == Durability::Sync)
+    }
+
+    /// Opens the keyspace named `name`, creating it if it does not exist
+    /// (durably, as a commit of its own, under [`Options::durability`]).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), mapstore::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let db = mapstore::Db::open(dir.path())?;
+    /// let users = db.keyspace("users")?;
+    /// users.insert("ada", "admin")?;
+    /// assert_eq!(db.keyspace("users")?.get("ada")?.as_deref(), Some(&b"admin"[..]));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidKeyspaceName`] for an empty name or one longer than
+    /// [`MAX_KEYSPACE_NAME_BYTES`](crate::MAX_KEYSPACE_NAME_BYTES); as
+    /// [`insert`](Db::insert) for the commit that creates it.
+    pub fn keyspace(&self, name: &str) -> Result<Keyspace> {
+        check_name(name)?;
+        self.check_open()?;
+        if let Some(info) = self.catalog().lookup(name) {
+            return Ok(Keyspace {
+                db: self.clone(),
+                info,
+            });
+        }
+        let _changing = lock(&self.inner.keyspace_changes);
+        // Created while this thread waited for the lock?
+        if let Some(info) = self.catalog().lookup(name) {
+            return Ok(Keyspace {
+                db: self.clone(),
+                info,
+            });
+        }
+        let mut batch = WriteBatch::new();
+        batch.create_keyspace(self.catalog().next_id(), name);
+        self.write(batch)?;
+        let info = self
+            .catalog()
+            .lookup(name)
+            .ok_or_else(|| Error::KeyspaceNotFound {
+                name: name.to_string(),
+            })?;
+        Ok(Keyspace {
+            db: self.clone(),
+            info,
+        })
+    }
+
+    /// The names of the keyspaces, sorted (the default keyspace has none).
+    ///
+    /// # Errors
+    /// [`Error::Closed`].
+    pub fn keyspace_names(&self) -> Result<Vec<String>> {
+        self.check_open()?;
+        Ok(self.catalog().names())
+    }
+
+    /// Drops the keyspace named `name`, durably, as one commit: from then
+    /// on it has no data for any reader (a snapshot taken before included),
+    /// every handle of it returns [`Error::KeyspaceDropped`], and batches
+    /// and transactions that write to it are refused. Its files' space is
+    /// returned once a checkpoint covers the drop. A keyspace created later
+    /// with the same name is a new, empty one.
+    ///
+    /// # Errors
+    /// [`Error::KeyspaceNotFound`]; as [`insert`](Db::insert).
+    pub fn drop_keyspace(&self, name: &str) -> Result<u64> {
+        self.check_open()?;
+        let _changing = lock(&self.inner.keyspace_changes);
+        let info = self
+            .catalog()
+            .lookup(name)
+            .ok_or_else(|| Error::KeyspaceNotFound {
+                name: name.to_string(),
+            })?;
+        let mut batch = WriteBatch::new();
+        batch.drop_keyspace(&info);
+        self.write(batch)
+    }
+
+    /// The default keyspace, as the internal operations take it.
+    pub(crate) fn default_keyspace(&self) -> &Arc<KeyspaceInfo> {
+        &self.inner.default_keyspace
+    }
+
+    fn catalog(&self) -> MutexGuard<'_, Catalog> {
+        lock(&self.inner.catalog)
+    }
+
+    /// `Ok` if every keyspace a batch writes to is this database's and
+    /// not dropped (the commit leader checks the drop again in commit
+    /// order).
+    fn check_keyspaces(&self, keyspaces: &[Arc<KeyspaceInfo>]) -> Result<()> {
+        keyspaces
+            .iter()
+            .try_for_each(|info| info.check(self.inner.id))
+    }
+
+    // The operations of one keyspace, which the default keyspace's methods
+    // above and `Keyspace`'s share.
+
+    pub(crate) fn insert_at(
+        &self,
+        keyspace: &Arc<KeyspaceInfo>,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<u64> {
+        let mut batch = WriteBatch::new();
+        batch.insert_into(keyspace, key, value);
+        self.write(batch)
+    }
+
+    pub(crate) fn remove_at(&self, keyspace: &Arc<KeyspaceInfo>, key: &[u8]) -> Result<u64> {
+        let mut batch = WriteBatch::new();
+        batch.remove_from(keyspace, key);
+        self.write(batch)
+    }
+
+    /// A snapshot for one read of `keyspace`, once the database and the
+    /// keyspace are checked.
+    fn read_snapshot(&self, keyspace: &KeyspaceInfo) -> Result<Snapshot> {
+        self.check_open()?;
+        keyspace.check(self.inner.id)?;
+        Ok(self.inner.read_state.unregistered_snapshot())
+    }
+
+    pub(crate) fn get_at(&self, keyspace: &KeyspaceInfo, key: &[u8]) -> Result<Option<Slice>> {
+        self.read_snapshot(keyspace)?.get_from(keyspace.id, key)
+    }
+
+    pub(crate) fn get_versioned_at(
+        &self,
+        keyspace: &KeyspaceInfo,
+        key: &[u8],
+    ) -> Result<Option<(Slice, u64)>> {
+        self.read_snapshot(keyspace)?
+            .get_versioned_from(keyspace.id, key)
+    }
+
+    pub(crate) fn insert_if_absent_at(
+        &self,
+        keyspace: &Arc<KeyspaceInfo>,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<Option<Slice>> {
+        let mut batch = WriteBatch::new();
+        batch.insert_into(keyspace, key, value);
+        loop {
+            let absent = expect_version(keyspace.id, key, None);
+            match self.commit_conditional(batch.clone(), vec![absent]) {
+                Ok(_) => return Ok(None),
+                Err(Error::Conflict { .. }) => {
+                    if let Some(present) = self.get_at(keyspace, key)? {
+                        return Ok(Some(present));
+                    }
+                    // Removed since the check refused the insert: try again.
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) `key` if its version is `expected`.
+    pub(crate) fn compare_and_swap_at(
+        &self,
+        keyspace: &Arc<KeyspaceInfo>,
+        key: &[u8],
+        expected: Option<u64>,
+        value: Option<&[u8]>,
+    ) -> Result<u64> {
+        let mut batch = WriteBatch::new();
+        match value {
+            Some(value) => batch.insert_into(keyspace, key, value),
+            None => batch.remove_from(keyspace, key),
+        }
+        self.commit_conditional(batch, vec![expect_version(keyspace.id, key, expected)])
+    }
+
+    pub(crate) fn update_at<F>(
+        &self,
+        keyspace: &Arc<KeyspaceInfo>,
+        key: &[u8],
+        mut change: F,
+    ) -> Result<u64>
+    where
+        F: FnMut(Option<&[u8]>) -> Option<Vec<u8>>,
+    {
+        loop {
+            let snapshot = self.read_snapshot(keyspace)?;
+            let current = snapshot.get_versioned_from(keyspace.id, key)?;
+            let version = current.as_ref().map(|(_, version)| *version);
+            let changed = change(current.as_ref().map(|(value, _)| &value[..]));
+            if changed.is_none() && version.is_none() {
+                return Ok(snapshot.seq());
+            }
+            match self.compare_and_swap_at(keyspace, key, version, changed.as_deref()) {
+                Err(Error::Conflict { .. }) => continue,
+                outcome => return outcome,
+            }
+        }
     }
 
     /// A point-in-time view of everything committed so far.
@@ -579,8 +775,8 @@ impl Db {
     /// per-entry overhead).
     pub fn memtable_bytes(&self) -> usize {
         let view = self.inner.read_state.view();
-        view.active_memtable()
-            .map_or(0, |table| table.approximate_bytes())
+        view.active_memtables()
+            .map_or(0, |set| set.approximate_bytes())
     }
 
     /// Keys in the memtable's read index: a hash index of each key's newest
@@ -591,7 +787,8 @@ impl Db {
     /// memtable is quiet again).
     pub fn memtable_indexed_keys(&self) -> usize {
         let view = self.inner.read_state.view();
-        view.active_memtable()
+        view.active_memtables()
+            .and_then(|set| set.default_table())
             .map_or(0, |table| table.indexed_keys())
     }
 
@@ -609,11 +806,20 @@ impl Db {
 }
 
 /// The condition "`key`'s version is `expected`" (`None`: absent).
-fn expect_version(key: &[u8], expected: Option<u64>) -> Condition {
+fn expect_version(keyspace: u32, key: &[u8], expected: Option<u64>) -> Condition {
     Condition::VersionIs {
+        keyspace,
         key: Bytes::copy_from_slice(key),
         expected,
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The catalog and the keyspace-change lock are changed in single calls
+    // that leave them whole at every point a panic could interrupt.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl DbInner {

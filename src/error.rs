@@ -109,6 +109,33 @@ pub enum Error {
         /// absent.
         version: Option<u64>,
     },
+    /// A keyspace name is empty or longer than
+    /// [`MAX_KEYSPACE_NAME_BYTES`](crate::MAX_KEYSPACE_NAME_BYTES); nothing
+    /// was created.
+    InvalidKeyspaceName {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// No keyspace of that name exists (for
+    /// [`Db::drop_keyspace`](crate::Db::drop_keyspace)).
+    KeyspaceNotFound {
+        /// The name given.
+        name: String,
+    },
+    /// The keyspace of this handle was dropped; nothing was written. A
+    /// batch or transaction that writes to it is refused whole.
+    KeyspaceDropped {
+        /// The keyspace's name.
+        name: String,
+    },
+    /// A [`Keyspace`](crate::Keyspace) handle was used with another
+    /// database than the one that made it; nothing was written.
+    ForeignKeyspace {
+        /// The keyspace's name.
+        name: String,
+    },
     /// The database was closed with [`Db::close`](crate::Db::close).
     Closed,
     /// An [`Options`](crate::Options) value is out of its allowed range.
@@ -222,6 +249,15 @@ impl fmt::Display for Error {
                     None => write!(f, "it is now absent"),
                 }
             }
+            Error::InvalidKeyspaceName { name, reason } => {
+                write!(f, "keyspace name {name:?} is not valid: {reason}")
+            }
+            Error::KeyspaceNotFound { name } => write!(f, "no keyspace is named {name:?}"),
+            Error::KeyspaceDropped { name } => write!(f, "keyspace {name:?} was dropped"),
+            Error::ForeignKeyspace { name } => write!(
+                f,
+                "the handle of keyspace {name:?} belongs to another database"
+            ),
             Error::Closed => write!(f, "the database is closed"),
             Error::InvalidOptions { reason } => write!(f, "invalid options: {reason}"),
         }

@@ -19,7 +19,10 @@ use crate::wal::format::le_u32;
 /// First 8 bytes of the MANIFEST file.
 pub const MANIFEST_MAGIC: [u8; 8] = *b"mapstMAN";
 /// The manifest format version this build writes and the newest it reads.
-pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+pub const MANIFEST_FORMAT_VERSION: u32 = 2;
+/// The oldest manifest format version this build reads (version 1 had no
+/// keyspaces; its files all hold the default keyspace).
+pub const OLDEST_READABLE_MANIFEST_VERSION: u32 = 1;
 /// Bytes before the protobuf payload.
 pub const MANIFEST_HEADER_BYTES: usize = 20;
 /// Largest manifest payload accepted (it lists files; 64 MiB is far beyond
@@ -82,7 +85,7 @@ pub fn decode(bytes: &[u8]) -> Result<Manifest, DecodeError> {
     // Checked after the checksum, which covers it: a flipped bit in the
     // version field is corruption, not a newer format.
     let version = le_u32(&bytes[8..12]);
-    if version != MANIFEST_FORMAT_VERSION {
+    if !(OLDEST_READABLE_MANIFEST_VERSION..=MANIFEST_FORMAT_VERSION).contains(&version) {
         return Err(DecodeError::UnsupportedVersion(version));
     }
     let manifest = Manifest::decode(payload).map_err(|e| {
@@ -151,6 +154,12 @@ mod tests {
             wal_start_segment: 3,
             next_file_number: 9,
             snapshot_files: Vec::new(),
+            keyspaces: vec![crate::proto::KeyspaceMeta {
+                id: 3,
+                name: "users".into(),
+                created_seq: 12,
+            }],
+            next_keyspace_id: 4,
         }
     }
 

@@ -27,8 +27,10 @@ use crate::slice::Slice;
 use crate::snapshot_file::bloom;
 
 mod read_index;
+mod set;
 
 use read_index::{Answer, ReadIndexState};
+pub(crate) use set::MemtableSet;
 
 /// A key and the sequence number of one of its versions.
 ///
@@ -816,11 +818,6 @@ impl Memtable {
         }
     }
 
-    /// Whether the memtable holds no versions.
-    pub fn is_empty(&self) -> bool {
-        self.versions.is_empty()
-    }
-
     /// Every version, in key order and newest first for each key: what a
     /// checkpoint writes to a snapshot file.
     pub fn versions(&self) -> impl Iterator<Item = Version> + '_ {
@@ -1285,6 +1282,7 @@ mod tests {
             kind: OpKind::Put as i32,
             key: Bytes::copy_from_slice(key.as_bytes()),
             value: Bytes::copy_from_slice(value.as_bytes()),
+            keyspace: 0,
         }
     }
 
@@ -1293,6 +1291,7 @@ mod tests {
             kind: OpKind::Delete as i32,
             key: Bytes::copy_from_slice(key.as_bytes()),
             value: Bytes::new(),
+            keyspace: 0,
         }
     }
 
@@ -1648,12 +1647,14 @@ mod tests {
                             kind: OpKind::Delete as i32,
                             key: Bytes::from(key),
                             value: Bytes::new(),
+                            keyspace: 0,
                         }
                     } else {
                         Operation {
                             kind: OpKind::Put as i32,
                             key: Bytes::from(key),
                             value: Bytes::from(format!("{round}").into_bytes()),
+                            keyspace: 0,
                         }
                     }
                 })

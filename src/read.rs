@@ -15,37 +15,48 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
 
-use crate::error::Result;
-use crate::memtable::{Direction, FoundVersion, Memtable, Resolved, as_ref_bound};
-use crate::replayed::ReplayedRun;
+use crate::error::{Error, Result};
+use crate::keyspace::{DEFAULT_KEYSPACE, Keyspace};
+use crate::memtable::{Direction, FoundVersion, Memtable, MemtableSet, Resolved, as_ref_bound};
+use crate::replayed::{ReplayedRun, ReplayedRuns};
 use crate::slice::Slice;
 use crate::snapshot_file::{FileCursor, SnapshotFile, bloom};
 
-/// One sorted source of versions.
+/// One source of versions, sorted within each keyspace.
 #[derive(Debug, Clone)]
 pub(crate) enum Source {
-    /// The active memtable (first in a view) or a frozen one.
-    Memtable(Arc<Memtable>),
+    /// The active memtable generation (first in a view) or a frozen one:
+    /// a memtable per keyspace.
+    Memtables(Arc<MemtableSet>),
     /// What the WAL replay recovered at open, waiting for its checkpoint
-    /// like a frozen memtable.
-    Replayed(Arc<ReplayedRun>),
-    /// A snapshot file.
+    /// like a frozen memtable generation: a run per keyspace.
+    Replayed(Arc<ReplayedRuns>),
+    /// A snapshot file, which holds one keyspace.
     File(Arc<SnapshotFile>),
 }
 
 impl Source {
-    fn get(&self, key: &[u8], key_hash: u64, seq: u64) -> Result<Option<FoundVersion>> {
+    fn get(
+        &self,
+        keyspace: u32,
+        key: &[u8],
+        key_hash: u64,
+        seq: u64,
+    ) -> Result<Option<FoundVersion>> {
         match self {
-            Source::Memtable(table) => Ok(table.get(key, key_hash, seq)),
-            Source::Replayed(run) => Ok(run.get(key, seq)),
-            Source::File(file) => file.get(key, key_hash, seq),
+            Source::Memtables(set) => Ok(set
+                .get(keyspace)
+                .and_then(|table| table.get(key, key_hash, seq))),
+            Source::Replayed(runs) => Ok(runs.get(keyspace).and_then(|run| run.get(key, seq))),
+            Source::File(file) if file.keyspace() == keyspace => file.get(key, key_hash, seq),
+            Source::File(_) => Ok(None),
         }
     }
 
-    /// Whether both are the very same memtable, run or file.
+    /// Whether both are the very same memtable generation, runs or file.
     pub fn is(&self, other: &Source) -> bool {
         match (self, other) {
-            (Source::Memtable(a), Source::Memtable(b)) => Arc::ptr_eq(a, b),
+            (Source::Memtables(a), Source::Memtables(b)) => Arc::ptr_eq(a, b),
             (Source::Replayed(a), Source::Replayed(b)) => Arc::ptr_eq(a, b),
             (Source::File(a), Source::File(b)) => Arc::ptr_eq(a, b),
             _ => false,
@@ -63,10 +74,10 @@ pub(crate) struct ReadView {
 }
 
 impl ReadView {
-    /// The memtable that receives new writes.
-    pub fn active_memtable(&self) -> Option<&Arc<Memtable>> {
+    /// The memtable generation that receives new writes.
+    pub fn active_memtables(&self) -> Option<&Arc<MemtableSet>> {
         match self.sources.first() {
-            Some(Source::Memtable(table)) => Some(table),
+            Some(Source::Memtables(set)) => Some(set),
             _ => None,
         }
     }
@@ -79,14 +90,17 @@ pub(crate) struct ReadState {
     view: RwLock<Arc<ReadView>>,
     visible_seq: AtomicU64,
     pins: Arc<PinRegistry>,
+    /// The database's id (see `Db::id`), which keyspace handles must match.
+    db_id: u64,
 }
 
 impl ReadState {
-    pub fn new(view: ReadView, visible_seq: u64) -> ReadState {
+    pub fn new(view: ReadView, visible_seq: u64, db_id: u64) -> ReadState {
         ReadState {
             view: RwLock::new(Arc::new(view)),
             visible_seq: AtomicU64::new(visible_seq),
             pins: Arc::new(PinRegistry::default()),
+            db_id,
         }
     }
 
@@ -142,6 +156,7 @@ impl ReadState {
         Snapshot {
             view: self.view(),
             seq,
+            db_id: self.db_id,
             _pin: None,
         }
     }
@@ -211,6 +226,7 @@ impl Drop for Pin {
 pub struct Snapshot {
     view: Arc<ReadView>,
     seq: u64,
+    db_id: u64,
     // Held only to keep the registration alive until the last clone drops.
     _pin: Option<Arc<Pin>>,
 }
@@ -235,9 +251,84 @@ impl Snapshot {
     /// [`Error::Corruption`](crate::Error::Corruption) if a file holding the
     /// key fails its checksum.
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Slice>> {
+        self.get_from(DEFAULT_KEYSPACE, key.as_ref())
+    }
+
+    /// The value of `key` in `keyspace`, if present.
+    ///
+    /// # Errors
+    /// [`Error::KeyspaceDropped`] (for a snapshot taken before the drop
+    /// too), [`Error::ForeignKeyspace`], and as [`get`](Snapshot::get).
+    pub fn get_in(&self, keyspace: &Keyspace, key: impl AsRef<[u8]>) -> Result<Option<Slice>> {
+        keyspace.info.check(self.db_id)?;
+        self.get_from(keyspace.info.id, key.as_ref())
+    }
+
+    /// The value and version of `key` in `keyspace` (see
+    /// [`get_versioned`](Snapshot::get_versioned)).
+    ///
+    /// # Errors
+    /// As [`get_in`](Snapshot::get_in).
+    pub fn get_versioned_in(
+        &self,
+        keyspace: &Keyspace,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<(Slice, u64)>> {
+        keyspace.info.check(self.db_id)?;
+        self.get_versioned_from(keyspace.info.id, key.as_ref())
+    }
+
+    /// Whether `key` is present in `keyspace`.
+    ///
+    /// # Errors
+    /// As [`get_in`](Snapshot::get_in).
+    pub fn contains_key_in(&self, keyspace: &Keyspace, key: impl AsRef<[u8]>) -> Result<bool> {
+        Ok(self.get_in(keyspace, key)?.is_some())
+    }
+
+    /// The entries of `keyspace` with keys in `range`, in key order. A
+    /// dropped or foreign keyspace yields its error as the first item.
+    pub fn range_in<K: AsRef<[u8]>, R: RangeBounds<K>>(
+        &self,
+        keyspace: &Keyspace,
+        range: R,
+    ) -> Iter {
+        let (lower, upper) = (own_bound(range.start_bound()), own_bound(range.end_bound()));
+        match keyspace.info.check(self.db_id) {
+            Ok(()) => self.range_of(keyspace.info.id, lower, upper),
+            Err(error) => Iter::failed(self.clone(), error),
+        }
+    }
+
+    /// The entries of `keyspace` whose keys start with `prefix`.
+    pub fn prefix_in(&self, keyspace: &Keyspace, prefix: impl AsRef<[u8]>) -> Iter {
+        let (lower, upper) = prefix_bounds(prefix.as_ref());
+        self.range_in(keyspace, (lower, upper))
+    }
+
+    /// Every entry of `keyspace`, in key order.
+    pub fn iter_in(&self, keyspace: &Keyspace) -> Iter {
+        self.range_in::<&[u8], _>(keyspace, ..)
+    }
+
+    /// [`get`](Snapshot::get) in keyspace `keyspace`, unchecked.
+    pub(crate) fn get_from(&self, keyspace: u32, key: &[u8]) -> Result<Option<Slice>> {
         Ok(self
-            .newest_version(key.as_ref())?
+            .newest_version(keyspace, key)?
             .and_then(|found| found.value.map(Slice::from_bytes)))
+    }
+
+    /// [`get_versioned`](Snapshot::get_versioned) in keyspace `keyspace`,
+    /// unchecked.
+    pub(crate) fn get_versioned_from(
+        &self,
+        keyspace: u32,
+        key: &[u8],
+    ) -> Result<Option<(Slice, u64)>> {
+        Ok(self.newest_version(keyspace, key)?.and_then(|found| {
+            let seq = found.seq;
+            found.value.map(|value| (Slice::from_bytes(value), seq))
+        }))
     }
 
     /// The value of `key` and its version: the sequence number of the
@@ -257,19 +348,17 @@ impl Snapshot {
     /// # Errors
     /// As [`get`](Snapshot::get).
     pub fn get_versioned(&self, key: impl AsRef<[u8]>) -> Result<Option<(Slice, u64)>> {
-        Ok(self.newest_version(key.as_ref())?.and_then(|found| {
-            let seq = found.seq;
-            found.value.map(|value| (Slice::from_bytes(value), seq))
-        }))
+        self.get_versioned_from(DEFAULT_KEYSPACE, key.as_ref())
     }
 
-    /// The newest version of `key` this snapshot sees, a removal included
-    /// (what conditional commits check); `None` if no source holds one.
-    pub(crate) fn newest_version(&self, key: &[u8]) -> Result<Option<FoundVersion>> {
+    /// The newest version of `key` in `keyspace` this snapshot sees, a
+    /// removal included (what conditional commits check); `None` if no
+    /// source holds one.
+    pub(crate) fn newest_version(&self, keyspace: u32, key: &[u8]) -> Result<Option<FoundVersion>> {
         // One hash serves the filters of every memtable and file.
         let key_hash = bloom::key_hash(key);
         for source in &self.view.sources {
-            if let Some(found) = source.get(key, key_hash, self.seq)? {
+            if let Some(found) = source.get(keyspace, key, key_hash, self.seq)? {
                 return Ok(Some(found));
             }
         }
@@ -282,11 +371,12 @@ impl Snapshot {
     /// Reads every key in the range.
     pub(crate) fn first_change_after(
         &self,
+        keyspace: u32,
         lower: &Bound<Bytes>,
         upper: &Bound<Bytes>,
         seq: u64,
     ) -> Result<Option<(Slice, u64)>> {
-        let mut versions = Iter::new(self.clone(), lower.clone(), upper.clone());
+        let mut versions = Iter::new(self.clone(), keyspace, lower.clone(), upper.clone());
         versions.removals = true;
         while let Some(index) = versions.step(Direction::Forward)? {
             let Some(cursor) = versions.front.cursors.get_mut(index) else {
@@ -309,23 +399,32 @@ impl Snapshot {
 
     /// The entries with keys in `range`, in key order (reverse it with `.rev()`).
     pub fn range<K: AsRef<[u8]>, R: RangeBounds<K>>(&self, range: R) -> Iter {
-        self.range_of(own_bound(range.start_bound()), own_bound(range.end_bound()))
+        self.range_of(
+            DEFAULT_KEYSPACE,
+            own_bound(range.start_bound()),
+            own_bound(range.end_bound()),
+        )
     }
 
     /// The entries whose keys start with `prefix`, in key order.
     pub fn prefix(&self, prefix: impl AsRef<[u8]>) -> Iter {
         let (lower, upper) = prefix_bounds(prefix.as_ref());
-        self.range_of(lower, upper)
+        self.range_of(DEFAULT_KEYSPACE, lower, upper)
     }
 
-    /// The entries within owned bounds.
-    pub(crate) fn range_of(&self, lower: Bound<Bytes>, upper: Bound<Bytes>) -> Iter {
-        Iter::new(self.clone(), lower, upper)
+    /// The entries of keyspace `keyspace` within owned bounds, unchecked.
+    pub(crate) fn range_of(&self, keyspace: u32, lower: Bound<Bytes>, upper: Bound<Bytes>) -> Iter {
+        Iter::new(self.clone(), keyspace, lower, upper)
     }
 
     /// Every entry, in key order.
     pub fn iter(&self) -> Iter {
-        Iter::new(self.clone(), Bound::Unbounded, Bound::Unbounded)
+        self.range_of(DEFAULT_KEYSPACE, Bound::Unbounded, Bound::Unbounded)
+    }
+
+    /// The database's id, which keyspace handles are checked against.
+    pub(crate) fn db_id(&self) -> u64 {
+        self.db_id
     }
 }
 
@@ -438,27 +537,30 @@ enum SourceCursor {
 }
 
 impl SourceCursor {
+    /// A cursor over what `source` holds of `keyspace`; `None` if nothing.
     fn new(
         source: &Source,
+        keyspace: u32,
         seq: u64,
         direction: Direction,
         lower: &Bound<Bytes>,
         upper: &Bound<Bytes>,
-    ) -> SourceCursor {
+    ) -> Option<SourceCursor> {
         let in_memory = match source {
-            Source::Memtable(table) => InMemory::Memtable(table.clone()),
-            Source::Replayed(run) => InMemory::Replayed(run.clone()),
-            Source::File(file) => {
-                return SourceCursor::File(FileCursor::new(
+            Source::Memtables(set) => InMemory::Memtable(set.get(keyspace)?.clone()),
+            Source::Replayed(runs) => InMemory::Replayed(runs.get(keyspace)?.clone()),
+            Source::File(file) if file.keyspace() == keyspace => {
+                return Some(SourceCursor::File(FileCursor::new(
                     file.clone(),
                     seq,
                     direction,
                     lower.clone(),
                     upper.clone(),
-                ));
+                )));
             }
+            Source::File(_) => return None,
         };
-        SourceCursor::InMemory(ChunkCursor {
+        Some(SourceCursor::InMemory(ChunkCursor {
             source: in_memory,
             seq,
             direction,
@@ -468,7 +570,7 @@ impl SourceCursor {
             resume: None,
             exhausted: false,
             chunk: FIRST_CHUNK,
-        })
+        }))
     }
 
     /// Finds the next head, unless there is one or the source is used up.
@@ -539,6 +641,9 @@ impl SourceCursor {
 /// consumed alternately.
 pub struct Iter {
     snapshot: Snapshot,
+    /// An error to yield before anything else (a keyspace that cannot be
+    /// read), after which the iterator is finished.
+    failed: Option<Error>,
     lower: Bound<Bytes>,
     upper: Bound<Bytes>,
     front: End,
@@ -568,6 +673,7 @@ struct End {
 impl End {
     fn new(
         snapshot: &Snapshot,
+        keyspace: u32,
         direction: Direction,
         lower: &Bound<Bytes>,
         upper: &Bound<Bytes>,
@@ -576,7 +682,9 @@ impl End {
             .view
             .sources
             .iter()
-            .map(|source| SourceCursor::new(source, snapshot.seq, direction, lower, upper))
+            .filter_map(|source| {
+                SourceCursor::new(source, keyspace, snapshot.seq, direction, lower, upper)
+            })
             .collect();
         End {
             direction,
@@ -681,15 +789,37 @@ impl fmt::Debug for Iter {
 }
 
 impl Iter {
-    fn new(snapshot: Snapshot, lower: Bound<Bytes>, upper: Bound<Bytes>) -> Iter {
+    fn new(snapshot: Snapshot, keyspace: u32, lower: Bound<Bytes>, upper: Bound<Bytes>) -> Iter {
         Iter {
-            front: End::new(&snapshot, Direction::Forward, &lower, &upper),
-            back: End::new(&snapshot, Direction::Backward, &lower, &upper),
+            front: End::new(&snapshot, keyspace, Direction::Forward, &lower, &upper),
+            back: End::new(&snapshot, keyspace, Direction::Backward, &lower, &upper),
             finished: false,
             removals: false,
+            failed: None,
             snapshot,
             lower,
             upper,
+        }
+    }
+
+    /// An iterator that yields `error`, then ends.
+    pub(crate) fn failed(snapshot: Snapshot, error: Error) -> Iter {
+        let ends = || End {
+            direction: Direction::Forward,
+            cursors: Vec::new(),
+            to_refill: Vec::new(),
+            ranks: Vec::new(),
+            last: None,
+        };
+        Iter {
+            front: ends(),
+            back: ends(),
+            finished: true,
+            removals: false,
+            failed: Some(error),
+            snapshot,
+            lower: Bound::Unbounded,
+            upper: Bound::Unbounded,
         }
     }
 
@@ -749,6 +879,9 @@ impl Iter {
 
     /// The next live entry in `direction`, as an iterator item.
     fn next_in(&mut self, direction: Direction) -> Option<Result<(Slice, Slice)>> {
+        if let Some(error) = self.failed.take() {
+            return Some(Err(error));
+        }
         let index = match self.step(direction) {
             Ok(found) => found?,
             Err(error) => return Some(Err(error)),

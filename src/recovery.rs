@@ -18,10 +18,12 @@ use crate::batch::{DecodedBatch, decode_record_into};
 use crate::error::{Error, Result};
 use crate::files::{self, FileKind};
 use crate::io::{EntryKind, FileSystem};
+use crate::keyspace::{Catalog, PerKeyspace};
 use crate::manifest;
 use crate::options::RecoveryMode;
+use crate::proto::OpKind;
 use crate::proto::{Manifest, SnapshotFileMeta};
-use crate::replayed::{ReplayedRun, RunBuilder};
+use crate::replayed::{ReplayedRuns, RunBuilder};
 use crate::snapshot_file::SnapshotFile;
 use crate::wal::format::WAL_FORMAT_VERSION;
 use crate::wal::reader::{
@@ -60,8 +62,11 @@ pub struct RecoveryReport {
 /// The recovered state, ready for the database to start on.
 #[derive(Debug)]
 pub(crate) struct Recovered {
-    /// The versions replayed from the WAL, sorted.
-    pub replayed: ReplayedRun,
+    /// The versions replayed from the WAL, sorted, by keyspace.
+    pub replayed: ReplayedRuns,
+    /// The keyspaces: the MANIFEST's, and those the replay created or
+    /// dropped.
+    pub catalog: Catalog,
     /// The manifest as it is on disk after recovery.
     pub manifest: Manifest,
     /// Its snapshot files, open, newest first.
@@ -126,6 +131,7 @@ pub(crate) fn recover(
     shared_fs: &Arc<dyn FileSystem>,
     dir: &Path,
     mode: RecoveryMode,
+    db_id: u64,
 ) -> Result<Recovered> {
     let fs: &dyn FileSystem = &**shared_fs;
     let names = list(fs, dir)?;
@@ -170,8 +176,13 @@ pub(crate) fn recover(
             wal_start_segment: 1,
             next_file_number: 1,
             snapshot_files: Vec::new(),
+            keyspaces: Vec::new(),
+            next_keyspace_id: 1,
         }
     };
+    let manifest_path = dir.join(files::MANIFEST);
+    let catalog = Catalog::from_manifest(&manifest.keyspaces, manifest.next_keyspace_id, db_id)
+        .map_err(|reason| Error::corruption(&manifest_path, 0, reason))?;
 
     // Phase 1: read and decide. The WAL segments a replay needs are read
     // and checked on a thread of their own from now on, while the snapshot
@@ -184,6 +195,20 @@ pub(crate) fn recover(
         .collect();
     let mut reader = SegmentReader::start(shared_fs, dir, &live)?;
     let files = open_snapshot_files(shared_fs, dir, &manifest, &snapshot_files_present)?;
+    if let Some(meta) = manifest
+        .snapshot_files
+        .iter()
+        .find(|meta| !catalog.exists(meta.keyspace))
+    {
+        return Err(Error::corruption(
+            &manifest_path,
+            0,
+            format!(
+                "snapshot file {} holds keyspace {}, which the MANIFEST does not list",
+                meta.file_number, meta.keyspace
+            ),
+        ));
+    }
     // Files a crash left behind: snapshot files of an unfinished checkpoint
     // or of a merge's inputs, and WAL segments a checkpoint already covers.
     let orphans: Vec<PathBuf> = snapshot_files_present
@@ -212,8 +237,9 @@ pub(crate) fn recover(
     let mut replay = Replay {
         checkpoint_seq: manifest.checkpoint_seq,
         last_seq: manifest.checkpoint_seq,
+        catalog,
+        builders: PerKeyspace::default(),
         batches: 0,
-        builder: RunBuilder::default(),
         batch: DecodedBatch::default(),
     };
     for (index, &number) in live.iter().enumerate() {
@@ -319,7 +345,11 @@ pub(crate) fn recover(
     drop(reader);
     let last_seq = replay.last_seq;
     report.batches_replayed = replay.batches;
-    let replayed = replay.builder.finish();
+    let catalog = replay.catalog;
+    let mut replayed = ReplayedRuns::default();
+    for (keyspace, builder) in replay.builders.into_iter() {
+        replayed.insert(keyspace, Arc::new(builder.finish()));
+    }
 
     // Phase 2: repair, in crash-safe order. What a crash left that nothing
     // reads (temporary files, orphans) is removed by the checkpoint thread
@@ -372,6 +402,7 @@ pub(crate) fn recover(
     };
     Ok(Recovered {
         replayed,
+        catalog,
         manifest,
         files,
         last_seq,
@@ -439,6 +470,17 @@ fn open_snapshot_file(
 ) -> Result<Arc<SnapshotFile>> {
     let path = dir.join(files::snapshot_file_name(meta.file_number));
     let file = SnapshotFile::open(fs.clone(), &path, meta.file_number)?;
+    if file.keyspace() != meta.keyspace {
+        return Err(Error::corruption(
+            &path,
+            file.size().saturating_sub(64),
+            format!(
+                "the file holds keyspace {}, the MANIFEST says {}",
+                file.keyspace(),
+                meta.keyspace
+            ),
+        ));
+    }
     if file.size() != meta.size_bytes {
         return Err(Error::corruption(
             &path,
@@ -519,9 +561,12 @@ struct Replay {
     checkpoint_seq: u64,
     /// The last sequence number replayed (or the checkpoint's).
     last_seq: u64,
+    /// The keyspaces as of `last_seq`.
+    catalog: Catalog,
     /// Batches replayed.
     batches: u64,
-    builder: RunBuilder,
+    /// The replayed versions of each keyspace.
+    builders: PerKeyspace<RunBuilder>,
     /// The batch being decoded, kept to reuse its allocation.
     batch: DecodedBatch,
 }
@@ -545,7 +590,25 @@ impl Replay {
         self.last_seq = self.batch.last_seq();
         self.batches += 1;
         for (seq, op) in (self.batch.first_seq..).zip(self.batch.ops.drain(..)) {
-            self.builder.push(seq, op);
+            match OpKind::try_from(op.kind) {
+                Ok(OpKind::CreateKeyspace) => {
+                    let name = std::str::from_utf8(&op.key).unwrap_or_default();
+                    self.catalog.create(op.keyspace, name, seq)?;
+                }
+                Ok(OpKind::DropKeyspace) => self.catalog.drop_keyspace(op.keyspace, seq)?,
+                // A keyspace is written to only between its creation and
+                // its drop, and the MANIFEST lists the ones that exist.
+                _ if !self.catalog.exists(op.keyspace) => {
+                    return Err(format!(
+                        "operation at sequence {seq} on keyspace {}, which does not exist",
+                        op.keyspace
+                    ));
+                }
+                _ => self
+                    .builders
+                    .get_or_insert_with(op.keyspace, RunBuilder::default)
+                    .push(seq, op),
+            }
         }
         Ok(())
     }

@@ -28,6 +28,9 @@ use crate::memtable::{
 use crate::proto::{OpKind, Operation};
 use crate::slice::Slice;
 
+/// A replay's runs: one for each keyspace the replayed log wrote to.
+pub(crate) type ReplayedRuns = crate::keyspace::PerKeyspace<std::sync::Arc<ReplayedRun>>;
+
 /// The recovered versions and their sorted index. See the module
 /// documentation.
 #[derive(Debug)]
@@ -242,11 +245,6 @@ impl ReplayedRun {
         builder.finish()
     }
 
-    /// Whether the run holds no versions.
-    pub fn is_empty(&self) -> bool {
-        self.sorted.is_empty()
-    }
-
     /// The version at `at` in the run's order.
     fn at(&self, at: usize) -> Option<View<'_>> {
         self.view(self.sorted.get(at)?)
@@ -432,6 +430,7 @@ mod tests {
                     } else {
                         Bytes::from(format!("value-{seq}"))
                     },
+                    keyspace: 0,
                 };
                 (seq, op)
             })
@@ -496,6 +495,7 @@ mod tests {
                         kind: OpKind::Put as i32,
                         key: Bytes::from(key),
                         value: Bytes::new(),
+                        keyspace: 0,
                     },
                 );
             }

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -19,6 +20,7 @@ use crate::batch::{MAX_BATCH_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, WriteBatch, 
 use crate::condition::Condition;
 use crate::db::Db;
 use crate::error::{Error, Result};
+use crate::keyspace::{Keyspace, KeyspaceInfo};
 use crate::read::{Iter, Snapshot, own_bound, prefix_bounds, range_is_empty};
 use crate::slice::Slice;
 
@@ -49,6 +51,10 @@ pub enum Isolation {
     /// commit order.
     Serializable,
 }
+
+/// A transaction's writes to one keyspace: the keyspace, and each key's
+/// newest write (`None`: a removal).
+type KeyspaceWrites = (Arc<KeyspaceInfo>, BTreeMap<Bytes, Option<Bytes>>);
 
 /// How many times [`Db::transact`] runs its closure before it gives up and
 /// returns the last [`Error::Conflict`].
@@ -81,15 +87,16 @@ pub struct Transaction {
     db: Db,
     snapshot: Snapshot,
     isolation: Isolation,
-    /// The buffered writes, the newest per key: a value, or `None` for a
-    /// removal.
-    writes: BTreeMap<Bytes, Option<Bytes>>,
+    /// The buffered writes by keyspace id (with the keyspace), the newest
+    /// per key: a value, or `None` for a removal.
+    writes: BTreeMap<u32, KeyspaceWrites>,
     /// The size of the batch `writes` encode to.
     write_bytes: usize,
-    /// Keys read from the snapshot (kept under `Serializable` only).
-    reads: BTreeSet<Bytes>,
+    /// Keys read from the snapshot, by keyspace id (kept under
+    /// `Serializable` only).
+    reads: BTreeSet<(u32, Bytes)>,
     /// Ranges read from the snapshot (kept under `Serializable` only).
-    ranges: Vec<(Bound<Bytes>, Bound<Bytes>)>,
+    ranges: Vec<(Arc<KeyspaceInfo>, Bound<Bytes>, Bound<Bytes>)>,
 }
 
 impl fmt::Debug for Transaction {
@@ -97,7 +104,10 @@ impl fmt::Debug for Transaction {
         f.debug_struct("Transaction")
             .field("seq", &self.snapshot.seq())
             .field("isolation", &self.isolation)
-            .field("writes", &self.writes.len())
+            .field(
+                "writes",
+                &self.writes.values().map(|(_, w)| w.len()).sum::<usize>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -131,14 +141,17 @@ impl Transaction {
     /// # Errors
     /// [`Error::Corruption`] if a file holding the key is damaged.
     pub fn get(&mut self, key: impl AsRef<[u8]>) -> Result<Option<Slice>> {
-        let key = key.as_ref();
-        if let Some(written) = self.writes.get(key) {
-            return Ok(written.clone().map(Slice::from_bytes));
-        }
-        if self.isolation == Isolation::Serializable {
-            self.reads.insert(Bytes::copy_from_slice(key));
-        }
-        self.snapshot.get(key)
+        let keyspace = self.db.default_keyspace().clone();
+        self.get_at(&keyspace, key.as_ref())
+    }
+
+    /// The value of `key` in `keyspace`, as [`get`](Transaction::get) sees it.
+    ///
+    /// # Errors
+    /// [`Error::KeyspaceDropped`], [`Error::ForeignKeyspace`], and as
+    /// [`get`](Transaction::get).
+    pub fn get_in(&mut self, keyspace: &Keyspace, key: impl AsRef<[u8]>) -> Result<Option<Slice>> {
+        self.get_at(&keyspace.info, key.as_ref())
     }
 
     /// Whether `key` is present, as [`get`](Transaction::get) sees it.
@@ -149,38 +162,106 @@ impl Transaction {
         Ok(self.get(key)?.is_some())
     }
 
+    /// Whether `key` is present in `keyspace`.
+    ///
+    /// # Errors
+    /// As [`get_in`](Transaction::get_in).
+    pub fn contains_key_in(&mut self, keyspace: &Keyspace, key: impl AsRef<[u8]>) -> Result<bool> {
+        Ok(self.get_in(keyspace, key)?.is_some())
+    }
+
+    fn get_at(&mut self, keyspace: &Arc<KeyspaceInfo>, key: &[u8]) -> Result<Option<Slice>> {
+        keyspace.check(self.snapshot.db_id())?;
+        let own = self
+            .writes
+            .get(&keyspace.id)
+            .and_then(|(_, writes)| writes.get(key));
+        if let Some(written) = own {
+            return Ok(written.clone().map(Slice::from_bytes));
+        }
+        if self.isolation == Isolation::Serializable {
+            self.reads
+                .insert((keyspace.id, Bytes::copy_from_slice(key)));
+        }
+        self.snapshot.get_from(keyspace.id, key)
+    }
+
     /// The entries with keys in `range`, in key order (`.rev()` reverses
     /// it): the snapshot's, with the transaction's writes made so far
     /// applied over them. Under `Serializable` the whole range counts as
     /// read, however much of it the caller consumes.
     pub fn range<K: AsRef<[u8]>, R: RangeBounds<K>>(&mut self, range: R) -> TransactionIter {
-        self.range_of(own_bound(range.start_bound()), own_bound(range.end_bound()))
+        let keyspace = self.db.default_keyspace().clone();
+        self.range_of(
+            &keyspace,
+            own_bound(range.start_bound()),
+            own_bound(range.end_bound()),
+        )
+    }
+
+    /// The entries of `keyspace` with keys in `range`, as
+    /// [`range`](Transaction::range) sees them; a dropped or foreign
+    /// keyspace yields its error as the first item.
+    pub fn range_in<K: AsRef<[u8]>, R: RangeBounds<K>>(
+        &mut self,
+        keyspace: &Keyspace,
+        range: R,
+    ) -> TransactionIter {
+        let (lower, upper) = (own_bound(range.start_bound()), own_bound(range.end_bound()));
+        self.range_of(&keyspace.info, lower, upper)
     }
 
     /// The entries whose keys start with `prefix`, in key order, as
     /// [`range`](Transaction::range) sees them.
     pub fn prefix(&mut self, prefix: impl AsRef<[u8]>) -> TransactionIter {
         let (lower, upper) = prefix_bounds(prefix.as_ref());
-        self.range_of(lower, upper)
+        let keyspace = self.db.default_keyspace().clone();
+        self.range_of(&keyspace, lower, upper)
+    }
+
+    /// The entries of `keyspace` whose keys start with `prefix`.
+    pub fn prefix_in(&mut self, keyspace: &Keyspace, prefix: impl AsRef<[u8]>) -> TransactionIter {
+        let (lower, upper) = prefix_bounds(prefix.as_ref());
+        self.range_of(&keyspace.info, lower, upper)
     }
 
     /// Every entry, in key order, as [`range`](Transaction::range) sees them.
     pub fn iter(&mut self) -> TransactionIter {
-        self.range_of(Bound::Unbounded, Bound::Unbounded)
+        let keyspace = self.db.default_keyspace().clone();
+        self.range_of(&keyspace, Bound::Unbounded, Bound::Unbounded)
     }
 
-    fn range_of(&mut self, lower: Bound<Bytes>, upper: Bound<Bytes>) -> TransactionIter {
-        let own = if range_is_empty(&lower, &upper) {
-            VecDeque::new()
-        } else {
-            self.writes
+    /// Every entry of `keyspace`, in key order.
+    pub fn iter_in(&mut self, keyspace: &Keyspace) -> TransactionIter {
+        self.range_of(&keyspace.info, Bound::Unbounded, Bound::Unbounded)
+    }
+
+    fn range_of(
+        &mut self,
+        keyspace: &Arc<KeyspaceInfo>,
+        lower: Bound<Bytes>,
+        upper: Bound<Bytes>,
+    ) -> TransactionIter {
+        if let Err(error) = keyspace.check(self.snapshot.db_id()) {
+            return TransactionIter {
+                base: Iter::failed(self.snapshot.clone(), error),
+                front: None,
+                back: None,
+                own: VecDeque::new(),
+            };
+        }
+        let own = match self.writes.get(&keyspace.id) {
+            Some((_, writes)) if !range_is_empty(&lower, &upper) => writes
                 .range::<Bytes, _>((lower.as_ref(), upper.as_ref()))
                 .map(|(key, value)| (key.clone(), value.clone()))
-                .collect()
+                .collect(),
+            _ => VecDeque::new(),
         };
-        let base = self.snapshot.range_of(lower.clone(), upper.clone());
+        let base = self
+            .snapshot
+            .range_of(keyspace.id, lower.clone(), upper.clone());
         if self.isolation == Isolation::Serializable {
-            self.ranges.push((lower, upper));
+            self.ranges.push((keyspace.clone(), lower, upper));
         }
         TransactionIter {
             base,
@@ -198,14 +279,23 @@ impl Transaction {
     /// to more than [`MAX_BATCH_BYTES`]; the write is then not taken, and
     /// the transaction stays as it was.
     pub fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
-        let value = value.as_ref();
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(Error::ValueTooLarge {
-                len: value.len(),
-                max: MAX_VALUE_BYTES,
-            });
-        }
-        self.write(key.as_ref(), Some(value))
+        let keyspace = self.db.default_keyspace().clone();
+        self.write(&keyspace, key.as_ref(), Some(value.as_ref()))
+    }
+
+    /// Sets `key` to `value` in `keyspace` when the transaction commits:
+    /// one transaction may write to several keyspaces, atomically.
+    ///
+    /// # Errors
+    /// [`Error::KeyspaceDropped`], [`Error::ForeignKeyspace`], and as
+    /// [`insert`](Transaction::insert).
+    pub fn insert_in(
+        &mut self,
+        keyspace: &Keyspace,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<()> {
+        self.write(&keyspace.info, key.as_ref(), Some(value.as_ref()))
     }
 
     /// Removes `key` when the transaction commits.
@@ -213,11 +303,26 @@ impl Transaction {
     /// # Errors
     /// As [`insert`](Transaction::insert).
     pub fn remove(&mut self, key: impl AsRef<[u8]>) -> Result<()> {
-        self.write(key.as_ref(), None)
+        let keyspace = self.db.default_keyspace().clone();
+        self.write(&keyspace, key.as_ref(), None)
+    }
+
+    /// Removes `key` from `keyspace` when the transaction commits.
+    ///
+    /// # Errors
+    /// As [`insert_in`](Transaction::insert_in).
+    pub fn remove_in(&mut self, keyspace: &Keyspace, key: impl AsRef<[u8]>) -> Result<()> {
+        self.write(&keyspace.info, key.as_ref(), None)
     }
 
     /// Buffers a write (a removal for `None`), once it is within the limits.
-    fn write(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+    fn write(
+        &mut self,
+        keyspace: &Arc<KeyspaceInfo>,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<()> {
+        keyspace.check(self.snapshot.db_id())?;
         if key.len() > MAX_KEY_BYTES {
             return Err(Error::KeyTooLarge {
                 len: key.len(),
@@ -225,10 +330,21 @@ impl Transaction {
             });
         }
         let value_len = value.map_or(0, <[u8]>::len);
-        let replaced = self.writes.get(key).map_or(0, |old| {
-            encoded_op_len(key.len(), old.as_ref().map_or(0, Bytes::len))
-        });
-        let bytes = self.write_bytes - replaced + encoded_op_len(key.len(), value_len);
+        if value_len > MAX_VALUE_BYTES {
+            return Err(Error::ValueTooLarge {
+                len: value_len,
+                max: MAX_VALUE_BYTES,
+            });
+        }
+        let id = keyspace.id;
+        let replaced = self
+            .writes
+            .get(&id)
+            .and_then(|(_, writes)| writes.get(key))
+            .map_or(0, |old| {
+                encoded_op_len(key.len(), old.as_ref().map_or(0, Bytes::len), id)
+            });
+        let bytes = self.write_bytes - replaced + encoded_op_len(key.len(), value_len, id);
         if bytes > MAX_BATCH_BYTES {
             return Err(Error::BatchTooLarge {
                 len: bytes,
@@ -236,7 +352,12 @@ impl Transaction {
             });
         }
         self.write_bytes = bytes;
-        self.writes.insert(
+        let writes = &mut self
+            .writes
+            .entry(id)
+            .or_insert_with(|| (keyspace.clone(), BTreeMap::new()))
+            .1;
+        writes.insert(
             Bytes::copy_from_slice(key),
             value.map(Bytes::copy_from_slice),
         );
@@ -254,8 +375,9 @@ impl Transaction {
     /// # Errors
     /// [`Error::Conflict`] if another commit broke what the isolation level
     /// promises (see [`Isolation`]): nothing was written; run the
-    /// transaction again (as [`Db::transact`] does). Otherwise as
-    /// [`Db::write`].
+    /// transaction again (as [`Db::transact`] does).
+    /// [`Error::KeyspaceDropped`] if a keyspace it writes to was dropped.
+    /// Otherwise as [`Db::write`].
     pub fn commit(self) -> Result<u64> {
         if self.writes.is_empty() {
             // Reads alone: they came from one snapshot, which is a state
@@ -263,25 +385,38 @@ impl Transaction {
             return Ok(self.snapshot.seq());
         }
         let seq = self.snapshot.seq();
-        let mut batch = WriteBatch::with_capacity(self.writes.len(), self.write_bytes);
+        let count = self.writes.values().map(|(_, writes)| writes.len()).sum();
+        let mut batch = WriteBatch::with_capacity(count, self.write_bytes);
         let mut conditions = Vec::new();
-        for (key, value) in &self.writes {
-            match value {
-                Some(value) => batch.insert(key, value),
-                None => batch.remove(key),
+        for (keyspace, writes) in self.writes.values() {
+            for (key, value) in writes {
+                match value {
+                    Some(value) => batch.insert_into(keyspace, key, value),
+                    None => batch.remove_from(keyspace, key),
+                }
+                conditions.push(Condition::KeyUnchangedSince {
+                    keyspace: keyspace.id,
+                    key: key.clone(),
+                    seq,
+                });
             }
-            conditions.push(Condition::KeyUnchangedSince {
-                key: key.clone(),
+        }
+        for (keyspace, key) in self.reads {
+            let written = self
+                .writes
+                .get(&keyspace)
+                .is_some_and(|(_, writes)| writes.contains_key(&key));
+            if !written {
+                conditions.push(Condition::KeyUnchangedSince { keyspace, key, seq });
+            }
+        }
+        for (keyspace, lower, upper) in self.ranges {
+            conditions.push(Condition::RangeUnchangedSince {
+                keyspace: keyspace.id,
+                lower,
+                upper,
                 seq,
             });
-        }
-        for key in self.reads {
-            if !self.writes.contains_key(&key) {
-                conditions.push(Condition::KeyUnchangedSince { key, seq });
-            }
-        }
-        for (lower, upper) in self.ranges {
-            conditions.push(Condition::RangeUnchangedSince { lower, upper, seq });
         }
         self.db.commit_conditional(batch, conditions)
     }

@@ -157,6 +157,7 @@ fn write_seeds() {
         kind: kind as i32,
         key: key.as_bytes().to_vec().into(),
         value: value.as_bytes().to_vec().into(),
+        keyspace: 0,
     };
     let records = [
         (

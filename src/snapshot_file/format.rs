@@ -8,11 +8,13 @@
 
 use std::ops::Range;
 
+use crate::wal::format::le_u32;
+
 /// First 8 bytes of the footer (the last 64 bytes of the file).
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"mapstSNP";
 /// The snapshot file format version this build writes, and the newest it
 /// reads.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
 /// The oldest snapshot file format version this build reads (version 1
 /// differs only in the layout of the index).
 pub const OLDEST_READABLE_SNAPSHOT_VERSION: u32 = 1;
@@ -422,6 +424,8 @@ pub struct Footer {
     pub bloom_offset: u64,
     pub bloom_len: u64,
     pub entry_count: u64,
+    /// The keyspace every entry belongs to (version 3; 0 in older files).
+    pub keyspace: u32,
 }
 
 /// Why a footer was refused.
@@ -433,8 +437,8 @@ pub enum FooterError {
 
 impl Footer {
     /// `magic | version u32 | flags u32 (0) | index offset, index length,
-    /// bloom offset, bloom length, entry count (u64 each) | 4 zero bytes |
-    /// CRC32 of the 60 bytes before it`.
+    /// bloom offset, bloom length, entry count (u64 each) | keyspace u32
+    /// (version 3; zero before) | CRC32 of the 60 bytes before it`.
     pub fn encode(&self) -> [u8; FOOTER_BYTES] {
         let mut out = [0u8; FOOTER_BYTES];
         out[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
@@ -444,6 +448,7 @@ impl Footer {
         out[32..40].copy_from_slice(&self.bloom_offset.to_le_bytes());
         out[40..48].copy_from_slice(&self.bloom_len.to_le_bytes());
         out[48..56].copy_from_slice(&self.entry_count.to_le_bytes());
+        out[56..60].copy_from_slice(&self.keyspace.to_le_bytes());
         let crc = crc32fast::hash(&out[..60]);
         out[60..64].copy_from_slice(&crc.to_le_bytes());
         out
@@ -471,8 +476,14 @@ impl Footer {
         if !(OLDEST_READABLE_SNAPSHOT_VERSION..=SNAPSHOT_FORMAT_VERSION).contains(&version) {
             return Err(FooterError::UnsupportedVersion(version));
         }
-        if read_u32(&mut pos)? != 0 || footer[56..60] != [0; 4] {
+        if read_u32(&mut pos)? != 0 {
             return Err(corrupt("unknown flags in the footer"));
+        }
+        let keyspace = le_u32(&footer[56..60]);
+        if version < 3 && keyspace != 0 {
+            return Err(corrupt(
+                "a keyspace in the footer of a file older than version 3",
+            ));
         }
         let mut fields = [0u64; 5];
         for field in &mut fields {
@@ -498,6 +509,7 @@ impl Footer {
             bloom_offset,
             bloom_len,
             entry_count,
+            keyspace,
         })
     }
 }
@@ -640,6 +652,7 @@ mod tests {
             bloom_offset: 4116,
             bloom_len: 13,
             entry_count: 5,
+            keyspace: 0,
         };
         let mut file = vec![0u8; 4129];
         file.extend_from_slice(&footer.encode());

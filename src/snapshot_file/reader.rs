@@ -50,6 +50,8 @@ pub(crate) struct SnapshotFile {
     bloom_bits: Bytes,
     bloom_probes: u8,
     entry_count: u64,
+    /// The keyspace every entry belongs to (from the footer).
+    keyspace: u32,
     /// Set once the manifest no longer names the file: it is deleted when
     /// the last reader lets go of it.
     obsolete: AtomicBool,
@@ -127,6 +129,7 @@ impl SnapshotFile {
             bloom_bits,
             bloom_probes,
             entry_count: footer.entry_count,
+            keyspace: footer.keyspace,
             obsolete: AtomicBool::new(false),
             fs,
         })
@@ -135,6 +138,11 @@ impl SnapshotFile {
     /// The file's number.
     pub fn number(&self) -> u64 {
         self.number
+    }
+
+    /// The keyspace the file holds.
+    pub fn keyspace(&self) -> u32 {
+        self.keyspace
     }
 
     /// The file's size in bytes.
@@ -784,6 +792,7 @@ mod tests {
             bloom_offset: good.index_offset + index.len() as u64,
             bloom_len: bloom_section.len() as u64,
             entry_count: footer_of(&good).entry_count,
+            keyspace: 0,
         };
         let bytes = [data, &index, bloom_section, &footer.encode()].concat();
         let path = dir.path().join("2.snap");
@@ -841,7 +850,7 @@ mod tests {
                 found,
                 supported,
             }) => {
-                assert_eq!((p, found, supported), (path, 3, 2));
+                assert_eq!((p, found, supported), (path, 4, 3));
             }
             other => panic!("expected UnsupportedFormatVersion, got {other:?}"),
         }

@@ -51,6 +51,8 @@ pub(crate) struct SnapshotFileWriter<'a> {
     key_hashes: Vec<u64>,
     last: Option<(Vec<u8>, u64)>,
     summary: FileSummary,
+    /// The keyspace the file holds, written in its footer.
+    keyspace: u32,
 }
 
 impl<'a> SnapshotFileWriter<'a> {
@@ -82,7 +84,15 @@ impl<'a> SnapshotFileWriter<'a> {
                 smallest_seq: u64::MAX,
                 ..FileSummary::default()
             },
+            keyspace: 0,
         })
+    }
+
+    /// Makes the file one of keyspace `keyspace` (0, the default, unless
+    /// this is called).
+    pub fn for_keyspace(mut self, keyspace: u32) -> Self {
+        self.keyspace = keyspace;
+        self
     }
 
     /// Adds one version (`None` is a tombstone).
@@ -209,6 +219,7 @@ impl<'a> SnapshotFileWriter<'a> {
             bloom_offset: index_offset + index.len() as u64,
             bloom_len: bloom_section.len() as u64,
             entry_count: self.summary.entry_count,
+            keyspace: self.keyspace,
         };
         let mut tail = index;
         tail.extend_from_slice(&bloom_section);

@@ -7,7 +7,10 @@
 /// First 8 bytes of every WAL segment.
 pub const WAL_MAGIC: [u8; 8] = *b"mapstWAL";
 /// The WAL format version this build writes and the newest it reads.
-pub const WAL_FORMAT_VERSION: u32 = 1;
+pub const WAL_FORMAT_VERSION: u32 = 2;
+/// The oldest WAL format version this build reads (version 1 had no
+/// keyspace field or keyspace operations, and is read as it is).
+pub const OLDEST_READABLE_WAL_VERSION: u32 = 1;
 /// Bytes of page 0 that the segment header uses (the rest of page 0 is zero).
 pub const SEGMENT_HEADER_BYTES: usize = 28;
 /// Bytes of a fragment header.
@@ -88,7 +91,7 @@ impl SegmentHeader {
             ));
         }
         let format_version = le_u32(&header[8..12]);
-        if format_version != WAL_FORMAT_VERSION {
+        if !(OLDEST_READABLE_WAL_VERSION..=WAL_FORMAT_VERSION).contains(&format_version) {
             return Err(HeaderError::UnsupportedVersion(format_version));
         }
         let page_bytes = le_u32(&header[12..16]);
