@@ -579,8 +579,7 @@ impl Storage {
     }
 
     fn checkpoint(&self, frozen: &FrozenMemtable) -> Result<()> {
-        // Tombstones stay: older versions of their keys may be in files.
-        let mut gc = VersionGc::new(self.live_seqs(), false);
+        let live_seqs = self.live_seqs();
         // A keyspace dropped by the end of the generation gets no file.
         let keyspaces: Vec<_> = {
             let catalog = lock(&self.catalog);
@@ -593,6 +592,10 @@ impl Storage {
         };
         let mut written = Vec::new();
         for (keyspace, versions) in keyspaces {
+            // Tombstones stay: older versions of their keys may be in
+            // files. A collector per keyspace: it compares each version
+            // with the one before, which must be of the same keyspace.
+            let mut gc = VersionGc::new(live_seqs.clone(), false);
             written.extend(self.write_file(keyspace, versions.map(Ok), &mut gc)?);
         }
         let frozen_source = frozen.content.source();

@@ -443,3 +443,85 @@ impl Keyspace {
         self.db.update_at(&self.info, key.as_ref(), change)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(id: u32, name: &str, created_seq: u64) -> KeyspaceMeta {
+        KeyspaceMeta {
+            id,
+            name: name.into(),
+            created_seq,
+        }
+    }
+
+    #[test]
+    fn a_manifest_catalog_is_checked() {
+        let good = [meta(2, "b", 5), meta(1, "a", 3)];
+        let catalog = Catalog::from_manifest(&good, 3, 7).unwrap();
+        assert_eq!(catalog.names(), ["a", "b"]);
+        assert_eq!(catalog.next_id(), 3);
+        assert_eq!(catalog.lookup("b").unwrap().id, 2);
+        // A version 1 manifest: no keyspaces, no next id.
+        assert_eq!(Catalog::from_manifest(&[], 0, 7).unwrap().next_id(), 1);
+        for (bad, next_id) in [
+            (vec![meta(0, "zero", 1)], 2),
+            (vec![meta(1, "a", 1), meta(1, "b", 2)], 3),
+            (vec![meta(1, "a", 1), meta(2, "a", 2)], 3),
+            (vec![meta(1, "", 1)], 2),
+            (vec![meta(1, &"x".repeat(256), 1)], 2),
+            (vec![meta(4, "a", 1)], 3),
+        ] {
+            assert!(
+                Catalog::from_manifest(&bad, next_id, 7).is_err(),
+                "{bad:?} {next_id}"
+            );
+        }
+    }
+
+    /// What a MANIFEST written for a checkpoint at seq S lists: created at
+    /// or before S and not dropped by then. Ids are never given out again.
+    #[test]
+    fn the_manifest_lists_the_keyspaces_as_of_its_checkpoint() {
+        let mut catalog = Catalog::from_manifest(&[], 1, 7).unwrap();
+        catalog.create(1, "a", 10).unwrap();
+        catalog.create(2, "b", 20).unwrap();
+        catalog.drop_keyspace(1, 30).unwrap();
+        catalog.create(3, "a", 40).unwrap();
+        let listed = |seq| -> Vec<u32> {
+            catalog
+                .manifest_entries(seq)
+                .iter()
+                .map(|meta| meta.id)
+                .collect()
+        };
+        assert_eq!(listed(9), Vec::<u32>::new());
+        assert_eq!(listed(10), [1]);
+        assert_eq!(listed(29), [1, 2]);
+        assert_eq!(listed(30), [2]);
+        assert_eq!(listed(40), [2, 3]);
+        assert!(catalog.exists_at(DEFAULT_KEYSPACE, 0));
+        assert!(!catalog.exists_at(3, 39));
+        assert!(catalog.exists(3) && !catalog.exists(1) && !catalog.exists(9));
+        assert_eq!(catalog.lookup("a").unwrap().id, 3);
+        assert!(catalog.create(2, "c", 50).is_err(), "an old id again");
+        assert!(catalog.create(4, "b", 50).is_err(), "a name that exists");
+        assert!(catalog.drop_keyspace(1, 50).is_err(), "dropped twice");
+        assert!(catalog.drop_keyspace(9, 50).is_err(), "never made");
+        assert_eq!(catalog.next_id(), 4);
+    }
+
+    #[test]
+    fn names_are_1_to_255_bytes() {
+        assert!(check_name("a").is_ok());
+        assert!(check_name(&"é".repeat(127)).is_ok()); // 254 bytes
+        assert!(check_name(&"x".repeat(255)).is_ok());
+        for bad in ["", &"x".repeat(256)] {
+            assert!(matches!(
+                check_name(bad),
+                Err(Error::InvalidKeyspaceName { .. })
+            ));
+        }
+    }
+}

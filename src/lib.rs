@@ -161,12 +161,22 @@ pub mod fuzzing {
             let Some(batch) = batches.last_mut() else {
                 return;
             };
+            // Bit 6 puts the operation in a named keyspace (ids 1 to 8).
+            let keyspace = std::sync::Arc::new(crate::keyspace::KeyspaceInfo::new(
+                if control & 0x40 != 0 {
+                    u32::from(control >> 1 & 7) + 1
+                } else {
+                    0
+                },
+                String::new(),
+                0,
+            ));
             if control & 1 == 0 {
                 let value_len = usize::from(bytes.next().unwrap_or(0)) * usize::from(control % 16);
                 let value: Vec<u8> = (0..value_len).map(|i| (i as u8) ^ control).collect();
-                batch.insert(&key, &value);
+                batch.insert_into(&keyspace, &key, &value);
             } else {
-                batch.remove(&key);
+                batch.remove_from(&keyspace, &key);
             }
         }
         let header = SegmentHeader {

@@ -2,8 +2,16 @@
 //!
 //! `tests/data/database-v1/` was written by mapstore at `0956f07`, whose
 //! snapshot files were format version 1 (an index of variable-length
-//! entries; `format/snapshot.md`). The writes that made it are in
-//! [`expected`]; `close` checkpointed them into one snapshot file.
+//! entries; `format/snapshot.md`), its WAL and MANIFEST version 1 (no
+//! keyspaces). The writes that made it are in [`expected`]; `close`
+//! checkpointed them into one snapshot file.
+//!
+//! `tests/data/database-v2/` holds named keyspaces: snapshot files of
+//! version 3, a MANIFEST of version 2 listing keyspaces, and a WAL of
+//! version 2 with keyspace operations to replay. [`write_v2`] wrote it
+//! (`MAPSTORE_WRITE_FIXTURES=1 cargo test --test format_versions`
+//! writes it again); each run also writes a fresh database with it and
+//! checks that it reads the same as the fixture.
 
 mod common;
 
@@ -97,4 +105,116 @@ fn a_database_with_version_1_snapshot_files_opens_reads_and_is_rewritten() {
     let db = Db::open(dir.path()).unwrap();
     assert_holds(&db, &model);
     db.close().unwrap();
+}
+
+/// Keyspace name ("" for the default keyspace) to its entries.
+type Keyspaces = BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>;
+
+/// Writes the version 2 fixture into `dir`, returning what it holds: a
+/// checkpoint of three keyspaces and the default one, then, only in the
+/// WAL, a drop, a new keyspace, removals and overwrites.
+fn write_v2(dir: &Path) -> Keyspaces {
+    let options = mapstore::Options::default()
+        .checkpoint_on_close(false)
+        .wal_segment_bytes(64 * 1024);
+    let db = Db::open_with(dir, options).unwrap();
+    let mut model = Keyspaces::new();
+    let mut put = |db: &Db, keyspace: &str, key: String, value: Vec<u8>| {
+        if keyspace.is_empty() {
+            db.insert(&key, &value).unwrap();
+        } else {
+            db.keyspace(keyspace).unwrap().insert(&key, &value).unwrap();
+        }
+        model
+            .entry(keyspace.to_string())
+            .or_default()
+            .insert(key.into_bytes(), value);
+    };
+    for (keyspace, count) in [("", 20), ("users", 30), ("orders", 10), ("temp", 5)] {
+        for i in 0..count {
+            put(
+                &db,
+                keyspace,
+                format!("{keyspace}{i:03}"),
+                vec![i as u8; 10 + i],
+            );
+        }
+    }
+    db.checkpoint().unwrap();
+    db.drop_keyspace("temp").unwrap();
+    for i in 0..3 {
+        put(&db, "later", format!("later{i}"), b"in the log".to_vec());
+    }
+    for i in [1, 5, 9] {
+        db.keyspace("users")
+            .unwrap()
+            .remove(format!("users{i:03}"))
+            .unwrap();
+    }
+    for i in [0, 4] {
+        put(
+            &db,
+            "orders",
+            format!("orders{i:03}"),
+            b"overwritten".to_vec(),
+        );
+    }
+    db.close().unwrap();
+    model.remove("temp");
+    if let Some(users) = model.get_mut("users") {
+        for i in [1, 5, 9] {
+            users.remove(format!("users{i:03}").as_bytes());
+        }
+    }
+    model
+}
+
+/// What every keyspace of `db` holds.
+fn read_keyspaces(db: &Db) -> Keyspaces {
+    let mut found = Keyspaces::new();
+    found.insert(String::new(), collect(db.iter()).into_iter().collect());
+    for name in db.keyspace_names().unwrap() {
+        let keyspace = db.keyspace(&name).unwrap();
+        found.insert(name, collect(keyspace.iter()).into_iter().collect());
+    }
+    found
+}
+
+#[test]
+fn a_database_with_keyspaces_of_format_version_2_opens_and_reads() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/database-v2");
+    if std::env::var_os("MAPSTORE_WRITE_FIXTURES").is_some() {
+        let _ = fs::remove_dir_all(&fixture);
+        write_v2(&fixture);
+        fs::remove_file(fixture.join("LOCK")).unwrap();
+    }
+    // The writer, run now, makes a database that reads the same.
+    let fresh = tempfile::tempdir().unwrap();
+    let model = write_v2(fresh.path());
+    let db = Db::open(fresh.path()).unwrap();
+    assert_eq!(read_keyspaces(&db), model);
+    db.close().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(&fixture).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    assert_eq!(snapshot_versions(dir.path()), [3, 3, 3, 3]);
+    let db = Db::open(dir.path()).unwrap();
+    // The drop, the new keyspace and the changes are replayed from the WAL.
+    assert!(db.recovery_report().batches_replayed >= 10);
+    assert_eq!(db.keyspace_names().unwrap(), ["later", "orders", "users"]);
+    assert_eq!(read_keyspaces(&db), model);
+    // It takes writes and keyspaces, and reads the same after a compaction.
+    db.keyspace("new").unwrap().insert("k", "v").unwrap();
+    db.compact().unwrap();
+    db.close().unwrap();
+    let db = Db::open(dir.path()).unwrap();
+    let mut model = model;
+    model
+        .entry("new".into())
+        .or_default()
+        .insert(b"k".to_vec(), b"v".to_vec());
+    assert_eq!(read_keyspaces(&db), model);
 }

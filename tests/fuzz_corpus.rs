@@ -120,6 +120,14 @@ fn write_seeds() {
     batch.insert("gamma", "3");
     db.write(batch).unwrap();
     db.remove("gamma").unwrap();
+    // Keyspace operations and writes to a keyspace (format version 2).
+    let users = db.keyspace("users").unwrap();
+    let mut batch = WriteBatch::new();
+    batch.insert_in(&users, "ada", "admin");
+    batch.insert("delta", "4");
+    db.write(batch).unwrap();
+    db.keyspace("dropped").unwrap();
+    db.drop_keyspace("dropped").unwrap();
     db.sync().unwrap();
 
     for target in [
@@ -153,12 +161,13 @@ fn write_seeds() {
     copy_seed("MANIFEST", "manifest_decoder", "valid-manifest");
 
     use mapstore::proto::{BatchRecord, OpKind, Operation};
-    let op = |kind: OpKind, key: &str, value: &str| Operation {
+    let op_in = |keyspace: u32, kind: OpKind, key: &str, value: &str| Operation {
         kind: kind as i32,
         key: key.as_bytes().to_vec().into(),
         value: value.as_bytes().to_vec().into(),
-        keyspace: 0,
+        keyspace,
     };
+    let op = |kind: OpKind, key: &str, value: &str| op_in(0, kind, key, value);
     let records = [
         (
             "valid-put",
@@ -182,6 +191,18 @@ fn write_seeds() {
                     op(OpKind::Put, "", ""),
                     op(OpKind::Delete, "a", ""),
                     op(OpKind::Put, "b", "c"),
+                ],
+            },
+        ),
+        (
+            "valid-keyspaces",
+            BatchRecord {
+                first_seq: 7,
+                ops: vec![
+                    op_in(3, OpKind::CreateKeyspace, "users", ""),
+                    op_in(3, OpKind::Put, "k", "v"),
+                    op_in(300, OpKind::Delete, "k", ""),
+                    op_in(3, OpKind::DropKeyspace, "users", ""),
                 ],
             },
         ),

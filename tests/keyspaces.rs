@@ -326,3 +326,41 @@ fn concurrent_opens_of_a_new_keyspace_create_it_once() {
     // One creation, then one write per thread.
     assert_eq!(db.snapshot().seq(), 1 + THREADS as u64);
 }
+
+/// One key written to several keyspaces in one memtable generation (and
+/// a keyspace dropped and made again under the same name) is a key of
+/// each through a checkpoint and a reopen. The model test found the
+/// checkpoint treating the later keyspaces' versions of the key as older
+/// versions of the first one's, and dropping them.
+#[test]
+fn the_same_key_in_several_keyspaces_survives_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open(dir.path()).unwrap();
+    let first = db.keyspace("gamma").unwrap();
+    first.insert("a", "1").unwrap();
+    db.drop_keyspace("gamma").unwrap();
+    let again = db.keyspace("gamma").unwrap();
+    let other = db.keyspace("beta").unwrap();
+    let mut batch = WriteBatch::new();
+    batch.insert_in(&again, "b", "2");
+    batch.insert("b", "3");
+    batch.insert_in(&other, "b", "4");
+    db.write(batch).unwrap();
+    db.checkpoint().unwrap();
+    assert_eq!(db.checkpoint_stats().versions_dropped, 0);
+    let expect = |db: &Db| {
+        assert_eq!(
+            collect(db.keyspace("gamma").unwrap().iter()),
+            entries(&[("b", "2")])
+        );
+        assert_eq!(collect(db.iter()), entries(&[("b", "3")]));
+        assert_eq!(
+            collect(db.keyspace("beta").unwrap().iter()),
+            entries(&[("b", "4")])
+        );
+    };
+    expect(&db);
+    drop((first, again, other));
+    db.close().unwrap();
+    expect(&Db::open(dir.path()).unwrap());
+}

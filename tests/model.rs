@@ -346,6 +346,131 @@ fn check_quiet_reads(
     indexed
 }
 
+/// The named keyspaces that exist, each with its entries.
+type KeyspaceModels = BTreeMap<String, Model>;
+
+/// The keyspace names the model test uses.
+const KEYSPACE_NAMES: [&str; 3] = ["alpha", "beta", "gamma"];
+
+/// One step on named keyspaces, checked against the model: open (and so
+/// create) one, write to it alone or in a batch with the default keyspace
+/// and another one, read and scan it, move a key across keyspaces in a
+/// transaction, or drop it. Returns the sequence number of the last commit
+/// the step made, or 0.
+fn keyspace_step(
+    db: &Db,
+    keyspaces: &mut KeyspaceModels,
+    (default, versions): (&mut Model, &mut Versions),
+    rng: &mut Rng,
+    context: &str,
+) -> u64 {
+    let name = KEYSPACE_NAMES[rng.below(3) as usize];
+    let existed = keyspaces.contains_key(name);
+    let keyspace = db.keyspace(name).unwrap();
+    let mut seq = if existed { 0 } else { db.snapshot().seq() };
+    keyspaces.entry(name.to_string()).or_default();
+    let key = random_key(rng);
+    match rng.below(10) {
+        0..=2 => {
+            let value = rng.bytes(40);
+            seq = keyspace.insert(&key, &value).unwrap();
+            keyspaces.get_mut(name).unwrap().insert(key, value);
+        }
+        3 => {
+            seq = keyspace.remove(&key).unwrap();
+            keyspaces.get_mut(name).unwrap().remove(&key);
+        }
+        4 => {
+            // A batch over this keyspace, the default one and another.
+            let other_name = KEYSPACE_NAMES[(rng.below(2) + 1) as usize];
+            let other = db.keyspace(other_name).unwrap();
+            if !keyspaces.contains_key(other_name) {
+                keyspaces.insert(other_name.to_string(), Model::new());
+            }
+            let mut batch = WriteBatch::new();
+            let value = rng.bytes(40);
+            batch.insert_in(&keyspace, &key, &value);
+            batch.insert(&key, &value);
+            batch.remove_in(&other, &key);
+            seq = db.write(batch).unwrap();
+            keyspaces
+                .get_mut(name)
+                .unwrap()
+                .insert(key.clone(), value.clone());
+            default.insert(key.clone(), value);
+            // The default keyspace's write is the batch's second operation.
+            versions.insert(key.clone(), seq - 1);
+            keyspaces.get_mut(other_name).unwrap().remove(&key);
+        }
+        5 | 6 => {
+            let model = &keyspaces[name];
+            assert_eq!(
+                keyspace.get(&key).unwrap().map(|v| v.to_vec()),
+                model.get(&key).cloned(),
+                "{context}: get {key:?} in {name}"
+            );
+            assert_eq!(
+                collect(keyspace.iter()),
+                model_entries(model),
+                "{context}: scan of {name}"
+            );
+            let mut reverse = collect(keyspace.iter().rev());
+            reverse.reverse();
+            assert_eq!(
+                reverse,
+                model_entries(model),
+                "{context}: reverse scan of {name}"
+            );
+        }
+        7 | 8 => {
+            // Move the key from this keyspace to the default one.
+            let mut tx = db.transaction();
+            let moved = tx.get_in(&keyspace, &key).unwrap();
+            assert_eq!(
+                moved.as_ref().map(|v| v.to_vec()),
+                keyspaces[name].get(&key).cloned(),
+                "{context}: moved {key:?} from {name}"
+            );
+            if let Some(value) = moved {
+                tx.remove_in(&keyspace, &key).unwrap();
+                tx.insert(&key, &value).unwrap();
+                seq = tx.commit().unwrap();
+                keyspaces.get_mut(name).unwrap().remove(&key);
+                default.insert(key.clone(), value.to_vec());
+                // A transaction's batch goes keyspace by keyspace, the
+                // default one first.
+                versions.insert(key, seq - 1);
+            }
+        }
+        _ => {
+            seq = db.drop_keyspace(name).unwrap();
+            keyspaces.remove(name);
+            assert!(matches!(
+                keyspace.get(&key),
+                Err(mapstore::Error::KeyspaceDropped { .. })
+            ));
+        }
+    }
+    seq
+}
+
+/// Every keyspace, its name and its entries, as the model has them.
+fn check_keyspaces(db: &Db, keyspaces: &KeyspaceModels, context: &str) {
+    let names: Vec<&String> = keyspaces.keys().collect();
+    assert_eq!(
+        db.keyspace_names().unwrap().iter().collect::<Vec<_>>(),
+        names,
+        "{context}: keyspaces"
+    );
+    for (name, model) in keyspaces {
+        assert_eq!(
+            collect(db.keyspace(name).unwrap().iter()),
+            model_entries(model),
+            "{context}: keyspace {name}"
+        );
+    }
+}
+
 /// Every present key's version, as the model has it.
 fn check_versions(db: &Db, versions: &Versions, context: &str) {
     for (key, version) in versions {
@@ -381,6 +506,7 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) -> usize {
     let mut db = Db::open_with(&path, options.clone()).unwrap();
     let mut model = Model::new();
     let mut versions = Versions::new();
+    let mut keyspaces = KeyspaceModels::new();
     let mut snapshots: Vec<(Snapshot, Model)> = Vec::new();
     let mut last_seq = 0;
     // Background work done across reopens: (checkpoints, merges).
@@ -395,7 +521,21 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) -> usize {
                 assert!(seq >= last_seq, "{context}: sequence numbers must grow");
                 last_seq = seq;
             }
-            10..=39 => {
+            10..=17 => {
+                let seq = keyspace_step(
+                    &db,
+                    &mut keyspaces,
+                    (&mut model, &mut versions),
+                    &mut rng,
+                    &context,
+                );
+                assert!(
+                    seq == 0 || seq > last_seq,
+                    "{context}: sequence numbers must grow"
+                );
+                last_seq = seq.max(last_seq);
+            }
+            18..=39 => {
                 let (key, value) = (random_key(&mut rng), rng.bytes(40));
                 let seq = db.insert(&key, &value).unwrap();
                 assert!(seq > last_seq, "{context}: sequence numbers must grow");
@@ -497,9 +637,10 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) -> usize {
                     db.checkpoint().unwrap();
                 } else {
                     db.compact().unwrap();
+                    // One file at most per keyspace that exists.
                     assert!(
-                        db.checkpoint_stats().snapshot_files <= 1,
-                        "{context}: compact left several files"
+                        db.checkpoint_stats().snapshot_files <= 1 + keyspaces.len(),
+                        "{context}: compact left several files for a keyspace"
                     );
                 }
                 assert_eq!(
@@ -508,6 +649,7 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) -> usize {
                     "{context}: after checkpoint"
                 );
                 check_versions(&db, &versions, &context);
+                check_keyspaces(&db, &keyspaces, &context);
             }
             _ => {
                 // Reopen: a clean close, or a drop without close.
@@ -529,6 +671,7 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) -> usize {
                     "{context}: sequence number after reopen"
                 );
                 check_versions(&db, &versions, &context);
+                check_keyspaces(&db, &keyspaces, &context);
             }
         }
     }
@@ -537,6 +680,7 @@ fn run_seed(seed: u64, ops: u64, checkpoints: bool) -> usize {
         model_entries(&model),
         "seed {seed}: final state"
     );
+    check_keyspaces(&db, &keyspaces, &format!("seed {seed}: final state"));
     if checkpoints {
         let stats = db.checkpoint_stats();
         work = (work.0 + stats.checkpoints, work.1 + stats.merges);
