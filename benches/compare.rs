@@ -30,6 +30,8 @@
 //! move money between 10,000 accounts in synced read-modify-write
 //! transactions (mapstore's, redb's write transactions, fjall's optimistic
 //! ones), retrying conflicts; the share of attempts refused is reported.
+//! And mapstore's random fill and gets through a named keyspace, beside the
+//! same through its default keyspace (taking turns, each the better of two).
 //!
 //! Synced workloads run each peer in its documented durable mode, written down
 //! beside each adapter below.
@@ -793,6 +795,88 @@ fn conditional_writes(scratch: &Path, settings: &Settings) {
 }
 
 // ---------------------------------------------------------------------------
+// mapstore's keyspaces against its default keyspace
+
+/// The fill and the point reads, through a named keyspace of mapstore
+/// (`Keyspace` handle, `WriteBatch::insert_in`) rather than the default
+/// keyspace.
+struct KeyspaceEngine {
+    db: mapstore::Db,
+    keyspace: mapstore::Keyspace,
+}
+
+impl Engine for KeyspaceEngine {
+    fn insert_synced(&self, key: &[u8], value: &[u8]) {
+        self.keyspace.insert(key, value).unwrap();
+    }
+    fn write_batch(&self, items: &[([u8; KEY_BYTES], [u8; VALUE_BYTES])], synced: bool) {
+        let mut batch = mapstore::WriteBatch::with_capacity(
+            items.len(),
+            items.len() * (KEY_BYTES + VALUE_BYTES),
+        );
+        for (key, value) in items {
+            batch.insert_in(&self.keyspace, key, value);
+        }
+        let durability = if synced {
+            mapstore::Durability::Sync
+        } else {
+            mapstore::Durability::Buffered
+        };
+        self.db.write_with_durability(batch, durability).unwrap();
+    }
+    fn get(&self, key: &[u8]) -> Option<usize> {
+        self.keyspace.get(key).unwrap().map(|v| v.len())
+    }
+    fn scan(&self, reverse: bool) -> u64 {
+        count_scan(self.keyspace.iter(), reverse, |entry| {
+            let (key, value) = entry.unwrap();
+            (key.len(), value.len())
+        })
+    }
+    fn checkpoint(&self) {
+        self.db.checkpoint().unwrap();
+    }
+    fn compact(&mut self) {
+        self.db.compact().unwrap();
+    }
+    fn close(self: Box<Self>) {
+        self.db.close().unwrap();
+    }
+}
+
+/// The random fill, then random gets on one thread, through mapstore's
+/// default keyspace and through a named one, each on a fresh database,
+/// taking turns twice; reports each figure's better run of the two as
+/// `{default,keyspace}_{fill_keys_per_s,get_1t}`.
+fn run_keyspace_overhead(settings: &Settings) {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut results: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
+    for turn in 0..4 {
+        let named = turn % 2 == 1;
+        let dir = scratch.path().join(format!("turn{turn}"));
+        settle();
+        let db = mapstore::Db::open(&dir).unwrap();
+        let engine: Box<dyn Engine> = if named {
+            let keyspace = db.keyspace("data").unwrap();
+            Box::new(KeyspaceEngine { db, keyspace })
+        } else {
+            Box::new(MapstoreEngine(db))
+        };
+        let fill = fill(&*engine, settings.keys, random_key, 0);
+        let reads = point_reads(&*engine, 1, settings.keys, true, settings);
+        engine.close();
+        let best = results
+            .entry(if named { "keyspace" } else { "default" })
+            .or_insert((0.0, 0.0));
+        *best = (best.0.max(fill), best.1.max(reads));
+    }
+    for (name, (fill, reads)) in results {
+        report(&format!("{name}_fill_keys_per_s"), fill);
+        report(&format!("{name}_get_1t"), reads);
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Transfers: read-modify-write transactions
 
 /// Accounts of the transfer workload, and each one's opening balance.
@@ -1248,6 +1332,26 @@ const METRICS: &[(&str, &str, Better)] = &[
         Better::Neither,
     ),
     (
+        "default_fill_keys_per_s",
+        "fill, random, default keyspace (keys/s)",
+        Better::Higher,
+    ),
+    (
+        "keyspace_fill_keys_per_s",
+        "  the same through a named keyspace (keys/s)",
+        Better::Higher,
+    ),
+    (
+        "default_get_1t",
+        "random get, 1 thread, default keyspace (reads/s)",
+        Better::Higher,
+    ),
+    (
+        "keyspace_get_1t",
+        "  the same through a named keyspace (reads/s)",
+        Better::Higher,
+    ),
+    (
         "fill_sequential_keys_per_s",
         "fill, synced batches of 1,000, sequential (keys/s)",
         Better::Higher,
@@ -1518,6 +1622,7 @@ fn main() {
         ["--engine", name] => return run_engine(name, &settings),
         ["--synced-writes", name] => return run_synced_writes(name, &settings),
         ["--transfers", name] => return run_transfers(name, &settings),
+        ["--keyspace-overhead"] => return run_keyspace_overhead(&settings),
         ["--crash-fill", name, dir] => return crash_fill(name, Path::new(dir), &settings),
         ["--crash-reopen", name, dir] => return crash_reopen(name, Path::new(dir), ""),
         ["--crash-reopen", name, dir, prefix] => {
@@ -1589,6 +1694,7 @@ fn main() {
             run_child(&["--crash-fill", engine, dir]);
             measured.extend(run_child(&["--crash-reopen", engine, dir]));
             if *engine == "mapstore" {
+                measured.extend(run_child(&["--keyspace-overhead"]));
                 for (crash, prefix) in [
                     ("--crash-full-memtable", "full_memtable_"),
                     ("--crash-full-wal", "full_wal_"),
