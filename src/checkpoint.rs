@@ -567,7 +567,7 @@ impl Storage {
         let catalog = lock(&self.catalog);
         let seq = manifest.checkpoint_seq;
         manifest.keyspaces = catalog.manifest_entries(seq);
-        manifest.next_keyspace_id = catalog.next_id();
+        manifest.next_keyspace_id = catalog.next_id_at(seq);
         manifest
             .snapshot_files
             .retain(|meta| catalog.exists_at(meta.keyspace, seq));

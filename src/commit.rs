@@ -724,17 +724,22 @@ impl CommitPipeline {
             check.record(first_seq, &batch.ops);
         }
         // Keyspace operations come alone in their batch (`Db::keyspace`,
-        // `Db::drop_keyspace`), which serialize them.
+        // `Db::drop_keyspace`), which make one change at a time, so these
+        // are refused only if a caller broke that.
         for (seq, op) in (first_seq..).zip(&batch.ops) {
-            let changed = match OpKind::try_from(op.kind) {
-                Ok(OpKind::CreateKeyspace) => {
-                    let name = std::str::from_utf8(&op.key).unwrap_or_default();
-                    lock(&self.catalog).create(op.keyspace, name, seq)
-                }
-                Ok(OpKind::DropKeyspace) => lock(&self.catalog).drop_keyspace(op.keyspace, seq),
-                _ => continue,
-            };
-            changed.map_err(|cause| Error::WritesStopped { cause })?;
+            let name = || String::from_utf8_lossy(&op.key).into_owned();
+            match OpKind::try_from(op.kind) {
+                Ok(OpKind::CreateKeyspace) => lock(&self.catalog)
+                    .create(op.keyspace, &name(), seq)
+                    .map_err(|_| Error::InvalidKeyspaceName {
+                        name: name(),
+                        reason: "a keyspace of that name or id exists",
+                    })?,
+                Ok(OpKind::DropKeyspace) => lock(&self.catalog)
+                    .drop_keyspace(op.keyspace, seq)
+                    .map_err(|_| Error::KeyspaceNotFound { name: name() })?,
+                _ => {}
+            }
         }
         Ok(())
     }

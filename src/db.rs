@@ -508,33 +508,38 @@ impl Db {
     pub fn keyspace(&self, name: &str) -> Result<Keyspace> {
         check_name(name)?;
         self.check_open()?;
-        if let Some(info) = self.catalog().lookup(name) {
-            return Ok(Keyspace {
-                db: self.clone(),
-                info,
-            });
-        }
-        let _changing = lock(&self.inner.keyspace_changes);
-        // Created while this thread waited for the lock?
-        if let Some(info) = self.catalog().lookup(name) {
-            return Ok(Keyspace {
-                db: self.clone(),
-                info,
-            });
-        }
-        let mut batch = WriteBatch::new();
-        batch.create_keyspace(self.catalog().next_id(), name);
-        self.write(batch)?;
-        let info = self
-            .catalog()
-            .lookup(name)
-            .ok_or_else(|| Error::KeyspaceNotFound {
-                name: name.to_string(),
-            })?;
+        // (A `match` on the lookup would hold the catalog's lock through
+        // its arms, and the creation takes it again.)
+        let existing = self.catalog().lookup(name);
+        let info = match existing {
+            Some(info) => info,
+            None => self.create_keyspace(name)?,
+        };
         Ok(Keyspace {
             db: self.clone(),
             info,
         })
+    }
+
+    /// Creates keyspace `name` unless another thread did while this one
+    /// waited for its turn; returns it.
+    fn create_keyspace(&self, name: &str) -> Result<Arc<KeyspaceInfo>> {
+        let _changing = lock(&self.inner.keyspace_changes);
+        if self.catalog().lookup(name).is_none() {
+            let mut batch = WriteBatch::new();
+            batch.create_keyspace(self.catalog().next_id(), name);
+            self.write(batch)?;
+        }
+        self.existing_keyspace(name)
+    }
+
+    /// The keyspace named `name`, or [`Error::KeyspaceNotFound`].
+    fn existing_keyspace(&self, name: &str) -> Result<Arc<KeyspaceInfo>> {
+        self.catalog()
+            .lookup(name)
+            .ok_or_else(|| Error::KeyspaceNotFound {
+                name: name.to_string(),
+            })
     }
 
     /// The names of the keyspaces, sorted (the default keyspace has none).
@@ -558,12 +563,7 @@ impl Db {
     pub fn drop_keyspace(&self, name: &str) -> Result<u64> {
         self.check_open()?;
         let _changing = lock(&self.inner.keyspace_changes);
-        let info = self
-            .catalog()
-            .lookup(name)
-            .ok_or_else(|| Error::KeyspaceNotFound {
-                name: name.to_string(),
-            })?;
+        let info = self.existing_keyspace(name)?;
         let mut batch = WriteBatch::new();
         batch.drop_keyspace(&info);
         self.write(batch)

@@ -113,6 +113,8 @@ pub(crate) struct Catalog {
     /// The keyspaces that exist now, by name.
     by_name: HashMap<String, u32>,
     next_id: u32,
+    /// The next id the MANIFEST the database opened with gave.
+    opened_next_id: u32,
 }
 
 impl Catalog {
@@ -128,6 +130,7 @@ impl Catalog {
             entries: BTreeMap::new(),
             by_name: HashMap::new(),
             next_id: 1,
+            opened_next_id: 1,
         };
         let mut by_id: Vec<&KeyspaceMeta> = keyspaces.iter().collect();
         by_id.sort_by_key(|meta| meta.id);
@@ -138,6 +141,7 @@ impl Catalog {
             return Err(format!("next keyspace id {next_id} is not above every id"));
         }
         catalog.next_id = catalog.next_id.max(next_id);
+        catalog.opened_next_id = catalog.next_id;
         Ok(catalog)
     }
 
@@ -157,6 +161,18 @@ impl Catalog {
     /// The id the next keyspace created gets.
     pub fn next_id(&self) -> u32 {
         self.next_id
+    }
+
+    /// The smallest id no keyspace created at or before `seq` has: what a
+    /// MANIFEST written for a checkpoint at `seq` records. (Not
+    /// [`next_id`](Self::next_id): a keyspace created after `seq` is
+    /// replayed from the log, and its id must still be free then.)
+    pub fn next_id_at(&self, seq: u64) -> u32 {
+        self.entries
+            .iter()
+            .filter(|(_, entry)| entry.created_seq <= seq)
+            .map(|(id, _)| id.saturating_add(1))
+            .fold(self.opened_next_id, u32::max)
     }
 
     /// Records keyspace `id` named `name`, created at `seq` (replayed or
@@ -236,10 +252,12 @@ impl Catalog {
 /// atomically with the others through [`WriteBatch::insert_in`] and
 /// transactions, under the same group commit.
 ///
-/// Cheap to clone; `Send` and `Sync`. A handle of a dropped keyspace
-/// returns [`Error::KeyspaceDropped`] for everything, even if a keyspace of
-/// the same name is created again (that one is a new keyspace, with a new
-/// handle).
+/// Cheap to clone; `Send` and `Sync`. A handle is a clone of its
+/// [`Db`] too: the database closes when the last of its handles, keyspace
+/// handles included, is dropped (or at [`Db::close`]). A handle of a
+/// dropped keyspace returns [`Error::KeyspaceDropped`] for everything, even
+/// if a keyspace of the same name is created again (that one is a new
+/// keyspace, with a new handle).
 ///
 /// ```
 /// # fn main() -> Result<(), mapstore::Error> {
@@ -501,6 +519,12 @@ mod tests {
         assert_eq!(listed(29), [1, 2]);
         assert_eq!(listed(30), [2]);
         assert_eq!(listed(40), [2, 3]);
+        // The next id as of each point: an id created later is replayed,
+        // and must be free in that MANIFEST.
+        assert_eq!(catalog.next_id_at(9), 1);
+        assert_eq!(catalog.next_id_at(10), 2);
+        assert_eq!(catalog.next_id_at(39), 3);
+        assert_eq!(catalog.next_id_at(40), 4);
         assert!(catalog.exists_at(DEFAULT_KEYSPACE, 0));
         assert!(!catalog.exists_at(3, 39));
         assert!(catalog.exists(3) && !catalog.exists(1) && !catalog.exists(9));

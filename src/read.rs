@@ -365,10 +365,14 @@ impl Snapshot {
         Ok(None)
     }
 
-    /// The first key in the bounds whose newest version this snapshot sees
-    /// (a removal included) is newer than `seq`, with that version's
+    /// A key in the bounds that a commit after `seq` (and at or below
+    /// this snapshot's) wrote, a removal included, with that version's
     /// sequence number: whether anything in the range changed after `seq`.
-    /// Reads every key in the range.
+    ///
+    /// Each source is walked on its own, with no merge: a source whose
+    /// newest version of a key is newer than `seq` holds a write after
+    /// `seq`, and the newest version of a key overall is the newest in its
+    /// source. Reads every key of the range in every source.
     pub(crate) fn first_change_after(
         &self,
         keyspace: u32,
@@ -376,18 +380,22 @@ impl Snapshot {
         upper: &Bound<Bytes>,
         seq: u64,
     ) -> Result<Option<(Slice, u64)>> {
-        let mut versions = Iter::new(self.clone(), keyspace, lower.clone(), upper.clone());
-        versions.removals = true;
-        while let Some(index) = versions.step(Direction::Forward)? {
-            let Some(cursor) = versions.front.cursors.get_mut(index) else {
-                break;
+        for source in &self.view.sources {
+            let Some(mut cursor) =
+                SourceCursor::new(source, keyspace, self.seq, Direction::Forward, lower, upper)
+            else {
+                continue;
             };
-            if let Some((key, version)) = cursor.head() {
+            loop {
+                cursor.fill()?;
+                let Some((key, version)) = cursor.head() else {
+                    break;
+                };
                 if version > seq {
                     return Ok(Some((Slice::copy_from(key), version)));
                 }
+                cursor.skip();
             }
-            cursor.skip();
         }
         Ok(None)
     }
@@ -649,9 +657,6 @@ pub struct Iter {
     front: End,
     back: End,
     finished: bool,
-    /// Whether removals are stepped on rather than skipped (for
-    /// [`Snapshot::first_change_after`]; never in a public `Iter`).
-    removals: bool,
 }
 
 /// One end of an [`Iter`]: a cursor per source, walking in its direction.
@@ -794,7 +799,6 @@ impl Iter {
             front: End::new(&snapshot, keyspace, Direction::Forward, &lower, &upper),
             back: End::new(&snapshot, keyspace, Direction::Backward, &lower, &upper),
             finished: false,
-            removals: false,
             failed: None,
             snapshot,
             lower,
@@ -815,7 +819,6 @@ impl Iter {
             front: ends(),
             back: ends(),
             finished: true,
-            removals: false,
             failed: Some(error),
             snapshot,
             lower: Bound::Unbounded,
@@ -830,7 +833,6 @@ impl Iter {
     /// here and moved out through the layers, their copies stalled the
     /// processor (`perf` put a third of a scan's time on them).
     fn step(&mut self, direction: Direction) -> Result<Option<usize>> {
-        let removals = self.removals;
         let (end, other) = match direction {
             Direction::Forward => (&mut self.front, &self.back),
             Direction::Backward => (&mut self.back, &self.front),
@@ -871,7 +873,7 @@ impl Iter {
                 }
             }
             match end.cursors.get_mut(index) {
-                Some(cursor) if !removals && cursor.head_is_removal() => cursor.skip(),
+                Some(cursor) if cursor.head_is_removal() => cursor.skip(),
                 _ => return Ok(Some(index)),
             }
         }
@@ -879,11 +881,11 @@ impl Iter {
 
     /// The next live entry in `direction`, as an iterator item.
     fn next_in(&mut self, direction: Direction) -> Option<Result<(Slice, Slice)>> {
-        if let Some(error) = self.failed.take() {
-            return Some(Err(error));
-        }
         let index = match self.step(direction) {
-            Ok(found) => found?,
+            Ok(Some(index)) => index,
+            // A failed iterator is finished from the start: its error is
+            // looked at only once there is nothing else, off the hot path.
+            Ok(None) => return self.failed.take().map(Err),
             Err(error) => return Some(Err(error)),
         };
         let end = match direction {
