@@ -35,7 +35,7 @@ pub const MAX_KEYSPACE_NAME_BYTES: usize = 255;
 pub(crate) struct KeyspaceInfo {
     pub id: u32,
     pub name: String,
-    /// The database it belongs to (see [`Db::id`]).
+    /// The open database it belongs to (its `DbInner::id`).
     pub db_id: u64,
     /// The sequence number of the operation that dropped it, or 0 while it
     /// exists. Set by the commit leader when it writes the drop, so that

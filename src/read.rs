@@ -90,7 +90,8 @@ pub(crate) struct ReadState {
     view: RwLock<Arc<ReadView>>,
     visible_seq: AtomicU64,
     pins: Arc<PinRegistry>,
-    /// The database's id (see `Db::id`), which keyspace handles must match.
+    /// The id of the open database (`DbInner::id`), which keyspace handles
+    /// must match.
     db_id: u64,
 }
 
