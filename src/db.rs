@@ -31,8 +31,9 @@ use crate::wal::writer::{WalConfig, WalWriter};
 /// A handle to an open database.
 ///
 /// `Db` is cheap to clone and can be shared between threads; all clones use
-/// the same database. The database closes when the last clone is dropped, or
-/// explicitly with [`close`](Db::close).
+/// the same database. The database closes when the last clone is dropped
+/// ([`Keyspace`] handles and [`Transaction`]s hold one too), or explicitly
+/// with [`close`](Db::close).
 ///
 /// ```
 /// # fn main() -> Result<(), mapstore::Error> {

@@ -24,12 +24,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The modules follow the data: [`WriteBatch`] → `commit` (group commit) →
-//! `wal` (the log) → `memtable` → `read` ([`Snapshot`], [`Iter`]); `recovery`
-//! opens a directory, `manifest` records the database's state, and `io` is
-//! the file-system layer every file operation goes through. `checkpoint`
-//! writes frozen memtables to `snapshot_file`s in the background and
-//! `merge`s them; `mmap` is the one module with `unsafe` code.
+//! The modules follow the data: [`WriteBatch`] (or a [`Transaction`], or a
+//! conditional write, whose `condition`s the commit leader checks) →
+//! `commit` (group commit) → `wal` (the log) → `memtable` (a memtable per
+//! [`Keyspace`]) → `read` ([`Snapshot`], [`Iter`]); `recovery` opens a
+//! directory, `manifest` records the database's state (`keyspace` its
+//! catalog of keyspaces), and `io` is the file-system layer every file
+//! operation goes through. `checkpoint` writes frozen memtables to
+//! `snapshot_file`s in the background and `merge`s them; `mmap` is the one
+//! module with `unsafe` code.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
