@@ -547,7 +547,10 @@ impl Storage {
             return Ok(None);
         }
         let summary = writer.finish()?;
-        let file = Arc::new(SnapshotFile::open(self.fs.clone(), &path, number)?);
+        let file = Arc::new(
+            SnapshotFile::open(self.fs.clone(), &path, number)?
+                .with_largest_seq(summary.largest_seq),
+        );
         // What this thread just wrote is checked here, in the background,
         // not at a reader's first lookup; a file that fails (a writer's
         // bug) is not installed.

@@ -373,7 +373,9 @@ impl Snapshot {
     /// Each source is walked on its own, with no merge: a source whose
     /// newest version of a key is newer than `seq` holds a write after
     /// `seq`, and the newest version of a key overall is the newest in its
-    /// source. Reads every key of the range in every source.
+    /// source. A file whose entries are all at or below `seq` (most of them,
+    /// for a snapshot of the present) is skipped; the rest is read through
+    /// every key of the range.
     pub(crate) fn first_change_after(
         &self,
         keyspace: u32,
@@ -382,6 +384,9 @@ impl Snapshot {
         seq: u64,
     ) -> Result<Option<(Slice, u64)>> {
         for source in &self.view.sources {
+            if matches!(source, Source::File(file) if file.largest_seq() <= seq) {
+                continue;
+            }
             let Some(mut cursor) =
                 SourceCursor::new(source, keyspace, self.seq, Direction::Forward, lower, upper)
             else {

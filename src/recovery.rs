@@ -469,7 +469,8 @@ fn open_snapshot_file(
     meta: &SnapshotFileMeta,
 ) -> Result<Arc<SnapshotFile>> {
     let path = dir.join(files::snapshot_file_name(meta.file_number));
-    let file = SnapshotFile::open(fs.clone(), &path, meta.file_number)?;
+    let file =
+        SnapshotFile::open(fs.clone(), &path, meta.file_number)?.with_largest_seq(meta.largest_seq);
     if file.keyspace() != meta.keyspace {
         return Err(Error::corruption(
             &path,

@@ -52,6 +52,9 @@ pub(crate) struct SnapshotFile {
     entry_count: u64,
     /// The keyspace every entry belongs to (from the footer).
     keyspace: u32,
+    /// The largest sequence number of an entry, as the MANIFEST or the
+    /// writer says; `u64::MAX` when not told.
+    largest_seq: u64,
     /// Set once the manifest no longer names the file: it is deleted when
     /// the last reader lets go of it.
     obsolete: AtomicBool,
@@ -130,6 +133,7 @@ impl SnapshotFile {
             bloom_probes,
             entry_count: footer.entry_count,
             keyspace: footer.keyspace,
+            largest_seq: u64::MAX,
             obsolete: AtomicBool::new(false),
             fs,
         })
@@ -143,6 +147,18 @@ impl SnapshotFile {
     /// The keyspace the file holds.
     pub fn keyspace(&self) -> u32 {
         self.keyspace
+    }
+
+    /// The file, knowing that no entry's sequence number is above `seq`
+    /// (what its MANIFEST entry, or its writer, says).
+    pub fn with_largest_seq(mut self, seq: u64) -> SnapshotFile {
+        self.largest_seq = seq;
+        self
+    }
+
+    /// No entry of the file has a sequence number above this.
+    pub fn largest_seq(&self) -> u64 {
+        self.largest_seq
     }
 
     /// The file's size in bytes.
