@@ -50,6 +50,16 @@
 //! does not come back costs the next group at most one such wait. The
 //! leader, too, yields through a short wait instead of sleeping.
 //!
+//! A batch may carry conditions (a conditional write, a transaction's
+//! commit; see `condition.rs`). A leader whose group has one first waits
+//! for every earlier group to be published, then decides each batch in
+//! commit order, against the database and the batches of the group before
+//! it ([`CommitPipeline::admit`]): a refused batch is answered with
+//! `Error::Conflict` (or `KeyspaceDropped`, for a batch that writes to a
+//! keyspace dropped before it) and is left out of the WAL write; the rest
+//! of the group is written as usual. Creating and dropping a keyspace are
+//! recorded in the catalog there too, in commit order.
+//!
 //! If a WAL write or fsync fails, no batch of that group is reported
 //! committed and every later write is refused: the log's state on disk is
 //! unknown, and retrying an fsync can report success for data the kernel

@@ -1,6 +1,10 @@
 //! The memtable: committed writes in memory, as a lock-free skiplist
 //! (`crossbeam-skiplist`) holding a version chain per key.
 //!
+//! A memtable holds one keyspace; a memtable generation ([`MemtableSet`],
+//! `set.rs`) holds one per keyspace written since the last freeze, and is
+//! frozen and checkpointed whole.
+//!
 //! Entries are ordered by user key ascending, then sequence number
 //! descending, so the versions of one key sit next to each other, newest
 //! first. A reader at snapshot `s` takes, for each key, the first version

@@ -249,7 +249,7 @@ impl Snapshot {
     /// The value of `key`, if present.
     ///
     /// # Errors
-    /// [`Error::Corruption`](crate::Error::Corruption) if a file holding the
+    /// [`Error::Corruption`] if a file holding the
     /// key fails its checksum.
     pub fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Slice>> {
         self.get_from(DEFAULT_KEYSPACE, key.as_ref())
