@@ -623,6 +623,7 @@ impl Storage {
         }
         let dropped = self.record_keyspaces(&mut manifest, &mut files);
         manifest::write(&*self.fs, &self.config.dir, &manifest)?;
+        lock(&self.catalog).forget_dropped(manifest.checkpoint_seq);
 
         // The manifest is durable: readers switch to the files, and the WAL
         // before `wal_start_segment` is no longer needed.

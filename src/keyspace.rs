@@ -113,8 +113,12 @@ pub(crate) struct Catalog {
     /// The keyspaces that exist now, by name.
     by_name: HashMap<String, u32>,
     next_id: u32,
-    /// The next id the MANIFEST the database opened with gave.
-    opened_next_id: u32,
+    /// A floor under [`next_id_at`](Self::next_id_at): the next id of the
+    /// MANIFEST the database opened with, raised above the id of every
+    /// dropped keyspace forgotten since ([`forget_dropped`]).
+    ///
+    /// [`forget_dropped`]: Self::forget_dropped
+    next_id_floor: u32,
 }
 
 impl Catalog {
@@ -130,7 +134,7 @@ impl Catalog {
             entries: BTreeMap::new(),
             by_name: HashMap::new(),
             next_id: 1,
-            opened_next_id: 1,
+            next_id_floor: 1,
         };
         let mut by_id: Vec<&KeyspaceMeta> = keyspaces.iter().collect();
         by_id.sort_by_key(|meta| meta.id);
@@ -141,7 +145,7 @@ impl Catalog {
             return Err(format!("next keyspace id {next_id} is not above every id"));
         }
         catalog.next_id = catalog.next_id.max(next_id);
-        catalog.opened_next_id = catalog.next_id;
+        catalog.next_id_floor = catalog.next_id;
         Ok(catalog)
     }
 
@@ -172,7 +176,23 @@ impl Catalog {
             .iter()
             .filter(|(_, entry)| entry.created_seq <= seq)
             .map(|(id, _)| id.saturating_add(1))
-            .fold(self.opened_next_id, u32::max)
+            .fold(self.next_id_floor, u32::max)
+    }
+
+    /// Forgets the keyspaces dropped at or before `seq`, once a MANIFEST
+    /// written for a checkpoint at `seq` is durable: no checkpoint, merge
+    /// or replay asks about them again (their handles keep saying they
+    /// are dropped). Their ids stay given out.
+    pub fn forget_dropped(&mut self, seq: u64) {
+        let floor = &mut self.next_id_floor;
+        self.entries.retain(|id, entry| {
+            let dropped = entry.info.dropped_seq.load(Ordering::Acquire);
+            let forget = dropped != 0 && dropped <= seq;
+            if forget {
+                *floor = (*floor).max(id.saturating_add(1));
+            }
+            !forget
+        });
     }
 
     /// Records keyspace `id` named `name`, created at `seq` (replayed or
@@ -534,6 +554,19 @@ mod tests {
         assert!(catalog.drop_keyspace(1, 50).is_err(), "dropped twice");
         assert!(catalog.drop_keyspace(9, 50).is_err(), "never made");
         assert_eq!(catalog.next_id(), 4);
+
+        // Forgetting a drop keeps its id given out, as of every later seq.
+        catalog.create(4, "d", 60).unwrap();
+        catalog.drop_keyspace(4, 70).unwrap();
+        catalog.forget_dropped(69);
+        assert!(catalog.entries.contains_key(&4));
+        catalog.forget_dropped(70);
+        assert!(!catalog.entries.contains_key(&1) && !catalog.entries.contains_key(&4));
+        assert_eq!(catalog.next_id_at(70), 5);
+        assert_eq!(catalog.next_id(), 5);
+        assert!(catalog.create(4, "d", 80).is_err());
+        let ids: Vec<u32> = catalog.manifest_entries(80).iter().map(|m| m.id).collect();
+        assert_eq!(ids, [2, 3]);
     }
 
     #[test]
