@@ -195,8 +195,7 @@ impl WriteBatch {
     }
 
     /// Adds "drop `keyspace`" (only ever alone in a batch).
-    pub(crate) fn drop_keyspace(&mut self, keyspace: &Arc<KeyspaceInfo>) {
-        self.note_keyspace(keyspace);
+    pub(crate) fn drop_keyspace(&mut self, keyspace: &KeyspaceInfo) {
         self.push(
             OpKind::DropKeyspace,
             keyspace.id,
@@ -206,7 +205,7 @@ impl WriteBatch {
     }
 
     /// Adds `info` to the keyspaces the batch writes to.
-    pub(crate) fn note_keyspace(&mut self, info: &Arc<KeyspaceInfo>) {
+    fn note_keyspace(&mut self, info: &Arc<KeyspaceInfo>) {
         if !self.keyspaces.iter().any(|known| Arc::ptr_eq(known, info)) {
             self.keyspaces.push(info.clone());
         }

@@ -611,7 +611,6 @@ impl Storage {
             checkpoint_seq: frozen.last_seq,
             wal_start_segment: frozen.wal_start_segment,
             next_file_number: self.file_numbers.load(Ordering::SeqCst),
-            snapshot_files: old_manifest.snapshot_files.clone(),
             ..old_manifest
         };
         let mut files = old_files;

@@ -719,39 +719,34 @@ impl CommitPipeline {
         first_seq: u64,
     ) -> Result<()> {
         if let Some(dropped) = batch.keyspaces.iter().find(|info| info.is_dropped()) {
-            if !batch
-                .ops
-                .iter()
-                .any(|op| op.kind == OpKind::DropKeyspace as i32)
-            {
-                return Err(Error::KeyspaceDropped {
-                    name: dropped.name.clone(),
-                });
-            }
+            return Err(Error::KeyspaceDropped {
+                name: dropped.name.clone(),
+            });
         }
         if let Some(check) = check {
             check.check(&batch.conditions)?;
             check.record(first_seq, &batch.ops);
         }
-        // Keyspace operations come alone in their batch (`Db::keyspace`,
-        // `Db::drop_keyspace`), which make one change at a time, so these
-        // are refused only if a caller broke that.
-        for (seq, op) in (first_seq..).zip(&batch.ops) {
-            let name = || String::from_utf8_lossy(&op.key).into_owned();
-            match OpKind::try_from(op.kind) {
-                Ok(OpKind::CreateKeyspace) => lock(&self.catalog)
-                    .create(op.keyspace, &name(), seq)
-                    .map_err(|_| Error::InvalidKeyspaceName {
-                        name: name(),
-                        reason: "a keyspace of that name or id exists",
-                    })?,
-                Ok(OpKind::DropKeyspace) => lock(&self.catalog)
-                    .drop_keyspace(op.keyspace, seq)
-                    .map_err(|_| Error::KeyspaceNotFound { name: name() })?,
-                _ => {}
-            }
+        // A keyspace operation comes alone in its batch (`Db::keyspace`,
+        // `Db::drop_keyspace`, which make one change at a time), so only a
+        // batch of one operation is looked at, and it is refused only if a
+        // caller broke that.
+        let [op] = batch.ops.as_slice() else {
+            return Ok(());
+        };
+        let name = || String::from_utf8_lossy(&op.key).into_owned();
+        match OpKind::try_from(op.kind) {
+            Ok(OpKind::CreateKeyspace) => lock(&self.catalog)
+                .create(op.keyspace, &name(), first_seq)
+                .map_err(|_| Error::InvalidKeyspaceName {
+                    name: name(),
+                    reason: "a keyspace of that name or id exists",
+                }),
+            Ok(OpKind::DropKeyspace) => lock(&self.catalog)
+                .drop_keyspace(op.keyspace, first_seq)
+                .map_err(|_| Error::KeyspaceNotFound { name: name() }),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Makes every sequence number up to `last_seq` visible, once every
