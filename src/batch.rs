@@ -335,14 +335,23 @@ pub(crate) struct SealedBatch {
     pub keyspaces: Vec<Arc<KeyspaceInfo>>,
 }
 
-/// Encodes the `first_seq` field alone; concatenated with a sealed body it
-/// forms the whole `BatchRecord` (protobuf merges concatenated messages).
-pub(crate) fn encode_seq_prefix(first_seq: u64) -> Vec<u8> {
+/// Encodes the `first_seq` and `commit_time_micros` fields alone; concatenated
+/// with a sealed body it forms the whole `BatchRecord` (protobuf merges
+/// concatenated messages).
+pub(crate) fn encode_record_prefix(first_seq: u64, commit_time_micros: u64) -> Vec<u8> {
     BatchRecord {
         first_seq,
         ops: Vec::new(),
+        commit_time_micros,
     }
     .encode_to_vec()
+}
+
+/// [`encode_record_prefix`] with no commit time (records of tests that do
+/// not care about it).
+#[cfg(test)]
+pub(crate) fn encode_seq_prefix(first_seq: u64) -> Vec<u8> {
+    encode_record_prefix(first_seq, 0)
 }
 
 /// A record read back from the WAL and checked. Replay decodes every record
@@ -351,6 +360,8 @@ pub(crate) fn encode_seq_prefix(first_seq: u64) -> Vec<u8> {
 #[derive(Debug, Default)]
 pub(crate) struct DecodedBatch {
     pub first_seq: u64,
+    /// Microseconds since the Unix epoch; 0 when unknown (format version 2).
+    pub commit_time_micros: u64,
     pub ops: Vec<Operation>,
 }
 
@@ -380,10 +391,12 @@ pub(crate) fn decode_record_into(
     let mut record = BatchRecord {
         first_seq: 0,
         ops: std::mem::take(&mut batch.ops),
+        commit_time_micros: 0,
     };
     record.ops.clear();
     let decoded = record.merge(payload);
     batch.first_seq = record.first_seq;
+    batch.commit_time_micros = record.commit_time_micros;
     batch.ops = record.ops;
     decoded.map_err(|e| format!("record does not decode: {e}"))?;
     let record = &*batch;

@@ -35,6 +35,7 @@ use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::files::{self, FileKind};
+use crate::history::HistoryState;
 use crate::io::FileSystem;
 use crate::keyspace::Catalog;
 use crate::manifest;
@@ -129,6 +130,9 @@ pub(crate) struct OnDisk {
     pub files: Vec<Arc<SnapshotFile>>,
     /// Files nothing reads any more, to remove in the background.
     pub leftovers: Vec<PathBuf>,
+    /// The history kept, whose start each checkpoint and merge moves and
+    /// records.
+    pub history: Arc<HistoryState>,
 }
 
 /// Settings the background work needs.
@@ -166,6 +170,7 @@ pub(crate) struct Storage {
     file_numbers: Arc<AtomicU64>,
     /// The keyspaces: which exist as of a checkpoint, for its MANIFEST.
     catalog: Arc<Mutex<Catalog>>,
+    history: Arc<HistoryState>,
     state: Mutex<State>,
     changed: Condvar,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -202,6 +207,7 @@ impl Storage {
             manifest,
             files,
             leftovers,
+            history,
         } = on_disk;
         let storage = Arc::new(Storage {
             fs,
@@ -209,6 +215,7 @@ impl Storage {
             read_state,
             file_numbers,
             catalog,
+            history,
             state: Mutex::new(State {
                 frozen: VecDeque::new(),
                 manifest,
@@ -484,10 +491,16 @@ impl Storage {
 
     /// The sequence numbers readers may still read at: live snapshots and
     /// the newest commit.
-    fn live_seqs(&self) -> Vec<u64> {
+    /// What a garbage collection about to run must keep: it moves the
+    /// history's start to its horizon first, then reads the live snapshots
+    /// (a snapshot taken at an older point is refused once the start has
+    /// moved, one taken before is in the list).
+    fn version_gc(&self, drop_tombstones: bool) -> Result<VersionGc> {
+        let newest = self.read_state.visible_seq();
+        let history_start = self.history.advance(newest)?;
         let mut seqs = self.read_state.pinned_seqs();
-        seqs.push(self.read_state.visible_seq());
-        seqs
+        seqs.push(newest);
+        Ok(VersionGc::new(seqs, drop_tombstones, history_start))
     }
 
     fn new_file_path(&self) -> (u64, PathBuf) {
@@ -581,8 +594,29 @@ impl Storage {
         dropped
     }
 
+    /// The WAL segments a checkpoint covers that the history still needs:
+    /// those holding a commit after the history start that `manifest`
+    /// (durable) records.
+    fn history_segments(&self, manifest: &Manifest) -> Result<BTreeSet<u64>> {
+        let start = history_start_of(manifest);
+        let segments = self.history.wal().segments()?;
+        // A segment's commits end where the next one's begin; the last
+        // one's, at the checkpoint at the latest (the segments it covers
+        // are the only ones that may be retired).
+        let ends = segments
+            .iter()
+            .skip(1)
+            .map(|next| next.first_seq - 1)
+            .chain([manifest.checkpoint_seq]);
+        Ok(segments
+            .iter()
+            .zip(ends)
+            .filter(|(_, last_seq)| *last_seq > start)
+            .map(|(segment, _)| segment.number)
+            .collect())
+    }
+
     fn checkpoint(&self, frozen: &FrozenMemtable) -> Result<()> {
-        let live_seqs = self.live_seqs();
         // A keyspace dropped by the end of the generation gets no file.
         let keyspaces: Vec<_> = {
             let catalog = lock(&self.catalog);
@@ -598,7 +632,7 @@ impl Storage {
             // Tombstones stay: older versions of their keys may be in
             // files. A collector per keyspace: it compares each version
             // with the one before, which must be of the same keyspace.
-            let mut gc = VersionGc::new(live_seqs.clone(), false);
+            let mut gc = self.version_gc(false)?;
             written.extend(self.write_file(keyspace, versions.map(Ok), &mut gc)?);
         }
         let frozen_source = frozen.content.source();
@@ -621,6 +655,7 @@ impl Storage {
             files.insert(0, file.clone());
         }
         let dropped = self.record_keyspaces(&mut manifest, &mut files);
+        manifest.history_start = Some(self.history.start());
         manifest::write(&*self.fs, &self.config.dir, &manifest)?;
         lock(&self.catalog).forget_dropped(manifest.checkpoint_seq);
 
@@ -640,10 +675,12 @@ impl Storage {
         for file in &dropped {
             file.mark_obsolete();
         }
+        let history_segments = self.history_segments(&manifest)?;
         retire_wal_segments_before(
             &*self.fs,
             &self.config.dir,
             frozen.wal_start_segment,
+            &history_segments,
             self.config.recycled.as_deref(),
         )?;
         {
@@ -677,7 +714,7 @@ impl Storage {
             if inputs.is_empty() {
                 continue;
             }
-            let mut gc = VersionGc::new(self.live_seqs(), true);
+            let mut gc = self.version_gc(true)?;
             let streams: Vec<_> = inputs.iter().map(|file| file.versions()).collect();
             written.extend(self.write_file(keyspace, MergeIter::new(streams), &mut gc)?);
             merged.extend(inputs);
@@ -699,6 +736,7 @@ impl Storage {
                 .push(file_meta(file.number(), file.keyspace(), summary));
         }
         merged.extend(self.record_keyspaces(&mut manifest, &mut files));
+        manifest.history_start = Some(self.history.start());
         manifest::write(&*self.fs, &self.config.dir, &manifest)?;
 
         self.read_state.edit(|view| {
@@ -786,14 +824,23 @@ fn file_meta(number: u64, keyspace: u32, summary: &FileSummary) -> SnapshotFileM
     }
 }
 
+/// The history start a MANIFEST records (before format version 3, its
+/// checkpoint: the files hold that state exactly, and the WAL what
+/// follows).
+pub(crate) fn history_start_of(manifest: &Manifest) -> u64 {
+    manifest.history_start.unwrap_or(manifest.checkpoint_seq)
+}
+
 /// Retires the WAL segments numbered below `first_kept` (a durable
-/// checkpoint covers them): each is kept for the WAL writer to reuse if
-/// `recycled` wants it, else removed. A crash midway leaves some behind;
-/// recovery ignores and removes them.
+/// checkpoint covers them) except those in `history` (the history still
+/// reads them): each is kept for the WAL writer to reuse if `recycled`
+/// wants it, else removed. A crash midway leaves some behind; recovery
+/// ignores and removes them.
 pub(crate) fn retire_wal_segments_before(
     fs: &dyn FileSystem,
     dir: &Path,
     first_kept: u64,
+    history: &BTreeSet<u64>,
     recycled: Option<&RecycledSegments>,
 ) -> Result<()> {
     let names = fs
@@ -803,7 +850,7 @@ pub(crate) fn retire_wal_segments_before(
     for name in names {
         if let Some(FileKind::WalSegment(number)) = files::classify(&name) {
             listed.insert(number);
-            if number >= first_kept {
+            if number >= first_kept || history.contains(&number) {
                 continue;
             }
             if recycled.is_some_and(|recycled| recycled.offer(number) == Offer::Kept) {

@@ -65,17 +65,18 @@
 //! unknown, and retrying an fsync can report success for data the kernel
 //! already dropped. Reopening recovers from what is durable.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::batch::{SealedBatch, encode_seq_prefix};
+use crate::batch::{SealedBatch, encode_record_prefix};
 use crate::checkpoint::{FrozenContent, FrozenMemtable, Storage};
 use crate::condition::GroupCheck;
 use crate::error::{Error, Result};
+use crate::history::HistoryState;
 use crate::keyspace::{Catalog, PerKeyspace};
 use crate::memtable::{Apply, BatchOps, MemtableSet};
 use crate::proto::{OpKind, Operation};
@@ -228,6 +229,10 @@ struct LeaderState {
     /// The last sequence number frozen for a checkpoint (or recovered):
     /// a freeze with nothing committed after it has nothing to do.
     frozen_through: u64,
+    /// The commit time of the last group written, in microseconds since
+    /// the Unix epoch: commit times never go back along the log, even if
+    /// the clock does.
+    last_commit_micros: u64,
     /// Set when a WAL write, fsync or rotation failed: the WAL's state is
     /// unknown and nothing more may be written to it.
     failure: Option<String>,
@@ -243,6 +248,8 @@ struct WrittenGroup {
     /// The group's first and last sequence numbers.
     first_seq: u64,
     last_seq: u64,
+    /// Its commit time, microseconds since the Unix epoch.
+    commit_micros: u64,
     /// Whether the WAL has grown enough since the last freeze to need one.
     wal_full: bool,
     /// Whether the group's write ended in an fsync.
@@ -276,7 +283,11 @@ pub(crate) struct CommitPipeline {
     /// condition they wait on.
     publish_waiters: Mutex<usize>,
     published: Condvar,
+    /// Set by `close`, which then wakes everyone waiting for a commit.
+    closed: AtomicBool,
     read_state: Arc<ReadState>,
+    /// The clock commit times come from.
+    history: Arc<HistoryState>,
     storage: Arc<Storage>,
     /// The keyspaces, which keyspace operations change as they are written.
     catalog: Arc<Mutex<Catalog>>,
@@ -300,10 +311,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl CommitPipeline {
     /// A pipeline whose first commit gets sequence number `next_seq`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         wal: WalWriter,
         next_seq: u64,
+        last_commit_micros: u64,
         read_state: Arc<ReadState>,
+        history: Arc<HistoryState>,
         storage: Arc<Storage>,
         catalog: Arc<Mutex<Catalog>>,
         limits: FreezeLimits,
@@ -315,11 +329,14 @@ impl CommitPipeline {
                 wal,
                 next_seq,
                 frozen_through: next_seq - 1,
+                last_commit_micros,
                 failure: None,
             }),
             publish_waiters: Mutex::new(0),
             published: Condvar::new(),
+            closed: AtomicBool::new(false),
             read_state,
+            history,
             storage,
             catalog,
             limits,
@@ -456,7 +473,11 @@ impl CommitPipeline {
                     applies.into_iter().for_each(Apply::finish);
                     // Every batch of the group is applied: once every
                     // earlier group is too, readers may see them.
-                    self.publish_in_order(written.first_seq, written.last_seq);
+                    self.publish_in_order(
+                        written.first_seq,
+                        written.last_seq,
+                        written.commit_micros,
+                    );
                 }
                 for (pending, outcome) in group.iter().zip(written.outcomes) {
                     pending.slot.set(outcome);
@@ -601,6 +622,9 @@ impl CommitPipeline {
                     cause: "no active memtable".into(),
                 })?;
         let mut next_seq = leader.next_seq;
+        // One time for the whole group: its commits become durable and
+        // visible together.
+        let commit_micros = leader.last_commit_micros.max(self.history.now_micros());
         // Conditions are checked against every commit before them: the
         // groups written before this one must be applied and published
         // first (a plain group skips this wait, and overlaps its WAL write
@@ -634,7 +658,10 @@ impl CommitPipeline {
             if count == 0 {
                 continue;
             }
-            records.push((encode_seq_prefix(next_seq), pending.batch.body.clone()));
+            records.push((
+                encode_record_prefix(next_seq, commit_micros),
+                pending.batch.body.clone(),
+            ));
             sync |= pending.sync;
             split_by_keyspace(next_seq, ops, &mut per_keyspace);
             next_seq += count;
@@ -646,6 +673,7 @@ impl CommitPipeline {
                 outcomes,
                 first_seq: next_seq,
                 last_seq: next_seq - 1,
+                commit_micros,
                 wal_full: false,
                 synced: false,
                 apply: None,
@@ -691,6 +719,7 @@ impl CommitPipeline {
         }
         let first_seq = leader.next_seq;
         leader.next_seq = next_seq;
+        leader.last_commit_micros = commit_micros;
         self.groups.fetch_add(1, Ordering::Relaxed);
         self.commits.fetch_add(commits, Ordering::Relaxed);
         if sync {
@@ -701,6 +730,7 @@ impl CommitPipeline {
             outcomes,
             first_seq,
             last_seq: next_seq - 1,
+            commit_micros,
             wal_full: leader.wal.bytes_since_rotation() >= self.limits.wal_bytes,
             synced: sync,
             apply: Some(applies),
@@ -752,12 +782,12 @@ impl CommitPipeline {
     /// Makes every sequence number up to `last_seq` visible, once every
     /// group before `first_seq` has been published: groups are applied in
     /// parallel but readers must see them in order.
-    fn publish_in_order(&self, first_seq: u64, last_seq: u64) {
+    fn publish_in_order(&self, first_seq: u64, last_seq: u64, commit_micros: u64) {
         self.wait_until_published(first_seq.saturating_sub(1));
         // Published under the lock that waiters check under, so a waiter
         // cannot miss it.
         let waiters = lock(&self.publish_waiters);
-        self.read_state.publish(last_seq);
+        self.read_state.publish(last_seq, commit_micros);
         if *waiters > 0 {
             self.published.notify_all();
         }
@@ -777,6 +807,40 @@ impl CommitPipeline {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         *waiters -= 1;
+    }
+
+    /// Waits until a sequence number after `seq` is published, the
+    /// database closes, or `deadline` passes; returns the newest published
+    /// sequence number. (What a change feed waits on: publishing wakes it,
+    /// and costs the writers nothing while no one waits.)
+    pub fn wait_for_commit_after(&self, seq: u64, deadline: Option<Instant>) -> u64 {
+        let visible = self.read_state.visible_seq();
+        if visible > seq || self.closed.load(Ordering::Acquire) {
+            return visible;
+        }
+        let mut waiters = lock(&self.publish_waiters);
+        *waiters += 1;
+        while self.read_state.visible_seq() <= seq && !self.closed.load(Ordering::Acquire) {
+            match deadline {
+                None => {
+                    waiters = self
+                        .published
+                        .wait(waiters)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+                Some(deadline) => {
+                    let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                        break;
+                    };
+                    waiters = match self.published.wait_timeout(waiters, left) {
+                        Ok((guard, _)) => guard,
+                        Err(poisoned) => poisoned.into_inner().0,
+                    };
+                }
+            }
+        }
+        *waiters -= 1;
+        self.read_state.visible_seq()
     }
 
     /// Freezes `memtable`, which a group just filled, unless another group
@@ -907,6 +971,12 @@ impl CommitPipeline {
         }
         let stopped = queue.stopped.clone();
         drop(queue);
+        {
+            // Wake the change feeds waiting for a commit: none will come.
+            let _waiters = lock(&self.publish_waiters);
+            self.closed.store(true, Ordering::Release);
+            self.published.notify_all();
+        }
         if let Some(cause) = stopped {
             // The log's state is unknown; do not sync or truncate it. The
             // segment being prepared is still stopped and removed, so that

@@ -6,17 +6,20 @@ use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 
 use crate::batch::WriteBatch;
 use crate::checkpoint::{
     CheckpointStats, FrozenContent, FrozenMemtable, OnDisk, Storage, StorageConfig,
+    history_start_of,
 };
 use crate::commit::{CommitPipeline, CommitStats, FreezeLimits};
 use crate::condition::Condition;
 use crate::error::{Error, Result};
 use crate::files;
+use crate::history::{HistoryState, micros};
 use crate::io::{FileLock, FileSystem};
 use crate::keyspace::{Catalog, DEFAULT_KEYSPACE, Keyspace, KeyspaceInfo, check_name};
 use crate::memtable::MemtableSet;
@@ -25,6 +28,7 @@ use crate::read::{Iter, ReadState, ReadView, Snapshot, Source};
 use crate::recovery::{self, RecoveryReport};
 use crate::slice::Slice;
 use crate::transaction::{Isolation, MAX_TRANSACT_ATTEMPTS, Transaction};
+use crate::wal::history::{WalIndex, commit_time_of, last_seq_at_or_before};
 use crate::wal::recycle::RecycledSegments;
 use crate::wal::writer::{WalConfig, WalWriter};
 
@@ -72,6 +76,8 @@ struct DbInner {
     /// The default keyspace, as the internal operations take it.
     default_keyspace: Arc<KeyspaceInfo>,
     read_state: Arc<ReadState>,
+    /// The history kept: its start, the clock, the WAL it reads.
+    history: Arc<HistoryState>,
     pipeline: CommitPipeline,
     storage: Arc<Storage>,
     lock: Mutex<Option<Box<dyn FileLock>>>,
@@ -147,7 +153,20 @@ impl Db {
             sources.push(Source::Replayed(runs.clone()));
         }
         sources.extend(recovered.files.iter().cloned().map(Source::File));
-        let read_state = Arc::new(ReadState::new(ReadView { sources }, recovered.last_seq, id));
+        let wal_index = Arc::new(WalIndex::new(fs.clone(), path.clone()));
+        let history = Arc::new(HistoryState::new(
+            options.history,
+            options.clock.clone(),
+            wal_index,
+            history_start_of(&recovered.manifest).min(recovered.last_seq),
+        ));
+        let read_state = Arc::new(ReadState::new(
+            ReadView { sources },
+            recovered.last_seq,
+            recovered.last_commit_micros,
+            options.clock.clone(),
+            id,
+        ));
         let catalog = Arc::new(Mutex::new(recovered.catalog));
         let file_numbers = Arc::new(AtomicU64::new(recovered.next_file_number));
         // Up to `wal_segments_kept` WAL segments a checkpoint covers are kept
@@ -176,6 +195,7 @@ impl Db {
                 manifest: recovered.manifest,
                 files: recovered.files,
                 leftovers: recovered.leftovers,
+                history: history.clone(),
             },
         );
         if let Some(runs) = replayed {
@@ -201,7 +221,9 @@ impl Db {
         let pipeline = CommitPipeline::new(
             wal,
             recovered.last_seq + 1,
+            recovered.last_commit_micros,
             read_state.clone(),
+            history.clone(),
             storage.clone(),
             catalog.clone(),
             FreezeLimits {
@@ -219,6 +241,7 @@ impl Db {
                 keyspace_changes: Mutex::new(()),
                 default_keyspace: Arc::new(KeyspaceInfo::new(DEFAULT_KEYSPACE, String::new(), id)),
                 read_state,
+                history,
                 pipeline,
                 storage,
                 lock: Mutex::new(Some(lock)),
@@ -697,6 +720,111 @@ impl Db {
         self.inner.read_state.snapshot()
     }
 
+    /// The oldest sequence number whose state is still readable exactly:
+    /// [`snapshot_at`](Db::snapshot_at) accepts it and every later one,
+    /// and [`changes_since`](Db::changes_since) every commit after it. It
+    /// follows [`Options::history`]; under [`History::None`](crate::History::None)
+    /// it is where the last checkpoint or merge found the newest commit.
+    ///
+    /// # Errors
+    /// [`Error::Closed`].
+    pub fn history_start(&self) -> Result<u64> {
+        self.check_open()?;
+        Ok(self.inner.history.start())
+    }
+
+    /// The database as it was right after the commit numbered `seq` (a
+    /// sequence number a write returned, or any other): a snapshot that
+    /// sees exactly the commits at or below `seq`, read at their time
+    /// ([`Snapshot::time`]).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), mapstore::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use std::time::Duration;
+    /// use mapstore::{Db, History, Options};
+    /// let db = Db::open_with(dir.path(), Options::default().history(History::Duration(Duration::from_secs(3600))))?;
+    /// let first = db.insert("k", "old")?;
+    /// db.insert("k", "new")?;
+    /// db.checkpoint()?;                         // the history survives checkpoints and merges
+    /// let then = db.snapshot_at(first)?;
+    /// assert_eq!(then.get("k")?.as_deref(), Some(&b"old"[..]));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::HistoryTrimmed`] if `seq` is older than
+    /// [`history_start`](Db::history_start), [`Error::FutureSeq`] if no
+    /// commit reached it yet, [`Error::Closed`]; [`Error::Io`] or
+    /// [`Error::Corruption`] if the WAL holding its commit time cannot be read.
+    pub fn snapshot_at(&self, seq: u64) -> Result<Snapshot> {
+        self.check_open()?;
+        let newest = self.inner.read_state.visible_seq();
+        if seq > newest {
+            return Err(Error::FutureSeq {
+                requested: seq,
+                newest,
+            });
+        }
+        if seq == newest {
+            return Ok(self.snapshot());
+        }
+        let time = commit_time_of(self.inner.history.wal(), seq)?
+            .unwrap_or_else(|| self.inner.read_state.now_micros());
+        self.inner
+            .history
+            .register_at(seq, || self.inner.read_state.snapshot_at(seq, time))
+    }
+
+    /// The database as it was at wall-clock time `time`: a snapshot at the
+    /// newest commit made at or before it (commit times are recorded with
+    /// each commit, so this is exact to the commit), read at `time`.
+    ///
+    /// # Errors
+    /// [`Error::HistoryTrimmed`] (with `requested` 0 when even the oldest
+    /// commit the WAL still holds is later than `time`) if that commit is
+    /// older than [`history_start`](Db::history_start),
+    /// [`Error::FutureTime`] if `time` is after the clock's present, as
+    /// [`snapshot_at`](Db::snapshot_at) otherwise.
+    pub fn snapshot_at_time(&self, time: SystemTime) -> Result<Snapshot> {
+        self.check_open()?;
+        let requested = micros(time);
+        let state = &self.inner.read_state;
+        // The newest commit first, so that whatever the WAL shows up to
+        // it is published.
+        let newest = state.visible_seq();
+        let now = state.now_micros();
+        if requested > now {
+            return Err(Error::FutureTime {
+                requested_micros: requested,
+                now_micros: now,
+            });
+        }
+        let seq = if requested >= state.published_micros() {
+            Some(newest)
+        } else {
+            last_seq_at_or_before(self.inner.history.wal(), requested)?
+        };
+        // Before the oldest commit the WAL holds: the empty database, if
+        // that commit was the first ever.
+        let seq = match seq {
+            None if self.inner.history.start() == 0 && first_wal_seq(&self.inner)? == Some(1) => {
+                Some(0)
+            }
+            seq => seq,
+        };
+        let Some(seq) = seq else {
+            return Err(Error::HistoryTrimmed {
+                requested: 0,
+                oldest: self.inner.history.start(),
+            });
+        };
+        let seq = seq.min(newest);
+        self.inner
+            .history
+            .register_at(seq, || state.snapshot_at(seq, requested))
+    }
+
     /// The entries with keys in `range`, in key order, as of now.
     pub fn range<K: AsRef<[u8]>, R: RangeBounds<K>>(&self, range: R) -> Iter {
         self.snapshot().range(range)
@@ -799,11 +927,53 @@ impl Db {
     }
 
     fn check_open(&self) -> Result<()> {
-        if self.inner.closed.load(Ordering::Acquire) {
+        if self.is_closed() {
             return Err(Error::Closed);
         }
         Ok(())
     }
+
+    // What the history's readers (`feed.rs`, `diff.rs`) need of the
+    // database.
+
+    pub(crate) fn check_still_open(&self) -> Result<()> {
+        self.check_open()
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn read_state(&self) -> &ReadState {
+        &self.inner.read_state
+    }
+
+    pub(crate) fn pipeline_ref(&self) -> &CommitPipeline {
+        &self.inner.pipeline
+    }
+
+    pub(crate) fn history_ref(&self) -> &HistoryState {
+        &self.inner.history
+    }
+
+    pub(crate) fn fs(&self) -> &Arc<dyn FileSystem> {
+        &self.inner.options.file_system
+    }
+
+    /// The name of keyspace `id`, if the catalog still knows it.
+    pub(crate) fn keyspace_by_id(&self, id: u32) -> Option<String> {
+        self.catalog().by_id(id).map(|info| info.name.clone())
+    }
+}
+
+/// The first sequence number the WAL still holds.
+fn first_wal_seq(inner: &DbInner) -> Result<Option<u64>> {
+    Ok(inner
+        .history
+        .wal()
+        .segments()?
+        .first()
+        .map(|segment| segment.first_seq))
 }
 
 /// The condition "`key`'s version is `expected`" (`None`: absent).

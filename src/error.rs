@@ -136,6 +136,32 @@ pub enum Error {
         /// The keyspace's name.
         name: String,
     },
+    /// A read of the past asked for a point older than the history the
+    /// database keeps ([`Db::history_start`](crate::Db::history_start),
+    /// [`History`](crate::History)), or a change feed fell behind it.
+    HistoryTrimmed {
+        /// The sequence number asked for (for a feed: the last commit it
+        /// delivered).
+        requested: u64,
+        /// The oldest sequence number that can be asked for now.
+        oldest: u64,
+    },
+    /// A read of the past asked for a sequence number that no commit has
+    /// reached yet.
+    FutureSeq {
+        /// The sequence number asked for.
+        requested: u64,
+        /// The newest committed sequence number.
+        newest: u64,
+    },
+    /// [`Db::snapshot_at_time`](crate::Db::snapshot_at_time) asked for a
+    /// time after the database clock's present.
+    FutureTime {
+        /// The time asked for, in microseconds since the Unix epoch.
+        requested_micros: u64,
+        /// The clock's time, in microseconds since the Unix epoch.
+        now_micros: u64,
+    },
     /// The database was closed with [`Db::close`](crate::Db::close).
     Closed,
     /// An [`Options`](crate::Options) value is out of its allowed range.
@@ -257,6 +283,21 @@ impl fmt::Display for Error {
             Error::ForeignKeyspace { name } => write!(
                 f,
                 "the handle of keyspace {name:?} belongs to another database"
+            ),
+            Error::HistoryTrimmed { requested, oldest } => write!(
+                f,
+                "sequence number {requested} is older than the history kept (it starts at {oldest})"
+            ),
+            Error::FutureSeq { requested, newest } => write!(
+                f,
+                "sequence number {requested} is not committed yet (the newest is {newest})"
+            ),
+            Error::FutureTime {
+                requested_micros,
+                now_micros,
+            } => write!(
+                f,
+                "time {requested_micros} µs is after the present ({now_micros} µs since the Unix epoch)"
             ),
             Error::Closed => write!(f, "the database is closed"),
             Error::InvalidOptions { reason } => write!(f, "invalid options: {reason}"),

@@ -95,6 +95,14 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
     /// Reads a whole file.
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Reads up to `len` bytes of a file from `offset` (fewer only where
+    /// the file ends). The default reads the whole file.
+    fn read_range(&self, path: &Path, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        let whole = self.read(path)?;
+        let start = (offset as usize).min(whole.len());
+        let end = start.saturating_add(len as usize).min(whole.len());
+        Ok(whole[start..end].to_vec())
+    }
     /// Maps a whole file read-only; only a file that nothing changes while
     /// it is mapped (a snapshot file, or a WAL segment during recovery).
     fn map(&self, path: &Path) -> io::Result<crate::mmap::MappedFile>;
@@ -357,6 +365,24 @@ impl FileSystem for RealFileSystem {
 
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         fs::read(path)
+    }
+
+    fn read_range(&self, path: &Path, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        let file = File::open(path)?;
+        let size = file.metadata()?.len();
+        let mut bytes = vec![0; len.min(size.saturating_sub(offset)) as usize];
+        // The file may be cut meanwhile: stop at its end.
+        let mut filled = 0;
+        while filled < bytes.len() {
+            match file.read_at(&mut bytes[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        bytes.truncate(filled);
+        Ok(bytes)
     }
 
     fn map(&self, path: &Path) -> io::Result<crate::mmap::MappedFile> {

@@ -156,6 +156,11 @@ impl Catalog {
     }
 
     /// The names of the keyspaces that exist, sorted.
+    /// The keyspace with id `id`, dropped ones included until forgotten.
+    pub fn by_id(&self, id: u32) -> Option<Arc<KeyspaceInfo>> {
+        self.entries.get(&id).map(|entry| entry.info.clone())
+    }
+
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.by_name.keys().cloned().collect();
         names.sort();

@@ -43,8 +43,11 @@ mod checksum;
 mod commit;
 mod condition;
 mod db;
+mod diff;
 mod error;
+mod feed;
 mod files;
+mod history;
 mod io;
 mod keyspace;
 mod manifest;
@@ -88,7 +91,10 @@ pub use batch::{MAX_BATCH_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, WriteBatch};
 pub use checkpoint::CheckpointStats;
 pub use commit::CommitStats;
 pub use db::Db;
+pub use diff::{Change, Diff};
 pub use error::{Error, Result};
+pub use feed::{ChangeFeed, ChangeOp, Commit};
+pub use history::{Clock, History, SystemClock};
 pub use keyspace::{Keyspace, MAX_KEYSPACE_NAME_BYTES};
 pub use options::{Durability, Options, RecoveryMode};
 pub use read::{Iter, Snapshot};
@@ -202,7 +208,7 @@ pub mod fuzzing {
             if sealed.ops.is_empty() {
                 continue;
             }
-            let prefix = crate::batch::encode_seq_prefix(next_seq);
+            let prefix = crate::batch::encode_record_prefix(next_seq, index as u64);
             let run = *run_page.get_or_insert((segment.len() / page_bytes) as u32);
             framer.frame_record(&mut segment, 0, run, &[&prefix, &sealed.body]);
             // Every third record ends its sync run, as an fsync would.

@@ -19,7 +19,7 @@ use crate::wal::format::le_u32;
 /// First 8 bytes of the MANIFEST file.
 pub const MANIFEST_MAGIC: [u8; 8] = *b"mapstMAN";
 /// The manifest format version this build writes and the newest it reads.
-pub const MANIFEST_FORMAT_VERSION: u32 = 2;
+pub const MANIFEST_FORMAT_VERSION: u32 = 3;
 /// The oldest manifest format version this build reads (version 1 had no
 /// keyspaces; its files all hold the default keyspace).
 pub const OLDEST_READABLE_MANIFEST_VERSION: u32 = 1;
@@ -160,6 +160,7 @@ mod tests {
                 created_seq: 12,
             }],
             next_keyspace_id: 4,
+            history_start: Some(70),
         }
     }
 

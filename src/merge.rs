@@ -89,10 +89,12 @@ impl<I: Iterator<Item = Result<Version>>> Iterator for MergeIter<I> {
 /// Decides, version by version (in merge order), what survives a rewrite.
 ///
 /// `snapshots` are the sequence numbers readers may still read at: every
-/// live snapshot, and the newest committed sequence number. A version is
-/// kept if some snapshot sees it, that is, if a snapshot lies at or above
-/// it and below the next newer version of its key; the newest version of a
-/// key is always kept. A removal is dropped too when `drop_tombstones` is
+/// live snapshot, and the newest committed sequence number; and so is every
+/// sequence number from `history_start` on (the history kept, see
+/// `history.rs`). A version is kept if some snapshot sees it, that is, if a
+/// snapshot lies at or above it and below the next newer version of its
+/// key, or if that next version is newer than `history_start`; the newest
+/// version of a key is always kept. A removal is dropped too when `drop_tombstones` is
 /// set and every snapshot is at or above it: then nothing older survives
 /// beneath it, so no reader can tell it is gone. That is safe only when the
 /// rewrite includes the oldest data (nothing older can resurface from a file
@@ -100,6 +102,7 @@ impl<I: Iterator<Item = Result<Version>>> Iterator for MergeIter<I> {
 pub(crate) struct VersionGc {
     /// Ascending, without duplicates.
     snapshots: Vec<u64>,
+    history_start: u64,
     drop_tombstones: bool,
     key: Option<bytes::Bytes>,
     /// Sequence number of the previous (newer) version of the current key.
@@ -109,11 +112,12 @@ pub(crate) struct VersionGc {
 }
 
 impl VersionGc {
-    pub fn new(mut snapshots: Vec<u64>, drop_tombstones: bool) -> VersionGc {
+    pub fn new(mut snapshots: Vec<u64>, drop_tombstones: bool, history_start: u64) -> VersionGc {
         snapshots.sort_unstable();
         snapshots.dedup();
         VersionGc {
             snapshots,
+            history_start,
             drop_tombstones,
             key: None,
             newer: None,
@@ -129,6 +133,7 @@ impl VersionGc {
         }
         let seen = match self.newer {
             None => true,
+            Some(newer) if newer > self.history_start => true,
             Some(newer) => {
                 let first_at_or_above = self.snapshots.partition_point(|&s| s < version.seq);
                 self.snapshots
@@ -136,7 +141,12 @@ impl VersionGc {
                     .is_some_and(|&s| s < newer)
             }
         };
-        let oldest = self.snapshots.first().copied().unwrap_or(u64::MAX);
+        let oldest = self
+            .snapshots
+            .first()
+            .copied()
+            .unwrap_or(u64::MAX)
+            .min(self.history_start);
         let keep =
             seen && !(self.drop_tombstones && version.value.is_none() && oldest >= version.seq);
         self.newer = Some(version.seq);
@@ -195,7 +205,7 @@ mod tests {
         ];
         let kept = |drop_tombstones| {
             // A snapshot at 6 and the current state at 10.
-            let mut gc = VersionGc::new(vec![10, 6], drop_tombstones);
+            let mut gc = VersionGc::new(vec![10, 6], drop_tombstones, u64::MAX);
             versions
                 .iter()
                 .filter(|v| gc.keep(v))
@@ -209,5 +219,30 @@ mod tests {
         // b's removal is at or below every snapshot, so it goes; c's is
         // above the snapshot at 6, which must not see c@1 come back.
         assert_eq!(kept(true), vec![9, 6, 8, 1]);
+    }
+
+    #[test]
+    fn gc_keeps_every_version_the_history_reaches() {
+        let versions = [
+            version("a", 9, Some("new")),
+            version("a", 7, Some("in the history")),
+            version("a", 5, Some("the state at the history start")),
+            version("a", 3, Some("before the history")),
+            version("b", 8, None),
+            version("b", 2, Some("under a removal inside the history")),
+            version("c", 4, None),
+            version("c", 1, Some("under a removal before the history")),
+        ];
+        // The history starts at 6: every state from 6 on stays readable.
+        let mut gc = VersionGc::new(vec![10], true, 6);
+        let kept: Vec<u64> = versions
+            .iter()
+            .filter(|v| gc.keep(v))
+            .map(|v| v.seq)
+            .collect();
+        // a@5 is what 6 sees; a@3 nobody does. b@2 is what 6 and 7 see.
+        // c's removal at 4 is at or below every readable point, so it and
+        // what it hides go.
+        assert_eq!(kept, vec![9, 7, 5, 8, 2]);
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::history::{Clock, History, SystemClock};
 use crate::io::{FileSystem, RealFileSystem};
 
 /// When a write is acknowledged relative to the disk.
@@ -74,6 +75,8 @@ pub struct Options {
     pub(crate) checkpoint_on_close: bool,
     pub(crate) memtable_read_index: bool,
     pub(crate) background_nice: u8,
+    pub(crate) history: History,
+    pub(crate) clock: Arc<dyn Clock>,
     pub(crate) file_system: Arc<dyn FileSystem>,
 }
 
@@ -93,6 +96,8 @@ impl Default for Options {
             checkpoint_on_close: true,
             memtable_read_index: true,
             background_nice: 0,
+            history: History::None,
+            clock: Arc::new(SystemClock),
             file_system: Arc::new(RealFileSystem),
         }
     }
@@ -114,6 +119,8 @@ impl fmt::Debug for Options {
             .field("checkpoint_on_close", &self.checkpoint_on_close)
             .field("memtable_read_index", &self.memtable_read_index)
             .field("background_nice", &self.background_nice)
+            .field("history", &self.history)
+            .field("clock", &self.clock)
             .finish_non_exhaustive()
     }
 }
@@ -267,6 +274,24 @@ impl Options {
         self
     }
 
+    /// How much history to keep beyond what live snapshots need: how far
+    /// back [`Db::snapshot_at`](crate::Db::snapshot_at),
+    /// [`Db::snapshot_at_time`](crate::Db::snapshot_at_time) and
+    /// [`Db::changes_since`](crate::Db::changes_since) reach.
+    /// [`History::None`] by default. The history kept costs the space of
+    /// the versions and WAL segments inside it.
+    pub fn history(mut self, history: History) -> Self {
+        self.history = history;
+        self
+    }
+
+    /// Where commit times and the present come from (the system clock by
+    /// default); a test can pass `mapstore::testing::ManualClock`.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// Route every file operation through `file_system` (for fault injection
     /// in tests; see [`testing`](crate::testing)).
     #[cfg(feature = "testing")]
@@ -297,6 +322,11 @@ impl Options {
         if self.memtable_size == 0 || self.max_wal_bytes == 0 {
             return Err(Error::InvalidOptions {
                 reason: "memtable_size and max_wal_bytes must be at least 1".into(),
+            });
+        }
+        if self.history == History::Commits(0) {
+            return Err(Error::InvalidOptions {
+                reason: "History::Commits(0) keeps nothing; use History::None".into(),
             });
         }
         if self.max_frozen_memtables == 0 || self.max_snapshot_files < 2 {

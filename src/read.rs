@@ -12,10 +12,12 @@ use std::fmt;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
+use crate::history::{Clock, micros, time_of};
 use crate::keyspace::{DEFAULT_KEYSPACE, Keyspace};
 use crate::memtable::{Direction, FoundVersion, Memtable, MemtableSet, Resolved, as_ref_bound};
 use crate::replayed::{ReplayedRun, ReplayedRuns};
@@ -89,6 +91,10 @@ impl ReadView {
 pub(crate) struct ReadState {
     view: RwLock<Arc<ReadView>>,
     visible_seq: AtomicU64,
+    /// The commit time of the newest published commit (microseconds since
+    /// the Unix epoch): a snapshot's time is never before it.
+    published_micros: AtomicU64,
+    clock: Arc<dyn Clock>,
     pins: Arc<PinRegistry>,
     /// The id of the open database (`DbInner::id`), which keyspace handles
     /// must match.
@@ -96,10 +102,18 @@ pub(crate) struct ReadState {
 }
 
 impl ReadState {
-    pub fn new(view: ReadView, visible_seq: u64, db_id: u64) -> ReadState {
+    pub fn new(
+        view: ReadView,
+        visible_seq: u64,
+        published_micros: u64,
+        clock: Arc<dyn Clock>,
+        db_id: u64,
+    ) -> ReadState {
         ReadState {
             view: RwLock::new(Arc::new(view)),
             visible_seq: AtomicU64::new(visible_seq),
+            published_micros: AtomicU64::new(published_micros),
+            clock,
             pins: Arc::new(PinRegistry::default()),
             db_id,
         }
@@ -134,15 +148,40 @@ impl ReadState {
         self.visible_seq.load(Ordering::Acquire)
     }
 
-    /// Makes every batch up to `seq` visible to new snapshots. Called by the
-    /// commit leader after it applied them, in sequence order.
-    pub fn publish(&self, seq: u64) {
+    /// Makes every batch up to `seq`, committed at `commit_micros`, visible
+    /// to new snapshots. Called by the commit leader after it applied them,
+    /// in sequence order.
+    pub fn publish(&self, seq: u64, commit_micros: u64) {
+        self.published_micros
+            .fetch_max(commit_micros, Ordering::AcqRel);
         self.visible_seq.store(seq, Ordering::Release);
+    }
+
+    /// The commit time of the newest published commit.
+    pub fn published_micros(&self) -> u64 {
+        self.published_micros.load(Ordering::Acquire)
+    }
+
+    /// The present by the database's clock, never before the newest
+    /// published commit.
+    pub fn now_micros(&self) -> u64 {
+        micros(self.clock.now()).max(self.published_micros.load(Ordering::Acquire))
     }
 
     /// A snapshot registered as live, so merges keep the versions it may need.
     pub fn snapshot(&self) -> Snapshot {
         let mut snapshot = self.unregistered_snapshot();
+        snapshot.time_micros = self.now_micros();
+        snapshot._pin = Some(Arc::new(Pin::new(self.pins.clone(), snapshot.seq)));
+        snapshot
+    }
+
+    /// A snapshot at `seq` (at or below the visible one), read at time
+    /// `time_micros`, registered as live.
+    pub fn snapshot_at(&self, seq: u64, time_micros: u64) -> Snapshot {
+        let mut snapshot = self.unregistered_snapshot();
+        snapshot.seq = seq.min(snapshot.seq);
+        snapshot.time_micros = time_micros;
         snapshot._pin = Some(Arc::new(Pin::new(self.pins.clone(), snapshot.seq)));
         snapshot
     }
@@ -157,6 +196,7 @@ impl ReadState {
         Snapshot {
             view: self.view(),
             seq,
+            time_micros: self.published_micros.load(Ordering::Acquire),
             db_id: self.db_id,
             _pin: None,
         }
@@ -227,6 +267,8 @@ impl Drop for Pin {
 pub struct Snapshot {
     view: Arc<ReadView>,
     seq: u64,
+    /// The wall-clock time it reads at (see [`Snapshot::time`]).
+    time_micros: u64,
     db_id: u64,
     // Held only to keep the registration alive until the last clone drops.
     _pin: Option<Arc<Pin>>,
@@ -244,6 +286,16 @@ impl Snapshot {
     /// The sequence number of the newest commit this snapshot sees.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// The wall-clock time this snapshot reads the database at: when
+    /// [`Db::snapshot`](crate::Db::snapshot) took it; for
+    /// [`Db::snapshot_at`](crate::Db::snapshot_at), the commit time of its
+    /// sequence number; for [`Db::snapshot_at_time`](crate::Db::snapshot_at_time),
+    /// the time asked for. Never before the commit time of
+    /// [`seq`](Snapshot::seq).
+    pub fn time(&self) -> SystemTime {
+        time_of(self.time_micros)
     }
 
     /// The value of `key`, if present.
@@ -406,6 +458,38 @@ impl Snapshot {
         Ok(None)
     }
 
+    /// The keys in the bounds whose newest version this snapshot sees is
+    /// newer than `seq` (a removal included), in key order, each once:
+    /// every key that a commit after `seq` changed.
+    ///
+    /// As in [`first_change_after`](Self::first_change_after), each source
+    /// is walked on its own and a file whose entries are all at or below
+    /// `seq` is skipped, so the cost follows the sources written since
+    /// `seq`, not the database's size; the sources' changed keys are then
+    /// merged.
+    pub(crate) fn keys_changed_after(
+        &self,
+        keyspace: u32,
+        lower: &Bound<Bytes>,
+        upper: &Bound<Bytes>,
+        seq: u64,
+    ) -> ChangedKeys {
+        let cursors = self
+            .view
+            .sources
+            .iter()
+            .filter(|source| !matches!(source, Source::File(file) if file.largest_seq() <= seq))
+            .filter_map(|source| {
+                SourceCursor::new(source, keyspace, self.seq, Direction::Forward, lower, upper)
+            })
+            .collect();
+        ChangedKeys {
+            cursors,
+            after: seq,
+            last: None,
+        }
+    }
+
     /// Whether `key` is present.
     pub fn contains_key(&self, key: impl AsRef<[u8]>) -> Result<bool> {
         Ok(self.get(key)?.is_some())
@@ -468,6 +552,61 @@ pub(crate) fn own_bound<K: AsRef<[u8]>>(bound: Bound<&K>) -> Bound<Bytes> {
         Bound::Included(key) => Bound::Included(Bytes::copy_from_slice(key.as_ref())),
         Bound::Excluded(key) => Bound::Excluded(Bytes::copy_from_slice(key.as_ref())),
         Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+/// The keys a commit after some sequence number changed, from each source
+/// of a snapshot, merged ([`Snapshot::keys_changed_after`]).
+pub(crate) struct ChangedKeys {
+    cursors: Vec<SourceCursor>,
+    after: u64,
+    /// The last key returned: a key changed in several sources comes once.
+    last: Option<Bytes>,
+}
+
+impl ChangedKeys {
+    /// Moves `cursor` to its next key changed after `self.after`.
+    fn settle(cursor: &mut SourceCursor, after: u64) -> Result<()> {
+        loop {
+            cursor.fill()?;
+            match cursor.head() {
+                Some((_, version)) if version <= after => cursor.skip(),
+                _ => return Ok(()),
+            }
+        }
+    }
+}
+
+impl Iterator for ChangedKeys {
+    type Item = Result<Bytes>;
+
+    fn next(&mut self) -> Option<Result<Bytes>> {
+        loop {
+            for cursor in &mut self.cursors {
+                if let Err(error) = Self::settle(cursor, self.after) {
+                    self.cursors.clear();
+                    return Some(Err(error));
+                }
+            }
+            // Few sources: the smallest head is found by a scan.
+            let smallest = self
+                .cursors
+                .iter()
+                .enumerate()
+                .filter_map(|(index, cursor)| cursor.head().map(|(key, _)| (index, key)))
+                .min_by(|a, b| a.1.cmp(b.1))
+                .map(|(index, _)| index)?;
+            let cursor = &mut self.cursors[smallest];
+            let key = cursor
+                .head()
+                .map(|(key, _)| Bytes::copy_from_slice(key))
+                .unwrap_or_default();
+            cursor.skip();
+            if self.last.as_ref() != Some(&key) {
+                self.last = Some(key.clone());
+                return Some(Ok(key));
+            }
+        }
     }
 }
 

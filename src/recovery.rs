@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 
 use crate::batch::{DecodedBatch, decode_record_into};
+use crate::checkpoint::history_start_of;
 use crate::error::{Error, Result};
 use crate::files::{self, FileKind};
 use crate::io::{EntryKind, FileSystem};
@@ -26,6 +27,7 @@ use crate::proto::{Manifest, SnapshotFileMeta};
 use crate::replayed::{ReplayedRuns, RunBuilder};
 use crate::snapshot_file::SnapshotFile;
 use crate::wal::format::WAL_FORMAT_VERSION;
+use crate::wal::history::SegmentFile;
 use crate::wal::reader::{
     ScanError, ScannedRecord, SegmentEnd, SegmentTail, scan_segment_in_pieces,
 };
@@ -72,6 +74,8 @@ pub(crate) struct Recovered {
     /// Its snapshot files, open, newest first.
     pub files: Vec<Arc<SnapshotFile>>,
     pub last_seq: u64,
+    /// The commit time of the last record replayed (0 if none or unknown).
+    pub last_commit_micros: u64,
     pub next_file_number: u64,
     pub report: RecoveryReport,
     /// Files to remove in the background: temporary files of interrupted
@@ -178,6 +182,7 @@ pub(crate) fn recover(
             snapshot_files: Vec::new(),
             keyspaces: Vec::new(),
             next_keyspace_id: 1,
+            history_start: Some(0),
         }
     };
     let manifest_path = dir.join(files::MANIFEST);
@@ -221,10 +226,9 @@ pub(crate) fn recover(
         })
         .map(|number| dir.join(files::snapshot_file_name(*number)))
         .chain(
-            segments
-                .iter()
-                .filter(|number| **number < manifest.wal_start_segment)
-                .map(|number| dir.join(files::wal_segment_name(*number))),
+            covered_segments_outside_history(shared_fs, dir, &segments, &manifest)
+                .into_iter()
+                .map(|number| dir.join(files::wal_segment_name(number))),
         )
         .collect();
 
@@ -237,6 +241,7 @@ pub(crate) fn recover(
     let mut replay = Replay {
         checkpoint_seq: manifest.checkpoint_seq,
         last_seq: manifest.checkpoint_seq,
+        last_commit_micros: 0,
         catalog,
         builders: PerKeyspace::default(),
         batches: 0,
@@ -406,10 +411,61 @@ pub(crate) fn recover(
         manifest,
         files,
         last_seq,
+        last_commit_micros: replay.last_commit_micros,
         next_file_number,
         report,
         leftovers,
     })
+}
+
+/// The WAL segments the checkpoint covers (numbered below the MANIFEST's
+/// `wal_start_segment`) whose commits are all at or before the history
+/// start it records: nothing reads them any more. A covered segment that
+/// holds a commit after the start stays, for the change feed; one that
+/// cannot be read stays too (it is not this open's to judge, and a feed
+/// that reaches it reports the damage).
+fn covered_segments_outside_history(
+    fs: &Arc<dyn FileSystem>,
+    dir: &Path,
+    segments: &[u64],
+    manifest: &Manifest,
+) -> Vec<u64> {
+    let start = history_start_of(manifest);
+    let covered: Vec<u64> = segments
+        .iter()
+        .copied()
+        .filter(|number| *number < manifest.wal_start_segment)
+        .collect();
+    if start >= manifest.checkpoint_seq {
+        // The common case, and the only one without history: every
+        // covered commit is at or before the start.
+        return covered;
+    }
+    let firsts: Vec<Option<u64>> = covered
+        .iter()
+        .map(|&number| {
+            match SegmentFile::new(fs.clone(), dir, number).first_record() {
+                Ok(Some(record)) => Some(record.batch.first_seq),
+                // Holds no record: nothing to keep.
+                Ok(None) => Some(u64::MAX),
+                Err(_) => None,
+            }
+        })
+        .collect();
+    let mut outside = Vec::new();
+    for (index, &number) in covered.iter().enumerate() {
+        let Some(first) = firsts[index] else { continue };
+        // Its commits end where the next readable segment's begin.
+        let last = firsts[index + 1..]
+            .iter()
+            .flatten()
+            .find(|&&next| next != u64::MAX)
+            .map_or(manifest.checkpoint_seq, |next| next - 1);
+        if first == u64::MAX || last <= start {
+            outside.push(number);
+        }
+    }
+    outside
 }
 
 /// Opens and checks the snapshot files `manifest` names, in its order;
@@ -562,6 +618,8 @@ struct Replay {
     checkpoint_seq: u64,
     /// The last sequence number replayed (or the checkpoint's).
     last_seq: u64,
+    /// The commit time of the last record read.
+    last_commit_micros: u64,
     /// The keyspaces as of `last_seq`.
     catalog: Catalog,
     /// Batches replayed.
@@ -577,6 +635,7 @@ impl Replay {
     /// that sequence numbers continue; says what is wrong if it cannot.
     fn apply(&mut self, payload: Vec<u8>) -> std::result::Result<(), String> {
         decode_record_into(Bytes::from(payload), &mut self.batch)?;
+        self.last_commit_micros = self.last_commit_micros.max(self.batch.commit_time_micros);
         if self.batch.last_seq() <= self.checkpoint_seq && self.batches == 0 {
             // Already in the snapshot files: replay starts after the checkpoint.
             return Ok(());

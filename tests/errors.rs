@@ -134,7 +134,7 @@ fn set_manifest_version(dir: &Path, version: u32) {
 #[test]
 fn a_manifest_from_a_newer_format_version_is_refused_untouched() {
     let dir = database_with_one_commit();
-    set_manifest_version(dir.path(), 2); // rewriting the same version is accepted
+    set_manifest_version(dir.path(), 3); // rewriting the same version is accepted
     Db::open(dir.path()).unwrap().close().unwrap();
 
     set_manifest_version(dir.path(), 99);
@@ -147,7 +147,7 @@ fn a_manifest_from_a_newer_format_version_is_refused_untouched() {
         }) => {
             assert_eq!(path, dir.path().join("MANIFEST"));
             assert_eq!(found, 99);
-            assert_eq!(supported, 2);
+            assert_eq!(supported, 3);
         }
         other => panic!("expected UnsupportedFormatVersion, got {other:?}"),
     }

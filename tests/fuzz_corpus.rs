@@ -174,6 +174,7 @@ fn write_seeds() {
             BatchRecord {
                 first_seq: 1,
                 ops: vec![op(OpKind::Put, "k", "v")],
+                commit_time_micros: 1_700_000_000_000_000,
             },
         ),
         (
@@ -181,6 +182,7 @@ fn write_seeds() {
             BatchRecord {
                 first_seq: 9,
                 ops: vec![op(OpKind::Delete, "k", "")],
+                commit_time_micros: 0,
             },
         ),
         (
@@ -192,6 +194,7 @@ fn write_seeds() {
                     op(OpKind::Delete, "a", ""),
                     op(OpKind::Put, "b", "c"),
                 ],
+                commit_time_micros: 0,
             },
         ),
         (
@@ -204,6 +207,7 @@ fn write_seeds() {
                     op_in(300, OpKind::Delete, "k", ""),
                     op_in(3, OpKind::DropKeyspace, "users", ""),
                 ],
+                commit_time_micros: 0,
             },
         ),
     ];

@@ -7,7 +7,7 @@
 /// First 8 bytes of every WAL segment.
 pub const WAL_MAGIC: [u8; 8] = *b"mapstWAL";
 /// The WAL format version this build writes and the newest it reads.
-pub const WAL_FORMAT_VERSION: u32 = 2;
+pub const WAL_FORMAT_VERSION: u32 = 3;
 /// The oldest WAL format version this build reads (version 1 had no
 /// keyspace field or keyspace operations, and is read as it is).
 pub const OLDEST_READABLE_WAL_VERSION: u32 = 1;
