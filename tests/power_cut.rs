@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use mapstore::testing::{PowerCut, PowerCutFileSystem};
-use mapstore::{Db, Durability, Error, Options, RecoveryMode, WriteBatch};
+use mapstore::{Db, Durability, Error, History, Options, RecoveryMode, WriteBatch};
 
 type Model = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -126,15 +126,26 @@ struct Outcome {
     last_seq: u64,
     /// WAL segments that reused an obsolete segment's file.
     segments_reused: u64,
+    /// Each acknowledged write's sequence number and the state it led to.
+    states: Vec<(u64, Model)>,
 }
+
+/// How a workload opens its database.
+type OptionsFor = fn(&PowerCutFileSystem) -> Options;
 
 /// Runs `steps`, stopping at the first failure (the machine stopped).
 fn run(fs: &PowerCutFileSystem, steps: &[Step]) -> Outcome {
+    run_with(fs, steps, options)
+}
+
+/// [`run`] with the database opened by `options`.
+fn run_with(fs: &PowerCutFileSystem, steps: &[Step], options: OptionsFor) -> Outcome {
     let mut outcome = Outcome {
         acknowledged: Model::new(),
         with_in_flight: None,
         last_seq: 0,
         segments_reused: 0,
+        states: Vec::new(),
     };
     let Ok(mut db) = Db::open_with(DIR, options(fs)) else {
         return outcome;
@@ -203,6 +214,9 @@ fn run(fs: &PowerCutFileSystem, steps: &[Step]) -> Outcome {
             Ok(seq) => {
                 step.apply(&mut outcome.acknowledged);
                 outcome.last_seq = outcome.last_seq.max(seq);
+                if seq > 0 {
+                    outcome.states.push((seq, outcome.acknowledged.clone()));
+                }
             }
             Err(error) => {
                 // No retry as if nothing happened: the database refuses
@@ -312,8 +326,21 @@ fn power_cuts() -> Vec<PowerCut> {
 /// Crashes `steps` at every operation and checks every power-cut state;
 /// returns what the run without a crash did.
 fn crash_everywhere(name: &str, steps: &[Step]) -> Outcome {
+    crash_everywhere_with(name, steps, options, options, |_, _, _| {})
+}
+
+/// [`crash_everywhere`] with the database opened by `options` and reopened
+/// after each power cut by `reopen`, and `also_check` run on each recovered
+/// database after the usual checks.
+fn crash_everywhere_with(
+    name: &str,
+    steps: &[Step],
+    options: OptionsFor,
+    reopen: OptionsFor,
+    also_check: fn(&Db, &Outcome, &str),
+) -> Outcome {
     let clean = PowerCutFileSystem::new();
-    let full = run(&clean, steps);
+    let full = run_with(&clean, steps, options);
     assert!(
         full.with_in_flight.is_none(),
         "{name}: the workload fails without a crash"
@@ -325,21 +352,21 @@ fn crash_everywhere(name: &str, steps: &[Step]) -> Outcome {
     for durable_page_writes in [true, false] {
         let clean = PowerCutFileSystem::new();
         clean.durable_page_writes(durable_page_writes);
-        run(&clean, steps);
+        run_with(&clean, steps, options);
         let operations = clean.operations();
         let mut reopens = 0;
         for crash_at in (1..=operations).step_by(stride as usize) {
             let fs = PowerCutFileSystem::new();
             fs.durable_page_writes(durable_page_writes);
             fs.crash_at(crash_at);
-            let outcome = run(&fs, steps);
+            let outcome = run_with(&fs, steps, options);
             for cut in power_cuts() {
                 let after = fs.fork();
                 after.restart(cut);
                 let context = format!(
                     "{name}: crash at operation {crash_at} of {operations}, {cut:?}, durable page writes {durable_page_writes}"
                 );
-                check_recovery(&after, &outcome, &context);
+                check_recovery(&after, &outcome, &context, reopen, also_check);
                 reopens += 1;
             }
         }
@@ -350,9 +377,16 @@ fn crash_everywhere(name: &str, steps: &[Step]) -> Outcome {
     full
 }
 
-fn check_recovery(fs: &PowerCutFileSystem, outcome: &Outcome, context: &str) {
+fn check_recovery(
+    fs: &PowerCutFileSystem,
+    outcome: &Outcome,
+    context: &str,
+    options: OptionsFor,
+    also_check: fn(&Db, &Outcome, &str),
+) {
     let db =
         Db::open_with(DIR, options(fs)).unwrap_or_else(|e| panic!("{context}: open failed: {e}"));
+    also_check(&db, outcome, context);
     let found = contents(&db);
     let allowed = found == outcome.acknowledged || outcome.with_in_flight.as_ref() == Some(&found);
     assert!(
@@ -463,6 +497,95 @@ fn checkpoints_merges_and_reopens_survive_every_power_cut() {
             batch("d", 20, 150),
         ],
     );
+}
+
+/// The history a database keeps (`History::Commits`), with checkpoints,
+/// merges and reopens that move its start and retire WAL segments. After
+/// every power cut the database is reopened keeping all history (so that
+/// nothing moves the recovered start while it is checked): every
+/// acknowledged state from the start the MANIFEST recorded on reads back
+/// exactly with `snapshot_at`, the change feed from that start delivers
+/// every later commit in order, and the start is no later than the
+/// policy allowed. A MANIFEST that records an older start than its
+/// checkpoint collected versions at, or a WAL segment retired while the
+/// durable MANIFEST's start still needs it, fails here.
+#[test]
+fn history_survives_every_power_cut() {
+    crash_everywhere_with(
+        "history",
+        &[
+            batch("a", 8, 40),
+            Step::Insert("b".into(), vec![1; 300]),
+            Step::Checkpoint,
+            // Versions that one checkpoint drops: overwritten in the same
+            // memtable, more than the history's length before its end.
+            Step::Insert("e".into(), vec![1; 30]),
+            Step::Insert("e".into(), vec![2; 30]),
+            Step::Remove("e".into()),
+            Step::Insert("e".into(), vec![3; 30]),
+            batch("f", 14, 10),
+            Step::Checkpoint,
+            Step::Remove("a0003".into()),
+            batch("a", 6, 80),
+            Step::Insert("b".into(), vec![2; 300]),
+            Step::Checkpoint,
+            batch("a", 4, 20),
+            Step::Insert("b".into(), vec![3; 300]),
+            Step::Checkpoint,
+            Step::Compact,
+            Step::Reopen,
+            Step::Insert("c".into(), b"after reopen".to_vec()),
+            Step::Remove("b".into()),
+            batch("d", 5, 100),
+            Step::Checkpoint,
+        ],
+        |fs| options(fs).history(History::Commits(HISTORY_COMMITS)),
+        |fs| options(fs).history(History::Commits(u64::MAX)),
+        check_history,
+    );
+}
+
+/// How many sequence numbers the history workload keeps.
+const HISTORY_COMMITS: u64 = 12;
+
+fn check_history(db: &Db, outcome: &Outcome, context: &str) {
+    let start = db.history_start().unwrap();
+    let newest = db.snapshot().seq();
+    assert!(
+        start <= newest.saturating_sub(HISTORY_COMMITS),
+        "{context}: history starts at {start}, newest is {newest}"
+    );
+    for (seq, model) in outcome.states.iter().filter(|(seq, _)| *seq >= start) {
+        let snapshot = db
+            .snapshot_at(*seq)
+            .unwrap_or_else(|e| panic!("{context}: snapshot_at({seq}) failed: {e}"));
+        let found: Model = snapshot
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry.unwrap();
+                (key.to_vec(), value.to_vec())
+            })
+            .collect();
+        assert!(
+            &found == model,
+            "{context}: state at {seq} (history start {start}) differs: {:?}",
+            first_difference(&found, model)
+        );
+    }
+    // Every commit after the start is in the feed, in order, once.
+    let mut feed = db
+        .changes_since(start)
+        .unwrap_or_else(|e| panic!("{context}: changes_since({start}) failed: {e}"));
+    let mut position = start;
+    while position < newest {
+        let commit = feed
+            .next_timeout(std::time::Duration::ZERO)
+            .unwrap_or_else(|e| panic!("{context}: feed after {position} failed: {e}"))
+            .unwrap_or_else(|| panic!("{context}: feed stopped at {position} of {newest}"));
+        assert!(commit.seq > position, "{context}: feed went back");
+        position = commit.seq;
+    }
+    assert_eq!(position, newest, "{context}: feed passed the newest commit");
 }
 
 /// Conditional writes and transactions: a refused one writes nothing, so
@@ -711,7 +834,7 @@ fn random_workloads_survive_random_power_cuts() {
                 let context = format!(
                     "seed {seed} iteration {iteration}: crash at {crash_at} of {operations}, {cut:?}, durable page writes {durable_page_writes}, steps {steps:?}"
                 );
-                check_recovery(&after, &outcome, &context);
+                check_recovery(&after, &outcome, &context, options, |_, _, _| {});
                 checked += 1;
             }
         }
@@ -840,7 +963,7 @@ fn a_failed_operation_is_never_reported_committed_and_reopen_recovers() {
             failed_steps += 1;
         }
         fs.restart(PowerCut::NoPowerLoss);
-        check_recovery(&fs, &outcome, &context);
+        check_recovery(&fs, &outcome, &context, options, |_, _, _| {});
     }
     eprintln!("failed operations: {operations} injected, {failed_steps} failed a step");
     assert!(failed_steps > operations / 2, "most failures must surface");

@@ -164,12 +164,11 @@ impl SegmentFile {
 
     /// Reads the header page (once), and returns the offset of the first
     /// record.
-    fn first_record_offset(&mut self) -> Result<u64> {
+    fn first_record_offset(&mut self) -> Result<Option<u64>> {
         if self.page == 0 {
-            let bytes = self
-                .fs
-                .read_range(&self.path, 0, SEGMENT_HEADER_BYTES as u64)
-                .map_err(|e| Error::io("read", &self.path, e))?;
+            let Some(bytes) = self.read(0, SEGMENT_HEADER_BYTES as u64)? else {
+                return Ok(None);
+            };
             let header = SegmentHeader::decode(&bytes)
                 .map_err(|_| Error::corruption(&self.path, 0, "WAL segment header is damaged"))?;
             if header.segment_number != self.number {
@@ -181,20 +180,33 @@ impl SegmentFile {
             }
             self.page = u64::from(header.page_bytes);
         }
-        Ok(self.page)
+        Ok(Some(self.page))
+    }
+
+    /// Reads up to `len` bytes from `offset`; `None` if the segment is gone
+    /// (retired since it was listed: it then holds nothing any more).
+    fn read(&self, offset: u64, len: u64) -> Result<Option<Vec<u8>>> {
+        match self.fs.read_range(&self.path, offset, len) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(Error::io("read", &self.path, error)),
+        }
     }
 
     /// The segment's first record, if it has one.
     pub fn first_record(&mut self) -> Result<Option<LogRecord>> {
-        let offset = self.first_record_offset()?;
-        self.record_at(offset)
+        self.record_at(0)
     }
 
     /// The record that starts at `offset` (or, after padding, at the start
     /// of the next page), or `None` if nothing valid is there (yet).
     /// `offset` is 0 for the first record, or a previous record's end.
+    /// A segment that is gone holds no record.
     pub fn record_at(&mut self, offset: u64) -> Result<Option<LogRecord>> {
-        let offset = offset.max(self.first_record_offset()?);
+        let Some(first) = self.first_record_offset()? else {
+            return Ok(None);
+        };
+        let offset = offset.max(first);
         let mut want = READ_CHUNK_BYTES;
         // The first look may use bytes read before; when they end too soon
         // (the writer may have added to the file since), read again.
@@ -218,21 +230,24 @@ impl SegmentFile {
                 Found::End | Found::Damaged if fresh => return Ok(None),
                 _ => {}
             }
-            self.fill(offset, want)?;
+            if !self.fill(offset, want)? {
+                return Ok(None);
+            }
             fresh = true;
         }
     }
 
-    /// Reads `want` bytes from the page holding `offset`.
-    fn fill(&mut self, offset: u64, want: u64) -> Result<()> {
+    /// Reads `want` bytes from the page holding `offset`; false if the
+    /// segment is gone.
+    fn fill(&mut self, offset: u64, want: u64) -> Result<bool> {
         let start = offset / self.page * self.page;
-        self.buffer = self
-            .fs
-            .read_range(&self.path, start, want)
-            .map_err(|e| Error::io("read", &self.path, e))?;
+        let Some(bytes) = self.read(start, want)? else {
+            return Ok(false);
+        };
+        self.buffer = bytes;
         self.buffer_start = start;
         self.buffer_full = self.buffer.len() as u64 == want;
-        Ok(())
+        Ok(true)
     }
 
     /// Reassembles the record at `offset` from the buffered bytes.
