@@ -2,6 +2,7 @@
 //! see `format/mapstore.proto`).
 
 use std::ops::Range;
+use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message;
@@ -64,6 +65,7 @@ struct OpSpan {
     keyspace: u32,
     key: Range<usize>,
     value: Range<usize>,
+    ttl_micros: u64,
 }
 
 /// The most bytes an operation's encoding adds around its key and value
@@ -74,8 +76,8 @@ struct OpSpan {
 const OP_FRAMING_BYTES: usize = 1 + 2 + 2 + 2 + 3;
 
 /// The encoded length of an operation's fields (kind, key, value,
-/// keyspace).
-fn op_fields_len(key_len: usize, value_len: usize, keyspace: u32) -> usize {
+/// keyspace, TTL).
+fn op_fields_len(key_len: usize, value_len: usize, keyspace: u32, ttl_micros: u64) -> usize {
     let field_len = |len: usize| {
         if len == 0 {
             0
@@ -88,22 +90,45 @@ fn op_fields_len(key_len: usize, value_len: usize, keyspace: u32) -> usize {
     } else {
         1 + encoded_len_varint(u64::from(keyspace))
     };
+    let ttl_len = if ttl_micros == 0 {
+        0
+    } else {
+        1 + encoded_len_varint(ttl_micros)
+    };
     // Field 1, the kind: one tag byte and a one-byte varint.
-    2 + field_len(key_len) + field_len(value_len) + keyspace_len
+    2 + field_len(key_len) + field_len(value_len) + keyspace_len + ttl_len
 }
 
 /// How many bytes an operation with a key and value of these lengths, in
 /// `keyspace`, adds to a batch's encoding (what [`MAX_BATCH_BYTES`] limits).
 pub(crate) fn encoded_op_len(key_len: usize, value_len: usize, keyspace: u32) -> usize {
-    let op_len = op_fields_len(key_len, value_len, keyspace);
+    let op_len = op_fields_len(key_len, value_len, keyspace, 0);
     1 + encoded_len_varint(op_len as u64) + op_len
 }
 
-/// A key or value too long for the format, with its length.
+/// A key or value too long for the format, with its length, or a TTL
+/// out of range.
 #[derive(Clone, Copy, Debug)]
 enum OverLimit {
     Key(usize),
     Value(usize),
+    Ttl(Duration, &'static str),
+}
+
+/// The longest TTL accepted: 2^62 microseconds (about 146,000 years), so
+/// that every expiry time, a commit time plus a TTL, fits the format's
+/// 64-bit microseconds.
+pub const MAX_TTL: Duration = Duration::from_micros(1 << 62);
+
+/// `ttl` in microseconds, or why it cannot be stored.
+pub(crate) fn ttl_micros(ttl: Duration) -> std::result::Result<u64, &'static str> {
+    if ttl > MAX_TTL {
+        return Err("it is longer than MAX_TTL");
+    }
+    match crate::history::duration_micros(ttl) {
+        0 => Err("it is shorter than a microsecond"),
+        micros => Ok(micros),
+    }
 }
 
 impl WriteBatch {
@@ -153,6 +178,73 @@ impl WriteBatch {
     /// is absent).
     pub fn remove(&mut self, key: impl AsRef<[u8]>) {
         self.push(OpKind::Delete, DEFAULT_KEYSPACE, key.as_ref(), &[]);
+    }
+
+    /// Adds "set `key` to `value`, which expires `ttl` after the batch's
+    /// commit" in the default keyspace: from then on no read sees it, and
+    /// the database soon commits its removal (see
+    /// [`Db::insert_with_ttl`](crate::Db::insert_with_ttl)). A `ttl` under
+    /// a microsecond or over [`MAX_TTL`] makes the commit fail with
+    /// [`Error::InvalidTtl`].
+    pub fn insert_with_ttl(
+        &mut self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        ttl: Duration,
+    ) {
+        self.insert_with_ttl_into(&None, key.as_ref(), value.as_ref(), ttl);
+    }
+
+    /// [`insert_with_ttl`](Self::insert_with_ttl) in `keyspace`.
+    pub fn insert_with_ttl_in(
+        &mut self,
+        keyspace: &Keyspace,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        ttl: Duration,
+    ) {
+        self.insert_with_ttl_into(
+            &Some(keyspace.info.clone()),
+            key.as_ref(),
+            value.as_ref(),
+            ttl,
+        );
+    }
+
+    /// Adds a put with a TTL in `keyspace` (`None`: the default one).
+    pub(crate) fn insert_with_ttl_into(
+        &mut self,
+        keyspace: &Option<Arc<KeyspaceInfo>>,
+        key: &[u8],
+        value: &[u8],
+        ttl: Duration,
+    ) {
+        let micros = match ttl_micros(ttl) {
+            Ok(micros) => micros,
+            Err(reason) => {
+                self.over_limit.get_or_insert(OverLimit::Ttl(ttl, reason));
+                return;
+            }
+        };
+        let id = match keyspace {
+            Some(info) => {
+                if info.id != DEFAULT_KEYSPACE {
+                    self.note_keyspace(info);
+                }
+                info.id
+            }
+            None => DEFAULT_KEYSPACE,
+        };
+        self.push_op(OpKind::Put, id, key, value, micros);
+    }
+
+    /// Adds "`key` expired" in the keyspace `info` describes (the expiry
+    /// sweeper's removal).
+    pub(crate) fn expire_from(&mut self, keyspace: &Arc<KeyspaceInfo>, key: &[u8]) {
+        if keyspace.id != DEFAULT_KEYSPACE {
+            self.note_keyspace(keyspace);
+        }
+        self.push(OpKind::Expire, keyspace.id, key, &[]);
     }
 
     /// Adds "set `key` to `value`" in `keyspace`. A batch may write to any
@@ -232,6 +324,11 @@ impl WriteBatch {
     /// Appends one `Operation` as field 2 of `BatchRecord`, exactly as prost
     /// encodes it (proto3 leaves out an empty key or value, and keyspace 0).
     fn push(&mut self, kind: OpKind, keyspace: u32, key: &[u8], value: &[u8]) {
+        self.push_op(kind, keyspace, key, value, 0);
+    }
+
+    /// [`push`](Self::push) with a TTL (0: none).
+    fn push_op(&mut self, kind: OpKind, keyspace: u32, key: &[u8], value: &[u8], ttl_micros: u64) {
         if self.over_limit.is_none() {
             if key.len() > MAX_KEY_BYTES {
                 self.over_limit = Some(OverLimit::Key(key.len()));
@@ -239,7 +336,7 @@ impl WriteBatch {
                 self.over_limit = Some(OverLimit::Value(value.len()));
             }
         }
-        let op_len = op_fields_len(key.len(), value.len(), keyspace);
+        let op_len = op_fields_len(key.len(), value.len(), keyspace, ttl_micros);
         self.body
             .reserve(1 + encoded_len_varint(op_len as u64) + op_len);
         encode_key(2, WireType::LengthDelimited, &mut self.body);
@@ -252,11 +349,16 @@ impl WriteBatch {
             encode_key(4, WireType::Varint, &mut self.body);
             encode_varint(u64::from(keyspace), &mut self.body);
         }
+        if ttl_micros != 0 {
+            encode_key(5, WireType::Varint, &mut self.body);
+            encode_varint(ttl_micros, &mut self.body);
+        }
         self.spans.push(OpSpan {
             kind,
             keyspace,
             key,
             value,
+            ttl_micros,
         });
     }
 
@@ -288,6 +390,7 @@ impl WriteBatch {
                     max: MAX_VALUE_BYTES,
                 });
             }
+            Some(OverLimit::Ttl(ttl, reason)) => return Err(Error::InvalidTtl { ttl, reason }),
             None => {}
         }
         if self.body.len() > MAX_BATCH_BYTES {
@@ -310,6 +413,7 @@ impl WriteBatch {
                 key: body.slice(span.key),
                 value: body.slice(span.value),
                 keyspace: span.keyspace,
+                ttl_micros: span.ttl_micros,
             })
             .collect();
         Ok(SealedBatch {
@@ -414,10 +518,14 @@ pub(crate) fn decode_record_into(
         return Err("record's sequence numbers overflow".into());
     }
     for op in &record.ops {
-        match OpKind::try_from(op.kind) {
+        let kind = OpKind::try_from(op.kind);
+        if op.ttl_micros != 0 && (kind != Ok(OpKind::Put) || op.ttl_micros > 1 << 62) {
+            return Err("a TTL on an operation other than a put, or past MAX_TTL".into());
+        }
+        match kind {
             Ok(OpKind::Put) => {}
-            Ok(OpKind::Delete) if op.value.is_empty() => {}
-            Ok(OpKind::Delete) => return Err("removal with a value".into()),
+            Ok(OpKind::Delete | OpKind::Expire) if op.value.is_empty() => {}
+            Ok(OpKind::Delete | OpKind::Expire) => return Err("removal with a value".into()),
             Ok(OpKind::CreateKeyspace | OpKind::DropKeyspace) => {
                 let named = std::str::from_utf8(&op.key)
                     .is_ok_and(|name| crate::keyspace::check_name(name).is_ok());
@@ -499,6 +607,7 @@ mod tests {
                 key: Bytes::copy_from_slice(key),
                 value: Bytes::copy_from_slice(value),
                 keyspace: 0,
+                ttl_micros: 0,
             });
         }
         assert_eq!(batch.len(), cases.len());
@@ -543,6 +652,7 @@ mod tests {
                 key: Bytes::copy_from_slice(key),
                 value: Bytes::copy_from_slice(value),
                 keyspace,
+                ttl_micros: 0,
             });
         }
         let sealed = batch.seal().unwrap();

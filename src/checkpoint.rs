@@ -545,8 +545,12 @@ impl Storage {
                 }
             };
             if gc.keep(&version) {
-                if let Err(error) = writer.add(&version.key, version.seq, version.value.as_deref())
-                {
+                if let Err(error) = writer.add(
+                    &version.key,
+                    version.seq,
+                    version.value.as_deref(),
+                    version.expires,
+                ) {
                     writer.abandon();
                     return Err(error);
                 }
@@ -562,7 +566,8 @@ impl Storage {
         let summary = writer.finish()?;
         let file = Arc::new(
             SnapshotFile::open(self.fs.clone(), &path, number)?
-                .with_largest_seq(summary.largest_seq),
+                .with_largest_seq(summary.largest_seq)
+                .with_earliest_expiry(summary.earliest_expiry),
         );
         // What this thread just wrote is checked here, in the background,
         // not at a reader's first lookup; a file that fails (a writer's
@@ -821,6 +826,7 @@ fn file_meta(number: u64, keyspace: u32, summary: &FileSummary) -> SnapshotFileM
         smallest_seq: summary.smallest_seq,
         largest_seq: summary.largest_seq,
         entry_count: summary.entry_count,
+        earliest_expiry_micros: summary.earliest_expiry,
     }
 }
 

@@ -76,9 +76,10 @@ use crate::batch::{SealedBatch, encode_record_prefix};
 use crate::checkpoint::{FrozenContent, FrozenMemtable, Storage};
 use crate::condition::GroupCheck;
 use crate::error::{Error, Result};
+use crate::expiry::ExpiryQueue;
 use crate::history::HistoryState;
 use crate::keyspace::{Catalog, PerKeyspace};
-use crate::memtable::{Apply, BatchOps, MemtableSet};
+use crate::memtable::{Apply, BatchOps, BatchToApply, MemtableSet};
 use crate::proto::{OpKind, Operation};
 use crate::read::{ReadState, ReadView, Source};
 use crate::wal::writer::WalWriter;
@@ -288,6 +289,8 @@ pub(crate) struct CommitPipeline {
     read_state: Arc<ReadState>,
     /// The clock commit times come from.
     history: Arc<HistoryState>,
+    /// Where the values written with a TTL wait for their expiry.
+    expiries: Arc<ExpiryQueue>,
     storage: Arc<Storage>,
     /// The keyspaces, which keyspace operations change as they are written.
     catalog: Arc<Mutex<Catalog>>,
@@ -318,6 +321,7 @@ impl CommitPipeline {
         last_commit_micros: u64,
         read_state: Arc<ReadState>,
         history: Arc<HistoryState>,
+        expiries: Arc<ExpiryQueue>,
         storage: Arc<Storage>,
         catalog: Arc<Mutex<Catalog>>,
         limits: FreezeLimits,
@@ -337,6 +341,7 @@ impl CommitPipeline {
             closed: AtomicBool::new(false),
             read_state,
             history,
+            expiries,
             storage,
             catalog,
             limits,
@@ -644,6 +649,9 @@ impl CommitPipeline {
         // The operations' keys and values go to the memtables, by keyspace;
         // the WAL record is the encoded body, which stays.
         let mut per_keyspace: PerKeyspace<BatchOps> = PerKeyspace::default();
+        // The values written with a TTL, queued for their expiry once
+        // written: (expiry, keyspace, key, seq).
+        let mut expiring = Vec::new();
         for pending in group.iter_mut() {
             if let Err(refused) = self.admit(&pending.batch, check.as_mut(), next_seq) {
                 outcomes.push(Err(refused));
@@ -662,8 +670,14 @@ impl CommitPipeline {
                 encode_record_prefix(next_seq, commit_micros),
                 pending.batch.body.clone(),
             ));
+            for (seq, op) in (next_seq..).zip(&ops) {
+                if op.ttl_micros != 0 {
+                    let expires = commit_micros.saturating_add(op.ttl_micros);
+                    expiring.push((expires, op.keyspace, op.key.clone(), seq));
+                }
+            }
             sync |= pending.sync;
-            split_by_keyspace(next_seq, ops, &mut per_keyspace);
+            split_by_keyspace(next_seq, commit_micros, ops, &mut per_keyspace);
             next_seq += count;
         }
         if records.is_empty() {
@@ -700,6 +714,11 @@ impl CommitPipeline {
         // afterwards). The versions stay unseen until the group is
         // published, after its fsync; if the write fails, never. (A freeze
         // after a failure is refused, so they never reach a file either.)
+        if !expiring.is_empty() {
+            // Before the versions can be published: reads from then on
+            // judge expiry by the clock.
+            self.read_state.note_expiring();
+        }
         let applies: Vec<Apply> = per_keyspace
             .into_iter()
             .filter_map(|(keyspace, batches)| {
@@ -720,6 +739,9 @@ impl CommitPipeline {
         let first_seq = leader.next_seq;
         leader.next_seq = next_seq;
         leader.last_commit_micros = commit_micros;
+        for (expires, keyspace, key, seq) in expiring {
+            self.expiries.add(expires, keyspace, key, seq);
+        }
         self.groups.fetch_add(1, Ordering::Relaxed);
         self.commits.fetch_add(commits, Ordering::Relaxed);
         if sync {
@@ -1005,9 +1027,22 @@ impl CommitPipeline {
 /// inserts of each keyspace's memtable, as runs of consecutive operations
 /// on one keyspace (a batch on one keyspace, the usual one, moves whole).
 /// Keyspace operations change no memtable and are left out.
-fn split_by_keyspace(first_seq: u64, ops: Vec<Operation>, out: &mut PerKeyspace<BatchOps>) {
-    let is_data =
-        |op: &Operation| op.kind == OpKind::Put as i32 || op.kind == OpKind::Delete as i32;
+fn split_by_keyspace(
+    first_seq: u64,
+    commit_micros: u64,
+    ops: Vec<Operation>,
+    out: &mut PerKeyspace<BatchOps>,
+) {
+    let is_data = |op: &Operation| {
+        op.kind == OpKind::Put as i32
+            || op.kind == OpKind::Delete as i32
+            || op.kind == OpKind::Expire as i32
+    };
+    let batch = |first_seq: u64, ops: Vec<Operation>| BatchToApply {
+        first_seq,
+        commit_micros,
+        ops,
+    };
     if let Some(first) = ops.first() {
         if ops
             .iter()
@@ -1015,7 +1050,7 @@ fn split_by_keyspace(first_seq: u64, ops: Vec<Operation>, out: &mut PerKeyspace<
         {
             let keyspace = first.keyspace;
             out.get_or_insert_with(keyspace, Vec::new)
-                .push((first_seq, ops));
+                .push(batch(first_seq, ops));
             return;
         }
     }
@@ -1027,7 +1062,7 @@ fn split_by_keyspace(first_seq: u64, ops: Vec<Operation>, out: &mut PerKeyspace<
         if !same_run || !is_data(&op) {
             if let Some((keyspace, start, ops)) = run.take() {
                 out.get_or_insert_with(keyspace, Vec::new)
-                    .push((start, ops));
+                    .push(batch(start, ops));
             }
         }
         if !is_data(&op) {
@@ -1040,7 +1075,7 @@ fn split_by_keyspace(first_seq: u64, ops: Vec<Operation>, out: &mut PerKeyspace<
     }
     if let Some((keyspace, start, ops)) = run {
         out.get_or_insert_with(keyspace, Vec::new)
-            .push((start, ops));
+            .push(batch(start, ops));
     }
 }
 

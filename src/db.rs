@@ -18,6 +18,7 @@ use crate::checkpoint::{
 use crate::commit::{CommitPipeline, CommitStats, FreezeLimits};
 use crate::condition::Condition;
 use crate::error::{Error, Result};
+use crate::expiry::{self, ExpiryQueue};
 use crate::files;
 use crate::history::{HistoryState, micros};
 use crate::io::{FileLock, FileSystem};
@@ -62,7 +63,7 @@ pub struct Db {
     inner: Arc<DbInner>,
 }
 
-struct DbInner {
+pub(crate) struct DbInner {
     /// Tells this open database apart from every other one in the process,
     /// so that a keyspace handle of another cannot be used with it.
     id: u64,
@@ -78,6 +79,8 @@ struct DbInner {
     read_state: Arc<ReadState>,
     /// The history kept: its start, the clock, the WAL it reads.
     history: Arc<HistoryState>,
+    /// The values written with a TTL, waiting for their expiry.
+    expiries: Arc<ExpiryQueue>,
     pipeline: CommitPipeline,
     storage: Arc<Storage>,
     lock: Mutex<Option<Box<dyn FileLock>>>,
@@ -218,12 +221,17 @@ impl Db {
             file_numbers,
             recycled,
         );
+        if recovered.expiring {
+            read_state.note_expiring();
+        }
+        let expiries = Arc::new(ExpiryQueue::default());
         let pipeline = CommitPipeline::new(
             wal,
             recovered.last_seq + 1,
             recovered.last_commit_micros,
             read_state.clone(),
             history.clone(),
+            expiries.clone(),
             storage.clone(),
             catalog.clone(),
             FreezeLimits {
@@ -232,7 +240,8 @@ impl Db {
                 memtable_read_index: options.memtable_read_index,
             },
         );
-        Ok(Db {
+        let expiry_interval = options.expiry_interval;
+        let db = Db {
             inner: Arc::new(DbInner {
                 id,
                 path,
@@ -242,13 +251,22 @@ impl Db {
                 default_keyspace: Arc::new(KeyspaceInfo::new(DEFAULT_KEYSPACE, String::new(), id)),
                 read_state,
                 history,
+                expiries: expiries.clone(),
                 pipeline,
                 storage,
                 lock: Mutex::new(Some(lock)),
                 closed: AtomicBool::new(false),
                 report: recovered.report,
             }),
-        })
+        };
+        expiry::start(&db.inner, expiries, expiry_interval);
+        Ok(db)
+    }
+
+    /// A handle to the database `inner` (for the background threads, which
+    /// hold it weakly).
+    pub(crate) fn from_inner(inner: Arc<DbInner>) -> Db {
+        Db { inner }
     }
 
     /// Sets `key` to `value`; returns the commit's sequence number.
@@ -259,6 +277,65 @@ impl Db {
     /// [`Error::Closed`].
     pub fn insert(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<u64> {
         self.insert_at(&self.inner.default_keyspace, key.as_ref(), value.as_ref())
+    }
+
+    /// Sets `key` to `value` until `ttl` after the commit: from then on no
+    /// read sees it (a [`Snapshot`] judges expiry at its own
+    /// [`time`](Snapshot::time), so it stays repeatable), and the database
+    /// commits its removal within [`Options::expiry_interval`], which the
+    /// change feed delivers as [`ChangeOp::Expire`](crate::ChangeOp::Expire).
+    /// Returns the commit's sequence number.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), mapstore::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// use std::time::Duration;
+    /// let db = mapstore::Db::open(dir.path())?;
+    /// db.insert_with_ttl("session/42", "token", Duration::from_secs(30))?;
+    /// let left = db.ttl("session/42")?.expect("a TTL");
+    /// assert!(left <= Duration::from_secs(30) && left > Duration::from_secs(25));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidTtl`] for a `ttl` under a microsecond or over
+    /// [`MAX_TTL`](crate::MAX_TTL), and as [`insert`](Db::insert).
+    pub fn insert_with_ttl(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        ttl: std::time::Duration,
+    ) -> Result<u64> {
+        let mut batch = WriteBatch::new();
+        batch.insert_with_ttl(key, value, ttl);
+        self.write(batch)
+    }
+
+    /// How long the value of `key` has left before it expires: `None` if
+    /// the key is absent or has no TTL.
+    ///
+    /// # Errors
+    /// As [`get`](Db::get).
+    pub fn ttl(&self, key: impl AsRef<[u8]>) -> Result<Option<std::time::Duration>> {
+        self.ttl_at(&self.inner.default_keyspace, key.as_ref())
+    }
+
+    pub(crate) fn ttl_at(
+        &self,
+        keyspace: &KeyspaceInfo,
+        key: &[u8],
+    ) -> Result<Option<std::time::Duration>> {
+        let snapshot = self.inner.read_state.snapshot();
+        keyspace.check(self.inner.id)?;
+        let now = snapshot.time();
+        Ok(match snapshot.expiry_of(keyspace.id, key)? {
+            None | Some(0) => None,
+            Some(expires) => Some(
+                crate::history::time_of(expires)
+                    .duration_since(now)
+                    .unwrap_or_default(),
+            ),
+        })
     }
 
     /// Removes `key` (a no-op if absent); returns the commit's sequence number.
@@ -960,6 +1037,14 @@ impl Db {
         &self.inner.options.file_system
     }
 
+    /// Keyspace `id`, unless it is dropped or unknown.
+    pub(crate) fn keyspace_info(&self, id: u32) -> Option<Arc<KeyspaceInfo>> {
+        if id == DEFAULT_KEYSPACE {
+            return Some(self.inner.default_keyspace.clone());
+        }
+        self.catalog().by_id(id).filter(|info| !info.is_dropped())
+    }
+
     /// The name of keyspace `id`, if the catalog still knows it.
     pub(crate) fn keyspace_by_id(&self, id: u32) -> Option<String> {
         self.catalog().by_id(id).map(|info| info.name.clone())
@@ -1015,6 +1100,7 @@ impl DbInner {
             Ok(())
         };
         self.closed.store(true, Ordering::Release);
+        self.expiries.stop();
         let result = self.pipeline.close().and(checkpointed);
         self.storage.shutdown();
         // Released even after a failure: the next open recovers from disk.

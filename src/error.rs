@@ -162,6 +162,14 @@ pub enum Error {
         /// The clock's time, in microseconds since the Unix epoch.
         now_micros: u64,
     },
+    /// A TTL is under a microsecond or over [`MAX_TTL`](crate::MAX_TTL);
+    /// nothing was written.
+    InvalidTtl {
+        /// The TTL given.
+        ttl: std::time::Duration,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// The database was closed with [`Db::close`](crate::Db::close).
     Closed,
     /// An [`Options`](crate::Options) value is out of its allowed range.
@@ -299,6 +307,7 @@ impl fmt::Display for Error {
                 f,
                 "time {requested_micros} µs is after the present ({now_micros} µs since the Unix epoch)"
             ),
+            Error::InvalidTtl { ttl, reason } => write!(f, "TTL {ttl:?} is not valid: {reason}"),
             Error::Closed => write!(f, "the database is closed"),
             Error::InvalidOptions { reason } => write!(f, "invalid options: {reason}"),
         }

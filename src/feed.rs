@@ -67,6 +67,14 @@ pub enum ChangeOp {
         /// The key.
         key: Slice,
     },
+    /// `key` expired: its value's TTL ran out
+    /// ([`Db::insert_with_ttl`]), and the database removed it.
+    Expire {
+        /// The keyspace's name (`None`: the default one).
+        keyspace: Option<Arc<str>>,
+        /// The key.
+        key: Slice,
+    },
     /// A keyspace was created ([`Db::keyspace`]).
     KeyspaceCreated {
         /// Its name.
@@ -83,7 +91,9 @@ impl ChangeOp {
     /// The key a put or removal changed (`None` for a keyspace operation).
     pub fn key(&self) -> Option<&Slice> {
         match self {
-            ChangeOp::Put { key, .. } | ChangeOp::Remove { key, .. } => Some(key),
+            ChangeOp::Put { key, .. }
+            | ChangeOp::Remove { key, .. }
+            | ChangeOp::Expire { key, .. } => Some(key),
             ChangeOp::KeyspaceCreated { .. } | ChangeOp::KeyspaceDropped { .. } => None,
         }
     }
@@ -379,6 +389,7 @@ impl ChangeFeed {
                     key,
                     value: Slice::from_bytes(op.value),
                 },
+                Ok(OpKind::Expire) => ChangeOp::Expire { keyspace, key },
                 _ => ChangeOp::Remove { keyspace, key },
             });
         }

@@ -395,6 +395,30 @@ impl Keyspace {
         self.db.remove_at(&self.info, key.as_ref())
     }
 
+    /// Sets `key` to `value` until `ttl` after the commit
+    /// ([`Db::insert_with_ttl`]).
+    ///
+    /// # Errors
+    /// As [`Db::insert_with_ttl`], and [`Error::KeyspaceDropped`].
+    pub fn insert_with_ttl(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        ttl: std::time::Duration,
+    ) -> Result<u64> {
+        let mut batch = crate::WriteBatch::new();
+        batch.insert_with_ttl_in(self, key, value, ttl);
+        self.db.write(batch)
+    }
+
+    /// How long the value of `key` has left before it expires ([`Db::ttl`]).
+    ///
+    /// # Errors
+    /// As [`Db::ttl`], and [`Error::KeyspaceDropped`].
+    pub fn ttl(&self, key: impl AsRef<[u8]>) -> Result<Option<std::time::Duration>> {
+        self.db.ttl_at(&self.info, key.as_ref())
+    }
+
     /// The value of `key`, if present.
     ///
     /// # Errors

@@ -45,6 +45,7 @@ mod condition;
 mod db;
 mod diff;
 mod error;
+mod expiry;
 mod feed;
 mod files;
 mod history;
@@ -87,7 +88,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/mapstore.v1.rs"));
 }
 
-pub use batch::{MAX_BATCH_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, WriteBatch};
+pub use batch::{MAX_BATCH_BYTES, MAX_KEY_BYTES, MAX_TTL, MAX_VALUE_BYTES, WriteBatch};
 pub use checkpoint::CheckpointStats;
 pub use commit::CommitStats;
 pub use db::Db;

@@ -214,6 +214,9 @@ pub(crate) struct Resolved {
     pub key: Slice,
     pub seq: u64,
     pub value: Option<Bytes>,
+    /// When the value expires, in microseconds since the Unix epoch (0:
+    /// never).
+    pub expires: u64,
 }
 
 /// The newest version of a key that a snapshot sees in one source: its
@@ -223,6 +226,16 @@ pub(crate) struct Resolved {
 pub(crate) struct FoundVersion {
     pub seq: u64,
     pub value: Option<Bytes>,
+    /// When the value expires, in microseconds since the Unix epoch (0:
+    /// never).
+    pub expires: u64,
+}
+
+/// Whether a version that expires at `expires` (0: never) has expired for
+/// a reader at `time`: at its expiry time, it is gone.
+#[inline]
+pub(crate) fn is_expired(expires: u64, time: u64) -> bool {
+    expires != 0 && expires <= time
 }
 
 /// One version of a key, as stored (a `None` value is a removal).
@@ -231,6 +244,9 @@ pub(crate) struct Version {
     pub key: Bytes,
     pub seq: u64,
     pub value: Option<Bytes>,
+    /// When the value expires, in microseconds since the Unix epoch (0:
+    /// never).
+    pub expires: u64,
 }
 
 /// A bloom filter that concurrent writers fill with atomic bit sets, in
@@ -345,39 +361,64 @@ fn parallel_apply() -> bool {
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get())) > 1
 }
 
-/// The skiplist entry of operation `op` at sequence number `seq`.
-fn entry(prefix: Prefix, seq: u64, op: Operation) -> (InternalKey, Option<Bytes>) {
-    let value = (op.kind == OpKind::Put as i32).then_some(op.value);
+/// What a skiplist entry holds besides its key: the value (`None` for a
+/// removal) and when it expires.
+#[derive(Clone, Debug)]
+pub(crate) struct Stored {
+    pub value: Option<Bytes>,
+    /// Microseconds since the Unix epoch; 0: never.
+    pub expires: u64,
+}
+
+/// The skiplist entry of operation `op` at sequence number `seq`, of a
+/// batch committed at `commit_micros` (which a TTL counts from).
+fn entry(prefix: Prefix, seq: u64, commit_micros: u64, op: Operation) -> (InternalKey, Stored) {
+    let put = op.kind == OpKind::Put as i32;
+    let expires = match op.ttl_micros {
+        0 => 0,
+        ttl => commit_micros.saturating_add(ttl),
+    };
+    let stored = Stored {
+        value: put.then_some(op.value),
+        expires: if put { expires } else { 0 },
+    };
     let key = InternalKey {
         prefix,
         seq,
         user_key: op.key,
     };
-    (key, value)
+    (key, stored)
 }
 
 /// Every version in a memtable, in key order and newest first per key.
-type VersionMap = SkipMap<InternalKey, Option<Bytes>>;
+type VersionMap = SkipMap<InternalKey, Stored>;
 
-/// A skiplist entry: one version, and its value (`None` for a removal).
-type VersionEntry = (InternalKey, Option<Bytes>);
+/// A skiplist entry: one version, and what it holds.
+type VersionEntry = (InternalKey, Stored);
 
 /// A place in the skiplist: one version of a key.
-type ListEntry<'a> = Entry<'a, InternalKey, Option<Bytes>>;
+type ListEntry<'a> = Entry<'a, InternalKey, Stored>;
 
-/// A version found visible: its sequence number, and its value (`None` for
-/// a removal).
-type Visible = (u64, Option<Bytes>);
+/// A version found visible: its sequence number, and what it holds.
+type Visible = (u64, Stored);
 
 /// How many versions a thread claims at a time from an [`Apply`] shared
 /// with the helper: enough that claiming (a lock) costs little beside the
 /// inserts, few enough that the two threads finish close together.
 const VERSIONS_PER_CHUNK: usize = 64;
 
-/// The operations of one apply as the commit hands them over: each
-/// batch's first sequence number and its operations (operation `i` is
-/// version `first + i`).
-pub(crate) type BatchOps = Vec<(u64, Vec<Operation>)>;
+/// The operations of one batch as the commit hands them to a memtable:
+/// operation `i` is version `first_seq + i`; a TTL counts from the
+/// batch's commit time.
+#[derive(Debug)]
+pub(crate) struct BatchToApply {
+    pub first_seq: u64,
+    pub commit_micros: u64,
+    pub ops: Vec<Operation>,
+}
+
+/// The batches of one apply.
+pub(crate) type BatchOps = Vec<BatchToApply>;
 
 /// Operations not yet ready to insert: their keys still to hash into the
 /// filter, and to sort and cut into chunks ([`prepare_chunks`]).
@@ -533,11 +574,11 @@ fn prepare_chunks(unprepared: Unprepared) -> Vec<Vec<VersionEntry>> {
         mut batches,
         filter,
     } = unprepared;
-    let count = batches.iter().map(|(_, ops)| ops.len()).sum();
+    let count = batches.iter().map(|batch| batch.ops.len()).sum();
     let mut hashes = Vec::with_capacity(count);
     // Where each version's operation is: (batch, index in the batch).
     let mut sorted: Vec<(Prefix, u64, u32, u32)> = Vec::with_capacity(count);
-    for (batch, (first_seq, ops)) in batches.iter().enumerate() {
+    for (batch, BatchToApply { first_seq, ops, .. }) in batches.iter().enumerate() {
         for (index, op) in ops.iter().enumerate() {
             hashes.push(bloom::key_hash(&op.key));
             // Batches and their operations are far fewer than 2^32: a
@@ -554,7 +595,7 @@ fn prepare_chunks(unprepared: Unprepared) -> Vec<Vec<VersionEntry>> {
     filter.insert_all(&hashes);
     // Most comparisons decide on the prefix, without reading key bytes.
     let key = |&(_, _, batch, index): &(Prefix, u64, u32, u32)| {
-        &batches[batch as usize].1[index as usize].key
+        &batches[batch as usize].ops[index as usize].key
     };
     sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| key(a).cmp(key(b))));
     // Every version is its own skiplist entry (the sequence number is part
@@ -567,8 +608,9 @@ fn prepare_chunks(unprepared: Unprepared) -> Vec<Vec<VersionEntry>> {
             chunk
                 .iter()
                 .map(|&(prefix, seq, batch, index)| {
-                    let op = std::mem::take(&mut batches[batch as usize].1[index as usize]);
-                    entry(prefix, seq, op)
+                    let batch = &mut batches[batch as usize];
+                    let op = std::mem::take(&mut batch.ops[index as usize]);
+                    entry(prefix, seq, batch.commit_micros, op)
                 })
                 .collect()
         })
@@ -750,7 +792,12 @@ impl Memtable {
     /// the readers that can see the versions.)
     #[cfg(test)]
     pub fn apply(&self, first_seq: u64, ops: &[Operation]) {
-        self.start_apply(vec![(first_seq, ops.to_vec())]).finish();
+        self.start_apply(vec![BatchToApply {
+            first_seq,
+            commit_micros: 0,
+            ops: ops.to_vec(),
+        }])
+        .finish();
     }
 
     /// Inserts versions given as `(sequence number, operation)`, in any
@@ -758,7 +805,13 @@ impl Memtable {
     /// [`finish`](Apply::finish) at once.
     #[cfg(test)]
     pub fn apply_all<'a>(&self, versions: impl Iterator<Item = (u64, &'a Operation)>) {
-        let batches = versions.map(|(seq, op)| (seq, vec![op.clone()])).collect();
+        let batches = versions
+            .map(|(seq, op)| BatchToApply {
+                first_seq: seq,
+                commit_micros: 0,
+                ops: vec![op.clone()],
+            })
+            .collect();
         self.start_apply(batches).finish();
     }
 
@@ -779,7 +832,7 @@ impl Memtable {
         let read_index = self.read_index.clone();
         let mut count = 0;
         let mut bytes = 0;
-        for (_, ops) in &batches {
+        for BatchToApply { ops, .. } in &batches {
             count += ops.len();
             bytes += ops
                 .iter()
@@ -828,7 +881,8 @@ impl Memtable {
         self.versions.iter().map(|entry| Version {
             key: entry.key().user_key.clone(),
             seq: entry.key().seq,
-            value: entry.value().clone(),
+            value: entry.value().value.clone(),
+            expires: entry.value().expires,
         })
     }
 
@@ -866,7 +920,8 @@ impl Memtable {
             .lower_bound(Bound::Included(&probe as &dyn KeyView))?;
         (entry.key().user_key == key).then(|| FoundVersion {
             seq: entry.key().seq,
-            value: entry.value().clone(),
+            value: entry.value().value.clone(),
+            expires: entry.value().expires,
         })
     }
 
@@ -1058,7 +1113,8 @@ impl Memtable {
                     found = Some(Resolved {
                         key: Slice::from_shared(key),
                         seq: v.key().seq,
-                        value: v.value().clone(),
+                        value: v.value().value.clone(),
+                        expires: v.value().expires,
                     });
                 }
                 version = v.prev();
@@ -1080,20 +1136,14 @@ impl Memtable {
 /// Held back, the key's bytes are asked for at once and copied only after
 /// the walk has gone on to the next entry, so the two misses overlap.
 #[derive(Default)]
-struct HeldKey(Option<(Bytes, u64, Option<Bytes>)>);
+struct HeldKey(Option<(Bytes, u64, Stored)>);
 
 impl HeldKey {
     /// Holds `key`'s visible version, and appends the one held before.
     #[inline]
-    fn hold(
-        &mut self,
-        key: Bytes,
-        seq: u64,
-        value: Option<Bytes>,
-        out: &mut impl Extend<Resolved>,
-    ) {
+    fn hold(&mut self, key: Bytes, seq: u64, stored: Stored, out: &mut impl Extend<Resolved>) {
         crate::mmap::prefetch(key.get(..1).unwrap_or_default());
-        if let Some(previous) = self.0.replace((key, seq, value)) {
+        if let Some(previous) = self.0.replace((key, seq, stored)) {
             out.extend([HeldKey::resolved(previous)]);
         }
     }
@@ -1106,11 +1156,12 @@ impl HeldKey {
     }
 
     /// The chunk's entry for a key once held.
-    fn resolved((key, seq, value): (Bytes, u64, Option<Bytes>)) -> Resolved {
+    fn resolved((key, seq, stored): (Bytes, u64, Stored)) -> Resolved {
         Resolved {
             key: Slice::from_shared(&key),
             seq,
-            value,
+            value: stored.value,
+            expires: stored.expires,
         }
     }
 }
@@ -1171,8 +1222,8 @@ fn resolve_forward(
         }
         let head = current.key().clone();
         let (found, after) = first_visible(current, &head, snapshot_seq);
-        if let Some((seq, value)) = found {
-            held.hold(head.user_key, seq, value, out);
+        if let Some((seq, stored)) = found {
+            held.hold(head.user_key, seq, stored, out);
             added += 1;
         }
         entry = after;
@@ -1287,6 +1338,7 @@ mod tests {
             key: Bytes::copy_from_slice(key.as_bytes()),
             value: Bytes::copy_from_slice(value.as_bytes()),
             keyspace: 0,
+            ttl_micros: 0,
         }
     }
 
@@ -1296,6 +1348,7 @@ mod tests {
             key: Bytes::copy_from_slice(key.as_bytes()),
             value: Bytes::new(),
             keyspace: 0,
+            ttl_micros: 0,
         }
     }
 
@@ -1486,7 +1539,11 @@ mod tests {
         let mut helped_rounds = 0;
         for round in 0..500u64 {
             let table = Memtable::new(1 << 24);
-            let apply = table.start_apply(vec![(round * 10_000 + 1, ops.clone())]);
+            let apply = table.start_apply(vec![BatchToApply {
+                first_seq: round * 10_000 + 1,
+                commit_micros: 0,
+                ops: ops.clone(),
+            }]);
             // As a commit writes the WAL here, the helper claims work.
             std::thread::sleep(Duration::from_millis(2));
             let helper_pieces = match &apply.work {
@@ -1652,6 +1709,7 @@ mod tests {
                             key: Bytes::from(key),
                             value: Bytes::new(),
                             keyspace: 0,
+                            ttl_micros: 0,
                         }
                     } else {
                         Operation {
@@ -1659,6 +1717,7 @@ mod tests {
                             key: Bytes::from(key),
                             value: Bytes::from(format!("{round}").into_bytes()),
                             keyspace: 0,
+                            ttl_micros: 0,
                         }
                     }
                 })

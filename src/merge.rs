@@ -167,6 +167,7 @@ mod tests {
             key: Bytes::copy_from_slice(key.as_bytes()),
             seq,
             value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+            expires: 0,
         }
     }
 

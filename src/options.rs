@@ -77,6 +77,7 @@ pub struct Options {
     pub(crate) background_nice: u8,
     pub(crate) history: History,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) expiry_interval: Duration,
     pub(crate) file_system: Arc<dyn FileSystem>,
 }
 
@@ -98,6 +99,7 @@ impl Default for Options {
             background_nice: 0,
             history: History::None,
             clock: Arc::new(SystemClock),
+            expiry_interval: Duration::from_millis(250),
             file_system: Arc::new(RealFileSystem),
         }
     }
@@ -121,6 +123,7 @@ impl fmt::Debug for Options {
             .field("background_nice", &self.background_nice)
             .field("history", &self.history)
             .field("clock", &self.clock)
+            .field("expiry_interval", &self.expiry_interval)
             .finish_non_exhaustive()
     }
 }
@@ -292,6 +295,15 @@ impl Options {
         self
     }
 
+    /// How often the database looks for values whose TTL ran out, to
+    /// commit their removal (250 ms by default): an expiry is committed
+    /// within this long after its time (reads never return an expired
+    /// value, whenever the removal is committed). At least 1 ms.
+    pub fn expiry_interval(mut self, interval: Duration) -> Self {
+        self.expiry_interval = interval;
+        self
+    }
+
     /// Route every file operation through `file_system` (for fault injection
     /// in tests; see [`testing`](crate::testing)).
     #[cfg(feature = "testing")]
@@ -322,6 +334,11 @@ impl Options {
         if self.memtable_size == 0 || self.max_wal_bytes == 0 {
             return Err(Error::InvalidOptions {
                 reason: "memtable_size and max_wal_bytes must be at least 1".into(),
+            });
+        }
+        if self.expiry_interval < Duration::from_millis(1) {
+            return Err(Error::InvalidOptions {
+                reason: "expiry_interval must be at least 1 ms".into(),
             });
         }
         if self.history == History::Commits(0) {

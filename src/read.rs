@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::ops::{Bound, RangeBounds};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::SystemTime;
 
@@ -19,7 +19,9 @@ use bytes::Bytes;
 use crate::error::{Error, Result};
 use crate::history::{Clock, micros, time_of};
 use crate::keyspace::{DEFAULT_KEYSPACE, Keyspace};
-use crate::memtable::{Direction, FoundVersion, Memtable, MemtableSet, Resolved, as_ref_bound};
+use crate::memtable::{
+    Direction, FoundVersion, Memtable, MemtableSet, Resolved, as_ref_bound, is_expired,
+};
 use crate::replayed::{ReplayedRun, ReplayedRuns};
 use crate::slice::Slice;
 use crate::snapshot_file::{FileCursor, SnapshotFile, bloom};
@@ -95,6 +97,9 @@ pub(crate) struct ReadState {
     /// the Unix epoch): a snapshot's time is never before it.
     published_micros: AtomicU64,
     clock: Arc<dyn Clock>,
+    /// Set once any version with an expiry was written or found: reads
+    /// then judge expiry by the clock.
+    expiring: AtomicBool,
     pins: Arc<PinRegistry>,
     /// The id of the open database (`DbInner::id`), which keyspace handles
     /// must match.
@@ -114,6 +119,7 @@ impl ReadState {
             visible_seq: AtomicU64::new(visible_seq),
             published_micros: AtomicU64::new(published_micros),
             clock,
+            expiring: AtomicBool::new(false),
             pins: Arc::new(PinRegistry::default()),
             db_id,
         }
@@ -157,6 +163,11 @@ impl ReadState {
         self.visible_seq.store(seq, Ordering::Release);
     }
 
+    /// Notes that a version with an expiry exists (before it is published).
+    pub fn note_expiring(&self) {
+        self.expiring.store(true, Ordering::Release);
+    }
+
     /// The commit time of the newest published commit.
     pub fn published_micros(&self) -> u64 {
         self.published_micros.load(Ordering::Acquire)
@@ -193,10 +204,17 @@ impl ReadState {
         // Read the sequence number first: any view taken afterwards holds
         // every batch up to it (views only gain data).
         let seq = self.visible_seq();
+        // Reading the clock costs a little on every read; it is needed
+        // only once a value that expires was written.
+        let time_micros = if self.expiring.load(Ordering::Acquire) {
+            self.now_micros()
+        } else {
+            self.published_micros.load(Ordering::Acquire)
+        };
         Snapshot {
             view: self.view(),
             seq,
-            time_micros: self.published_micros.load(Ordering::Acquire),
+            time_micros,
             db_id: self.db_id,
             _pin: None,
         }
@@ -371,6 +389,14 @@ impl Snapshot {
             .and_then(|found| found.value.map(Slice::from_bytes)))
     }
 
+    /// When the value of `key` in `keyspace` expires (microseconds since
+    /// the Unix epoch; 0: never), if it is present.
+    pub(crate) fn expiry_of(&self, keyspace: u32, key: &[u8]) -> Result<Option<u64>> {
+        Ok(self
+            .newest_version(keyspace, key)?
+            .and_then(|found| found.value.map(|_| found.expires)))
+    }
+
     /// [`get_versioned`](Snapshot::get_versioned) in keyspace `keyspace`,
     /// unchecked.
     pub(crate) fn get_versioned_from(
@@ -411,7 +437,11 @@ impl Snapshot {
         // One hash serves the filters of every memtable and file.
         let key_hash = bloom::key_hash(key);
         for source in &self.view.sources {
-            if let Some(found) = source.get(keyspace, key, key_hash, self.seq)? {
+            if let Some(mut found) = source.get(keyspace, key, key_hash, self.seq)? {
+                // A value expired at the snapshot's time is a removal.
+                if is_expired(found.expires, self.time_micros) {
+                    found.value = None;
+                }
                 return Ok(Some(found));
             }
         }
@@ -439,9 +469,15 @@ impl Snapshot {
             if matches!(source, Source::File(file) if file.largest_seq() <= seq) {
                 continue;
             }
-            let Some(mut cursor) =
-                SourceCursor::new(source, keyspace, self.seq, Direction::Forward, lower, upper)
-            else {
+            let Some(mut cursor) = SourceCursor::new(
+                source,
+                keyspace,
+                self.seq,
+                0,
+                Direction::Forward,
+                lower,
+                upper,
+            ) else {
                 continue;
             };
             loop {
@@ -480,7 +516,15 @@ impl Snapshot {
             .iter()
             .filter(|source| !matches!(source, Source::File(file) if file.largest_seq() <= seq))
             .filter_map(|source| {
-                SourceCursor::new(source, keyspace, self.seq, Direction::Forward, lower, upper)
+                SourceCursor::new(
+                    source,
+                    keyspace,
+                    self.seq,
+                    0,
+                    Direction::Forward,
+                    lower,
+                    upper,
+                )
             })
             .collect();
         ChangedKeys {
@@ -643,6 +687,8 @@ enum InMemory {
 struct ChunkCursor {
     source: InMemory,
     seq: u64,
+    /// The reader's time: a value expired by then reads as a removal.
+    time: u64,
     direction: Direction,
     lower: Bound<Bytes>,
     upper: Bound<Bytes>,
@@ -691,10 +737,12 @@ enum SourceCursor {
 
 impl SourceCursor {
     /// A cursor over what `source` holds of `keyspace`; `None` if nothing.
+    /// Values that expired at or before `time` read as removals.
     fn new(
         source: &Source,
         keyspace: u32,
         seq: u64,
+        time: u64,
         direction: Direction,
         lower: &Bound<Bytes>,
         upper: &Bound<Bytes>,
@@ -703,19 +751,17 @@ impl SourceCursor {
             Source::Memtables(set) => InMemory::Memtable(set.get(keyspace)?.clone()),
             Source::Replayed(runs) => InMemory::Replayed(runs.get(keyspace)?.clone()),
             Source::File(file) if file.keyspace() == keyspace => {
-                return Some(SourceCursor::File(FileCursor::new(
-                    file.clone(),
-                    seq,
-                    direction,
-                    lower.clone(),
-                    upper.clone(),
-                )));
+                return Some(SourceCursor::File(
+                    FileCursor::new(file.clone(), seq, direction, lower.clone(), upper.clone())
+                        .at_time(time),
+                ));
             }
             Source::File(_) => return None,
         };
         Some(SourceCursor::InMemory(ChunkCursor {
             source: in_memory,
             seq,
+            time,
             direction,
             lower: lower.clone(),
             upper: upper.clone(),
@@ -752,10 +798,9 @@ impl SourceCursor {
     #[inline]
     fn head_is_removal(&self) -> bool {
         match self {
-            SourceCursor::InMemory(cursor) => cursor
-                .buffer
-                .front()
-                .is_some_and(|resolved| resolved.value.is_none()),
+            SourceCursor::InMemory(cursor) => cursor.buffer.front().is_some_and(|resolved| {
+                resolved.value.is_none() || is_expired(resolved.expires, cursor.time)
+            }),
             SourceCursor::File(cursor) => cursor.head_is_removal(),
         }
     }
@@ -766,8 +811,12 @@ impl SourceCursor {
     fn take_value(&mut self) -> Option<(Slice, Slice)> {
         match self {
             SourceCursor::InMemory(cursor) => {
-                // A removal stays.
-                cursor.buffer.front()?.value.as_ref()?;
+                // A removal (or an expired value) stays.
+                let head = cursor.buffer.front()?;
+                head.value.as_ref()?;
+                if is_expired(head.expires, cursor.time) {
+                    return None;
+                }
                 let resolved = cursor.buffer.pop_front()?;
                 Some((resolved.key, Slice::from_bytes(resolved.value?)))
             }
@@ -833,7 +882,15 @@ impl End {
             .sources
             .iter()
             .filter_map(|source| {
-                SourceCursor::new(source, keyspace, snapshot.seq, direction, lower, upper)
+                SourceCursor::new(
+                    source,
+                    keyspace,
+                    snapshot.seq,
+                    snapshot.time_micros,
+                    direction,
+                    lower,
+                    upper,
+                )
             })
             .collect();
         End {

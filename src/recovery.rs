@@ -76,6 +76,8 @@ pub(crate) struct Recovered {
     pub last_seq: u64,
     /// The commit time of the last record replayed (0 if none or unknown).
     pub last_commit_micros: u64,
+    /// Whether a replayed value or a snapshot file has an expiry.
+    pub expiring: bool,
     pub next_file_number: u64,
     pub report: RecoveryReport,
     /// Files to remove in the background: temporary files of interrupted
@@ -242,6 +244,7 @@ pub(crate) fn recover(
         checkpoint_seq: manifest.checkpoint_seq,
         last_seq: manifest.checkpoint_seq,
         last_commit_micros: 0,
+        expiring: false,
         catalog,
         builders: PerKeyspace::default(),
         batches: 0,
@@ -400,6 +403,11 @@ pub(crate) fn recover(
     let mut leftovers = temp_files;
     leftovers.extend(orphans);
     let next_file_number = manifest.next_file_number.max(max_file_number + 1);
+    let expiring = replay.expiring
+        || manifest
+            .snapshot_files
+            .iter()
+            .any(|meta| meta.earliest_expiry_micros != 0);
     let manifest = if has_manifest {
         manifest
     } else {
@@ -412,6 +420,7 @@ pub(crate) fn recover(
         files,
         last_seq,
         last_commit_micros: replay.last_commit_micros,
+        expiring,
         next_file_number,
         report,
         leftovers,
@@ -525,8 +534,9 @@ fn open_snapshot_file(
     meta: &SnapshotFileMeta,
 ) -> Result<Arc<SnapshotFile>> {
     let path = dir.join(files::snapshot_file_name(meta.file_number));
-    let file =
-        SnapshotFile::open(fs.clone(), &path, meta.file_number)?.with_largest_seq(meta.largest_seq);
+    let file = SnapshotFile::open(fs.clone(), &path, meta.file_number)?
+        .with_largest_seq(meta.largest_seq)
+        .with_earliest_expiry(meta.earliest_expiry_micros);
     if file.keyspace() != meta.keyspace {
         return Err(Error::corruption(
             &path,
@@ -620,6 +630,8 @@ struct Replay {
     last_seq: u64,
     /// The commit time of the last record read.
     last_commit_micros: u64,
+    /// Whether a replayed value has an expiry.
+    expiring: bool,
     /// The keyspaces as of `last_seq`.
     catalog: Catalog,
     /// Batches replayed.
@@ -649,6 +661,8 @@ impl Replay {
         }
         self.last_seq = self.batch.last_seq();
         self.batches += 1;
+        let commit_micros = self.batch.commit_time_micros;
+        self.expiring |= self.batch.ops.iter().any(|op| op.ttl_micros != 0);
         for (seq, op) in (self.batch.first_seq..).zip(self.batch.ops.drain(..)) {
             match OpKind::try_from(op.kind) {
                 Ok(OpKind::CreateKeyspace) => {
@@ -667,7 +681,7 @@ impl Replay {
                 _ => self
                     .builders
                     .get_or_insert_with(op.keyspace, RunBuilder::default)
-                    .push(seq, op),
+                    .push(seq, commit_micros, op),
             }
         }
         Ok(())

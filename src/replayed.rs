@@ -47,6 +47,8 @@ pub(crate) struct ReplayedRun {
 struct LoggedVersion {
     key: Bytes,
     value: Option<Bytes>,
+    /// When the value expires, microseconds since the Unix epoch (0: never).
+    expires: u64,
 }
 
 /// A version's place in the run's order: its key's prefix (as in the
@@ -81,16 +83,26 @@ pub(crate) struct RunBuilder {
 }
 
 impl RunBuilder {
-    /// Adds operation `op`, committed with sequence number `seq`; its key
-    /// and value are moved in, not copied.
-    pub fn push(&mut self, seq: u64, op: Operation) {
-        let value = (op.kind == OpKind::Put as i32).then_some(op.value);
+    /// Adds operation `op`, committed with sequence number `seq` at
+    /// `commit_micros` (which a TTL counts from); its key and value are
+    /// moved in, not copied.
+    pub fn push(&mut self, seq: u64, commit_micros: u64, op: Operation) {
+        let put = op.kind == OpKind::Put as i32;
+        let expires = match op.ttl_micros {
+            0 => 0,
+            ttl if put => commit_micros.saturating_add(ttl),
+            _ => 0,
+        };
         self.index.push(SortedEntry {
             prefix: prefix_word(&op.key),
             seq,
             position: self.logged.len(),
         });
-        self.logged.push(LoggedVersion { key: op.key, value });
+        self.logged.push(LoggedVersion {
+            key: op.key,
+            value: put.then_some(op.value),
+            expires,
+        });
     }
 
     /// Sorts the versions into the run.
@@ -240,7 +252,7 @@ impl ReplayedRun {
     pub fn new(versions: impl Iterator<Item = (u64, Operation)>) -> ReplayedRun {
         let mut builder = RunBuilder::default();
         for (seq, op) in versions {
-            builder.push(seq, op);
+            builder.push(seq, 0, op);
         }
         builder.finish()
     }
@@ -285,6 +297,7 @@ impl ReplayedRun {
         (view.version.key == key).then(|| FoundVersion {
             seq: view.seq,
             value: view.version.value.clone(),
+            expires: view.version.expires,
         })
     }
 
@@ -296,6 +309,7 @@ impl ReplayedRun {
                 key: view.version.key.clone(),
                 seq: view.seq,
                 value: view.version.value.clone(),
+                expires: view.version.expires,
             })
     }
 
@@ -376,6 +390,7 @@ impl ReplayedRun {
                 key: Slice::from_shared(&view.version.key),
                 seq: view.seq,
                 value: view.version.value.clone(),
+                expires: view.version.expires,
             })
     }
 
@@ -431,6 +446,7 @@ mod tests {
                         Bytes::from(format!("value-{seq}"))
                     },
                     keyspace: 0,
+                    ttl_micros: 0,
                 };
                 (seq, op)
             })
@@ -491,11 +507,13 @@ mod tests {
                 expected.push((key.clone(), seq));
                 builder.push(
                     seq,
+                    0,
                     Operation {
                         kind: OpKind::Put as i32,
                         key: Bytes::from(key),
                         value: Bytes::new(),
                         keyspace: 0,
+                        ttl_micros: 0,
                     },
                 );
             }

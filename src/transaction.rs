@@ -13,10 +13,13 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::batch::{MAX_BATCH_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, WriteBatch, encoded_op_len};
+use crate::batch::{
+    MAX_BATCH_BYTES, MAX_KEY_BYTES, MAX_VALUE_BYTES, WriteBatch, encoded_op_len, ttl_micros,
+};
 use crate::condition::Condition;
 use crate::db::Db;
 use crate::error::{Error, Result};
@@ -56,6 +59,11 @@ pub enum Isolation {
 /// newest write (`None`: a removal).
 type KeyspaceWrites = (Arc<KeyspaceInfo>, BTreeMap<Bytes, Option<Bytes>>);
 
+/// The most bytes a TTL adds to an operation's encoding (a tag and a
+/// varint), counted so that the batch limit is checked when a write is
+/// made.
+const TTL_FIELD_BYTES: usize = 11;
+
 /// How many times [`Db::transact`] runs its closure before it gives up and
 /// returns the last [`Error::Conflict`].
 pub const MAX_TRANSACT_ATTEMPTS: usize = 100;
@@ -90,6 +98,9 @@ pub struct Transaction {
     /// The buffered writes by keyspace id (with the keyspace), the newest
     /// per key: a value, or `None` for a removal.
     writes: BTreeMap<u32, KeyspaceWrites>,
+    /// The TTLs of the buffered puts that have one, in microseconds, by
+    /// keyspace id and key.
+    ttls: BTreeMap<(u32, Bytes), u64>,
     /// The size of the batch `writes` encode to.
     write_bytes: usize,
     /// Keys read from the snapshot, by keyspace id (kept under
@@ -119,6 +130,7 @@ impl Transaction {
             snapshot,
             isolation,
             writes: BTreeMap::new(),
+            ttls: BTreeMap::new(),
             write_bytes: 0,
             reads: BTreeSet::new(),
             ranges: Vec::new(),
@@ -280,7 +292,7 @@ impl Transaction {
     /// the transaction stays as it was.
     pub fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<()> {
         let keyspace = self.db.default_keyspace().clone();
-        self.write(&keyspace, key.as_ref(), Some(value.as_ref()))
+        self.write(&keyspace, key.as_ref(), Some(value.as_ref()), 0)
     }
 
     /// Sets `key` to `value` in `keyspace` when the transaction commits:
@@ -295,7 +307,48 @@ impl Transaction {
         key: impl AsRef<[u8]>,
         value: impl AsRef<[u8]>,
     ) -> Result<()> {
-        self.write(&keyspace.info, key.as_ref(), Some(value.as_ref()))
+        self.write(&keyspace.info, key.as_ref(), Some(value.as_ref()), 0)
+    }
+
+    /// Sets `key` to `value`, which expires `ttl` after the commit, when
+    /// the transaction commits (see [`Db::insert_with_ttl`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidTtl`], and as [`insert`](Transaction::insert).
+    pub fn insert_with_ttl(
+        &mut self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        ttl: Duration,
+    ) -> Result<()> {
+        let keyspace = self.db.default_keyspace().clone();
+        self.write_with_ttl(&keyspace, key.as_ref(), value.as_ref(), ttl)
+    }
+
+    /// [`insert_with_ttl`](Transaction::insert_with_ttl) in `keyspace`.
+    ///
+    /// # Errors
+    /// As [`insert_with_ttl`](Transaction::insert_with_ttl) and
+    /// [`insert_in`](Transaction::insert_in).
+    pub fn insert_with_ttl_in(
+        &mut self,
+        keyspace: &Keyspace,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        ttl: Duration,
+    ) -> Result<()> {
+        self.write_with_ttl(&keyspace.info, key.as_ref(), value.as_ref(), ttl)
+    }
+
+    fn write_with_ttl(
+        &mut self,
+        keyspace: &Arc<KeyspaceInfo>,
+        key: &[u8],
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<()> {
+        let micros = ttl_micros(ttl).map_err(|reason| Error::InvalidTtl { ttl, reason })?;
+        self.write(keyspace, key, Some(value), micros)
     }
 
     /// Removes `key` when the transaction commits.
@@ -304,7 +357,7 @@ impl Transaction {
     /// As [`insert`](Transaction::insert).
     pub fn remove(&mut self, key: impl AsRef<[u8]>) -> Result<()> {
         let keyspace = self.db.default_keyspace().clone();
-        self.write(&keyspace, key.as_ref(), None)
+        self.write(&keyspace, key.as_ref(), None, 0)
     }
 
     /// Removes `key` from `keyspace` when the transaction commits.
@@ -312,15 +365,17 @@ impl Transaction {
     /// # Errors
     /// As [`insert_in`](Transaction::insert_in).
     pub fn remove_in(&mut self, keyspace: &Keyspace, key: impl AsRef<[u8]>) -> Result<()> {
-        self.write(&keyspace.info, key.as_ref(), None)
+        self.write(&keyspace.info, key.as_ref(), None, 0)
     }
 
-    /// Buffers a write (a removal for `None`), once it is within the limits.
+    /// Buffers a write (a removal for `None`; a TTL of 0 for none), once
+    /// it is within the limits.
     fn write(
         &mut self,
         keyspace: &Arc<KeyspaceInfo>,
         key: &[u8],
         value: Option<&[u8]>,
+        ttl_micros: u64,
     ) -> Result<()> {
         keyspace.check(self.snapshot.db_id())?;
         if key.len() > MAX_KEY_BYTES {
@@ -337,14 +392,20 @@ impl Transaction {
             });
         }
         let id = keyspace.id;
+        // A write replaces the key's earlier one, and its TTL if it had one.
+        let ttl_key = (id, Bytes::copy_from_slice(key));
+        let ttl_len = |ttl: u64| if ttl == 0 { 0 } else { TTL_FIELD_BYTES };
         let replaced = self
             .writes
             .get(&id)
             .and_then(|(_, writes)| writes.get(key))
             .map_or(0, |old| {
                 encoded_op_len(key.len(), old.as_ref().map_or(0, Bytes::len), id)
+                    + ttl_len(self.ttls.get(&ttl_key).copied().unwrap_or(0))
             });
-        let bytes = self.write_bytes - replaced + encoded_op_len(key.len(), value_len, id);
+        let bytes = self.write_bytes - replaced
+            + encoded_op_len(key.len(), value_len, id)
+            + ttl_len(ttl_micros);
         if bytes > MAX_BATCH_BYTES {
             return Err(Error::BatchTooLarge {
                 len: bytes,
@@ -361,6 +422,11 @@ impl Transaction {
             Bytes::copy_from_slice(key),
             value.map(Bytes::copy_from_slice),
         );
+        if ttl_micros != 0 {
+            self.ttls.insert(ttl_key, ttl_micros);
+        } else if !self.ttls.is_empty() {
+            self.ttls.remove(&ttl_key);
+        }
         Ok(())
     }
 
@@ -390,9 +456,16 @@ impl Transaction {
         let mut conditions = Vec::new();
         for (keyspace, writes) in self.writes.values() {
             for (key, value) in writes {
-                match value {
-                    Some(value) => batch.insert_into(keyspace, key, value),
-                    None => batch.remove_from(keyspace, key),
+                let ttl = self.ttls.get(&(keyspace.id, key.clone()));
+                match (value, ttl) {
+                    (Some(value), Some(&micros)) => batch.insert_with_ttl_into(
+                        &Some(keyspace.clone()),
+                        key,
+                        value,
+                        Duration::from_micros(micros),
+                    ),
+                    (Some(value), None) => batch.insert_into(keyspace, key, value),
+                    (None, _) => batch.remove_from(keyspace, key),
                 }
                 conditions.push(Condition::KeyUnchangedSince {
                     keyspace: keyspace.id,

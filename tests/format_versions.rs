@@ -98,7 +98,7 @@ fn a_database_with_version_1_snapshot_files_opens_reads_and_is_rewritten() {
     model.remove(&key(1));
     assert_holds(&db, &model);
     db.compact().unwrap();
-    assert_eq!(snapshot_versions(dir.path()), [3]);
+    assert_eq!(snapshot_versions(dir.path()), [4]);
     assert_holds(&db, &model);
     db.close().unwrap();
 

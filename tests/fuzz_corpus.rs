@@ -166,6 +166,7 @@ fn write_seeds() {
         key: key.as_bytes().to_vec().into(),
         value: value.as_bytes().to_vec().into(),
         keyspace,
+        ttl_micros: 0,
     };
     let op = |kind: OpKind, key: &str, value: &str| op_in(0, kind, key, value);
     let records = [
@@ -208,6 +209,20 @@ fn write_seeds() {
                     op_in(3, OpKind::DropKeyspace, "users", ""),
                 ],
                 commit_time_micros: 0,
+            },
+        ),
+        (
+            "valid-ttl-and-expiry",
+            BatchRecord {
+                first_seq: 11,
+                ops: vec![
+                    Operation {
+                        ttl_micros: 30_000_000,
+                        ..op(OpKind::Put, "session", "token")
+                    },
+                    op(OpKind::Expire, "session", ""),
+                ],
+                commit_time_micros: 1_700_000_000_000_000,
             },
         ),
     ];

@@ -262,7 +262,8 @@ impl ReadIndexState {
                 key_hash: bloom::key_hash(&key.user_key),
                 key: key.user_key.clone(),
                 seq: key.seq,
-                value: entry.value().clone(),
+                value: entry.value().value.clone(),
+                expires: entry.value().expires,
             });
         }
         // Sized for every version; a key with several keeps one.
@@ -301,6 +302,7 @@ struct IndexedVersion {
     key: Bytes,
     seq: u64,
     value: Option<Bytes>,
+    expires: u64,
 }
 
 impl ReadIndex {
@@ -346,6 +348,7 @@ impl ReadIndex {
                     Answer::Found(FoundVersion {
                         seq: entry.seq,
                         value: entry.value.clone(),
+                        expires: entry.expires,
                     })
                 } else {
                     Answer::Unknown
@@ -485,7 +488,11 @@ mod tests {
     fn no_index_is_built_while_an_apply_is_unfinished() {
         let table = Memtable::new(1 << 20);
         table.apply(1, &[put("a", "1")]);
-        let apply = table.start_apply(vec![(2, vec![put("a", "2")])]);
+        let apply = table.start_apply(vec![super::super::BatchToApply {
+            first_seq: 2,
+            commit_micros: 0,
+            ops: vec![put("a", "2")],
+        }]);
         build_now(&table);
         assert_eq!(table.indexed_keys(), 0);
         assert_eq!(answer(&table, b"a", 2), Answer::Unknown);

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use super::format::{BlockCursor, BlockPosition, EntryRef};
 use super::reader::SnapshotFile;
 use crate::error::Result;
-use crate::memtable::{Direction, as_ref_bound, within_lower, within_upper};
+use crate::memtable::{Direction, as_ref_bound, is_expired, within_lower, within_upper};
 use crate::slice::Slice;
 
 /// A walk over one file's visible keys, within bounds, in one direction.
@@ -29,6 +29,9 @@ use crate::slice::Slice;
 pub(crate) struct FileCursor {
     file: Arc<SnapshotFile>,
     seq: u64,
+    /// The reader's time (microseconds since the Unix epoch): a value that
+    /// expired by then reads as a removal.
+    time: u64,
     lower: Bound<Bytes>,
     upper: Bound<Bytes>,
     walk: Walk,
@@ -148,6 +151,7 @@ impl FileCursor {
         FileCursor {
             file,
             seq,
+            time: 0,
             lower,
             upper,
             walk,
@@ -160,6 +164,12 @@ impl FileCursor {
         }
     }
 
+    /// Makes values that expired at or before `time` read as removals.
+    pub fn at_time(mut self, time: u64) -> FileCursor {
+        self.time = time;
+        self
+    }
+
     /// The head's key and sequence number, if `fill` found one.
     #[inline]
     pub fn head(&self) -> Option<(&[u8], u64)> {
@@ -168,18 +178,35 @@ impl FileCursor {
         Some((bytes.get(entry.key())?, entry.seq))
     }
 
-    /// Whether the head is a removal.
+    /// Whether the head is a removal, or a value expired at the cursor's
+    /// time.
     #[inline]
     pub fn head_is_removal(&self) -> bool {
-        self.head.as_ref().is_some_and(EntryRef::is_removal)
+        match (&self.head, &self.head_block) {
+            (Some(entry), Some((_, bytes))) => self.is_gone(entry, bytes),
+            (Some(entry), None) => entry.is_removal(),
+            (None, _) => false,
+        }
+    }
+
+    #[inline]
+    fn is_gone(&self, entry: &EntryRef, bytes: &[u8]) -> bool {
+        entry.is_removal() || is_expired(entry.expires(bytes), self.time)
     }
 
     /// Takes the head as an owned key and value; `None`, and the head
-    /// stays, if there is none or it is a removal.
+    /// stays, if there is none or it is a removal (or expired).
     #[inline]
     pub fn take_value(&mut self) -> Option<(Slice, Slice)> {
         let (_, bytes) = self.head_block.as_ref()?;
-        let entry = self.head.take_if(|entry| !entry.is_removal())?;
+        if self
+            .head
+            .as_ref()
+            .is_some_and(|entry| self.is_gone(entry, bytes))
+        {
+            return None;
+        }
+        let entry = self.head.take()?;
         let key = Slice::from_part(bytes, entry.key());
         let value = Slice::from_part(bytes, entry.value()?);
         Some((key, value))
@@ -481,7 +508,7 @@ mod tests {
         let mut writer = SnapshotFileWriter::create(&*fs, dir, path.clone()).unwrap();
         for (key, versions) in &model {
             for (seq, value) in versions {
-                writer.add(key, *seq, value.as_deref()).unwrap();
+                writer.add(key, *seq, value.as_deref(), 0).unwrap();
             }
         }
         writer.finish().unwrap();

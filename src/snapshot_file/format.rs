@@ -14,7 +14,7 @@ use crate::wal::format::le_u32;
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"mapstSNP";
 /// The snapshot file format version this build writes, and the newest it
 /// reads.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 4;
 /// The oldest snapshot file format version this build reads (version 1
 /// differs only in the layout of the index).
 pub const OLDEST_READABLE_SNAPSHOT_VERSION: u32 = 1;
@@ -30,6 +30,9 @@ pub const FOOTER_BYTES: usize = 64;
 pub const KIND_VALUE: u8 = 1;
 /// Entry kind byte: a removal (tombstone).
 pub const KIND_TOMBSTONE: u8 = 2;
+/// Entry kind byte: a value that expires, its expiry (u64 LE, microseconds
+/// since the Unix epoch) after the value. Since version 4.
+pub const KIND_EXPIRING_VALUE: u8 = 3;
 
 /// Appends `value` as a LEB128 varint.
 pub fn put_varint(out: &mut Vec<u8>, mut value: u64) {
@@ -121,19 +124,25 @@ fn past_the_end(start: usize, len: u64) -> String {
     format!("length {len} at byte {start} runs past the end")
 }
 
-/// How many bytes [`encode_entry`] appends for this key and value.
-pub fn encoded_entry_len(key: &[u8], value: Option<&[u8]>) -> usize {
+/// How many bytes [`encode_entry`] appends for this key, value and expiry.
+pub fn encoded_entry_len(key: &[u8], value: Option<&[u8]>, expires: u64) -> usize {
     let varint_len = |n: usize| (usize::BITS - (n | 1).leading_zeros()).div_ceil(7) as usize;
     let value_len = value.map_or(0, |value| varint_len(value.len()) + value.len());
-    1 + 8 + varint_len(key.len()) + key.len() + value_len
+    let expiry_len = if value.is_some() && expires != 0 {
+        8
+    } else {
+        0
+    };
+    1 + 8 + varint_len(key.len()) + key.len() + value_len + expiry_len
 }
 
-/// Encodes one entry onto a block being built.
-pub fn encode_entry(out: &mut Vec<u8>, key: &[u8], seq: u64, value: Option<&[u8]>) {
-    out.push(if value.is_some() {
-        KIND_VALUE
-    } else {
-        KIND_TOMBSTONE
+/// Encodes one entry onto a block being built; `expires` (0: never) only
+/// for a value.
+pub fn encode_entry(out: &mut Vec<u8>, key: &[u8], seq: u64, value: Option<&[u8]>, expires: u64) {
+    out.push(match value {
+        Some(_) if expires != 0 => KIND_EXPIRING_VALUE,
+        Some(_) => KIND_VALUE,
+        None => KIND_TOMBSTONE,
     });
     out.extend_from_slice(&seq.to_le_bytes());
     put_varint(out, key.len() as u64);
@@ -143,6 +152,9 @@ pub fn encode_entry(out: &mut Vec<u8>, key: &[u8], seq: u64, value: Option<&[u8]
     out.extend_from_slice(key);
     if let Some(value) = value {
         out.extend_from_slice(value);
+        if expires != 0 {
+            out.extend_from_slice(&expires.to_le_bytes());
+        }
     }
 }
 
@@ -159,9 +171,25 @@ pub struct EntryRef {
     key_end: u32,
     value_end: u32,
     is_removal: bool,
+    /// Whether the entry's expiry follows its value (kind 3).
+    expiring: bool,
 }
 
 impl EntryRef {
+    /// When the entry's value expires (microseconds since the Unix epoch;
+    /// 0: never), read from `block`, the block it was decoded from.
+    #[inline]
+    pub fn expires(&self, block: &[u8]) -> u64 {
+        if !self.expiring {
+            return 0;
+        }
+        let at = self.value_end as usize;
+        block
+            .get(at..at + 8)
+            .and_then(|bytes| bytes.try_into().ok())
+            .map_or(0, u64::from_le_bytes)
+    }
+
     /// The key's bytes in the block.
     #[inline]
     pub fn key(&self) -> Range<usize> {
@@ -344,6 +372,7 @@ impl<'a> BlockCursor<'a> {
             key_end: key_end as u32,
             value_end: value_end as u32,
             is_removal: false,
+            expiring: false,
         })
     }
 
@@ -358,17 +387,26 @@ impl<'a> BlockCursor<'a> {
         let seq = get_u64(body, pos)?;
         let key_len = get_varint(body, pos)?;
         let value_len = match kind {
-            KIND_VALUE => Some(get_varint(body, pos)?),
+            KIND_VALUE | KIND_EXPIRING_VALUE => Some(get_varint(body, pos)?),
             KIND_TOMBSTONE => None,
             other => return Err(format!("unknown entry kind {other}")),
         };
+        let expiring = kind == KIND_EXPIRING_VALUE;
         let key_start = *pos;
         let key_end = checked_end(key_start, key_len, self.body_end)?;
         let value_end = match value_len {
             Some(len) => checked_end(key_end, len, self.body_end)?,
             None => key_end,
         };
-        *pos = value_end;
+        *pos = if expiring {
+            let expiry_end = checked_end(value_end, 8, self.body_end)?;
+            if u64::from_le_bytes(body[value_end..expiry_end].try_into().unwrap_or([0; 8])) == 0 {
+                return Err("an expiring entry without an expiry".into());
+            }
+            expiry_end
+        } else {
+            value_end
+        };
         // Every offset is at most the block's length, which `new` checked
         // fits in a u32 (`resume` takes a block a `new` cursor accepted).
         Ok(Some(EntryRef {
@@ -377,6 +415,7 @@ impl<'a> BlockCursor<'a> {
             key_end: key_end as u32,
             value_end: value_end as u32,
             is_removal: value_len.is_none(),
+            expiring,
         }))
     }
 
@@ -552,10 +591,10 @@ mod tests {
                 .chain([None])
             {
                 let mut out = vec![1, 2, 3];
-                encode_entry(&mut out, key, 42, value);
+                encode_entry(&mut out, key, 42, value, 0);
                 assert_eq!(
                     out.len() - 3,
-                    encoded_entry_len(key, value),
+                    encoded_entry_len(key, value, 0),
                     "{key_len} {value:?}"
                 );
             }
@@ -565,9 +604,9 @@ mod tests {
     #[test]
     fn blocks_round_trip_and_every_flip_is_caught() {
         let mut entries = Vec::new();
-        encode_entry(&mut entries, b"a", 9, Some(b"new"));
-        encode_entry(&mut entries, b"a", 3, None);
-        encode_entry(&mut entries, b"b", 4, Some(b""));
+        encode_entry(&mut entries, b"a", 9, Some(b"new"), 0);
+        encode_entry(&mut entries, b"a", 3, None, 0);
+        encode_entry(&mut entries, b"b", 4, Some(b""), 0);
         let mut block = Vec::new();
         seal_block_into(&mut block, 3, &entries);
         let decoded = decode_block(&block).unwrap();
@@ -600,7 +639,7 @@ mod tests {
             }
             let values = lengths.iter().map(|&len| Some(vec![0xa5; len]));
             for (seq, value) in (1..).zip(values.chain([None])) {
-                encode_entry(&mut body, &key, seq, value.as_deref());
+                encode_entry(&mut body, &key, seq, value.as_deref(), 0);
                 expected.push((key.clone(), seq, value));
             }
         }
@@ -623,7 +662,7 @@ mod tests {
     #[test]
     fn a_short_entry_running_into_the_crc_is_refused() {
         let mut body = Vec::new();
-        encode_entry(&mut body, b"key", 1, Some(&[7; 20]));
+        encode_entry(&mut body, b"key", 1, Some(&[7; 20]), 0);
         // Four bytes of the value are cut off: the CRC takes their place.
         body.truncate(body.len() - 4);
         let mut block = Vec::new();
@@ -636,8 +675,8 @@ mod tests {
     #[test]
     fn out_of_order_entries_are_refused_even_with_a_valid_crc() {
         let mut entries = Vec::new();
-        encode_entry(&mut entries, b"b", 1, Some(b"x"));
-        encode_entry(&mut entries, b"a", 2, Some(b"y"));
+        encode_entry(&mut entries, b"b", 1, Some(b"x"), 0);
+        encode_entry(&mut entries, b"a", 2, Some(b"y"), 0);
         let mut block = Vec::new();
         seal_block_into(&mut block, 2, &entries);
         assert!(decode_block(&block).is_err());

@@ -55,6 +55,8 @@ pub(crate) struct SnapshotFile {
     /// The largest sequence number of an entry, as the MANIFEST or the
     /// writer says; `u64::MAX` when not told.
     largest_seq: u64,
+    /// The earliest expiry of a value in the file; 0: none expires.
+    earliest_expiry: u64,
     /// Set once the manifest no longer names the file: it is deleted when
     /// the last reader lets go of it.
     obsolete: AtomicBool,
@@ -134,6 +136,7 @@ impl SnapshotFile {
             entry_count: footer.entry_count,
             keyspace: footer.keyspace,
             largest_seq: u64::MAX,
+            earliest_expiry: 0,
             obsolete: AtomicBool::new(false),
             fs,
         })
@@ -154,6 +157,18 @@ impl SnapshotFile {
     pub fn with_largest_seq(mut self, seq: u64) -> SnapshotFile {
         self.largest_seq = seq;
         self
+    }
+
+    /// Records the earliest expiry of a value in the file (from its
+    /// manifest entry or its writer; 0: none expires).
+    pub fn with_earliest_expiry(mut self, micros: u64) -> SnapshotFile {
+        self.earliest_expiry = micros;
+        self
+    }
+
+    /// The earliest expiry of a value in the file (0: none expires).
+    pub fn earliest_expiry(&self) -> u64 {
+        self.earliest_expiry
     }
 
     /// No entry of the file has a sequence number above this.
@@ -337,6 +352,7 @@ impl SnapshotFile {
                         return Ok(Some(FoundVersion {
                             seq: entry.seq,
                             value: entry.value().map(|range| bytes.slice(range)),
+                            expires: entry.expires(&bytes),
                         }));
                     }
                     std::cmp::Ordering::Equal => {}
@@ -406,6 +422,7 @@ impl Iterator for FileVersions {
                         key: block.bytes.slice(entry.key()),
                         seq: entry.seq,
                         value: entry.value().map(|r| block.bytes.slice(r)),
+                        expires: entry.expires(&block.bytes),
                     }));
                 }
             }
@@ -451,16 +468,16 @@ mod tests {
         let fs: Arc<dyn FileSystem> = Arc::new(RealFileSystem);
         let path = dir.join("1.snap");
         let mut writer = SnapshotFileWriter::create(&*fs, dir, path.clone()).unwrap();
-        writer.add(b"a", 500, Some(b"first")).unwrap();
+        writer.add(b"a", 500, Some(b"first"), 0).unwrap();
         for seq in (1..=200u64).rev() {
             let value = if seq % 50 == 0 {
                 None
             } else {
                 Some(vec![seq as u8; 100])
             };
-            writer.add(b"m", seq, value.as_deref()).unwrap();
+            writer.add(b"m", seq, value.as_deref(), 0).unwrap();
         }
-        writer.add(b"z", 501, Some(b"last")).unwrap();
+        writer.add(b"z", 501, Some(b"last"), 0).unwrap();
         writer.finish().unwrap();
         Arc::new(SnapshotFile::open(fs, &path, 1).unwrap())
     }
@@ -497,7 +514,7 @@ mod tests {
         let count = 30_000u32;
         for i in 0..count {
             writer
-                .add(&i.to_be_bytes(), u64::from(i) + 1, Some(&value(i)))
+                .add(&i.to_be_bytes(), u64::from(i) + 1, Some(&value(i)), 0)
                 .unwrap();
         }
         writer.finish().unwrap();
@@ -537,7 +554,7 @@ mod tests {
             // Key 100 holds a value of five pages, a block of its own.
             let value = vec![i as u8; if i == 100 { 5 * BLOCK_ALIGN } else { 100 }];
             writer
-                .add(&i.to_be_bytes(), u64::from(i) + 1, Some(&value))
+                .add(&i.to_be_bytes(), u64::from(i) + 1, Some(&value), 0)
                 .unwrap();
         }
         writer.finish().unwrap();
@@ -664,7 +681,7 @@ mod tests {
         let mut writer = SnapshotFileWriter::create(&*fs, dir.path(), path.clone()).unwrap();
         let keys = keys_with_shared_prefixes(40, 400, 40);
         for key in &keys {
-            writer.add(key, 1, Some(&[9u8; 200])).unwrap();
+            writer.add(key, 1, Some(&[9u8; 200]), 0).unwrap();
         }
         writer.finish().unwrap();
         let file = SnapshotFile::open(fs, &path, 1).unwrap();
@@ -866,7 +883,7 @@ mod tests {
                 found,
                 supported,
             }) => {
-                assert_eq!((p, found, supported), (path, 4, 3));
+                assert_eq!((p, found, supported), (path, 5, 4));
             }
             other => panic!("expected UnsupportedFormatVersion, got {other:?}"),
         }

@@ -27,6 +27,8 @@ pub(crate) struct FileSummary {
     pub largest_key: Vec<u8>,
     pub smallest_seq: u64,
     pub largest_seq: u64,
+    /// The earliest expiry of a value in the file (0: none expires).
+    pub earliest_expiry: u64,
 }
 
 /// Writes one snapshot file. Versions must be added in key order, and for
@@ -95,8 +97,9 @@ impl<'a> SnapshotFileWriter<'a> {
         self
     }
 
-    /// Adds one version (`None` is a tombstone).
-    pub fn add(&mut self, key: &[u8], seq: u64, value: Option<&[u8]>) -> Result<()> {
+    /// Adds one version (`None` is a tombstone) that expires at `expires`
+    /// (microseconds since the Unix epoch; 0: never).
+    pub fn add(&mut self, key: &[u8], seq: u64, value: Option<&[u8]>, expires: u64) -> Result<()> {
         let new_key = match &self.last {
             Some((last_key, last_seq)) => {
                 let order = last_key.as_slice().cmp(key);
@@ -119,12 +122,18 @@ impl<'a> SnapshotFileWriter<'a> {
         // (Deciding before encoding keeps one block buffer for the whole
         // file; moving the entry to a fresh buffer cost the checkpoint
         // thread about 6% of a fill's processor time in regrowing it.)
-        let entry_len = encoded_entry_len(key, value);
+        let expires = if value.is_some() { expires } else { 0 };
+        let entry_len = encoded_entry_len(key, value, expires);
         if self.block_entries > 0 && self.block.len() + entry_len > BLOCK_TARGET_BYTES {
             self.flush_block()?;
         }
-        encode_entry(&mut self.block, key, seq, value);
+        encode_entry(&mut self.block, key, seq, value, expires);
         self.block_entries += 1;
+        if expires != 0
+            && (self.summary.earliest_expiry == 0 || expires < self.summary.earliest_expiry)
+        {
+            self.summary.earliest_expiry = expires;
+        }
         if self.summary.entry_count == 0 {
             self.summary.smallest_key = key.to_vec();
         }
