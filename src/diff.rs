@@ -7,9 +7,12 @@
 //! be searched on its own ([`Snapshot::keys_changed_after`]) and files whose
 //! entries are all at or below `a` are skipped without a read: a diff of two
 //! snapshots close together reads the memtables and the few files written
-//! between them, not the database. For each changed key, the value at each
-//! end is then read as a point lookup in each snapshot, and a key whose
-//! value came back to where it was is left out.
+//! between them, not the database. A value can also change with no commit:
+//! it expires between the two snapshots' times; so a source whose values
+//! may expire in that interval is walked too (a file says when its first
+//! value expires). For each changed key, the value at each end is then
+//! read as a point lookup in each snapshot, and a key whose value came
+//! back to where it was is left out.
 
 use std::ops::Bound;
 use std::sync::Arc;
@@ -153,8 +156,14 @@ impl Snapshot {
         } else {
             (newer, self)
         };
+        // A value whose expiry falls between the two reading times changed
+        // too, with no commit in between.
+        let times = (
+            self.time_micros().min(newer.time_micros()),
+            self.time_micros().max(newer.time_micros()),
+        );
         Diff {
-            keys: later.keys_changed_after(keyspace, &lower, &upper, earlier.seq()),
+            keys: later.keys_changed_after(keyspace, &lower, &upper, earlier.seq(), times),
             old: self.clone(),
             new: newer.clone(),
             keyspace,

@@ -316,6 +316,11 @@ impl Snapshot {
         time_of(self.time_micros)
     }
 
+    /// [`time`](Snapshot::time) in microseconds since the Unix epoch.
+    pub(crate) fn time_micros(&self) -> u64 {
+        self.time_micros
+    }
+
     /// The value of `key`, if present.
     ///
     /// # Errors
@@ -495,41 +500,42 @@ impl Snapshot {
     }
 
     /// The keys in the bounds whose newest version this snapshot sees is
-    /// newer than `seq` (a removal included), in key order, each once:
-    /// every key that a commit after `seq` changed.
+    /// newer than `seq` (a removal included), or a value whose expiry falls
+    /// in `expiring` (an interval of times): in key order, each once. These
+    /// are every key whose value can differ between the state at `seq`
+    /// read at the interval's start and this snapshot read at its end.
     ///
     /// As in [`first_change_after`](Self::first_change_after), each source
-    /// is walked on its own and a file whose entries are all at or below
-    /// `seq` is skipped, so the cost follows the sources written since
-    /// `seq`, not the database's size; the sources' changed keys are then
-    /// merged.
+    /// is walked on its own, and a file is skipped unread when all its
+    /// entries are at or below `seq` and none of its values expires by the
+    /// interval's end: the cost follows the sources written since `seq`,
+    /// not the database's size. The sources' keys are then merged.
     pub(crate) fn keys_changed_after(
         &self,
         keyspace: u32,
         lower: &Bound<Bytes>,
         upper: &Bound<Bytes>,
         seq: u64,
+        expiring: (u64, u64),
     ) -> ChangedKeys {
+        let may_expire = |file: &SnapshotFile| {
+            file.earliest_expiry() != 0 && file.earliest_expiry() <= expiring.1
+        };
         let cursors = self
             .view
             .sources
             .iter()
-            .filter(|source| !matches!(source, Source::File(file) if file.largest_seq() <= seq))
+            .filter(|source| {
+                !matches!(source, Source::File(file) if file.largest_seq() <= seq && !may_expire(file))
+            })
             .filter_map(|source| {
-                SourceCursor::new(
-                    source,
-                    keyspace,
-                    self.seq,
-                    0,
-                    Direction::Forward,
-                    lower,
-                    upper,
-                )
+                SourceCursor::new(source, keyspace, self.seq, 0, Direction::Forward, lower, upper)
             })
             .collect();
         ChangedKeys {
             cursors,
             after: seq,
+            expiring,
             last: None,
         }
     }
@@ -604,17 +610,23 @@ pub(crate) fn own_bound<K: AsRef<[u8]>>(bound: Bound<&K>) -> Bound<Bytes> {
 pub(crate) struct ChangedKeys {
     cursors: Vec<SourceCursor>,
     after: u64,
+    /// Values expiring after the first time and at or before the second
+    /// count as changed.
+    expiring: (u64, u64),
     /// The last key returned: a key changed in several sources comes once.
     last: Option<Bytes>,
 }
 
 impl ChangedKeys {
-    /// Moves `cursor` to its next key changed after `self.after`.
-    fn settle(cursor: &mut SourceCursor, after: u64) -> Result<()> {
+    /// Moves `cursor` to its next key changed after `after`, or expiring
+    /// in `expiring`.
+    fn settle(cursor: &mut SourceCursor, after: u64, expiring: (u64, u64)) -> Result<()> {
         loop {
             cursor.fill()?;
+            let expires = cursor.head_expires();
+            let expires_inside = expires > expiring.0 && expires <= expiring.1;
             match cursor.head() {
-                Some((_, version)) if version <= after => cursor.skip(),
+                Some((_, version)) if version <= after && !expires_inside => cursor.skip(),
                 _ => return Ok(()),
             }
         }
@@ -627,7 +639,7 @@ impl Iterator for ChangedKeys {
     fn next(&mut self) -> Option<Result<Bytes>> {
         loop {
             for cursor in &mut self.cursors {
-                if let Err(error) = Self::settle(cursor, self.after) {
+                if let Err(error) = Self::settle(cursor, self.after, self.expiring) {
                     self.cursors.clear();
                     return Some(Err(error));
                 }
@@ -821,6 +833,14 @@ impl SourceCursor {
                 Some((resolved.key, Slice::from_bytes(resolved.value?)))
             }
             SourceCursor::File(cursor) => cursor.take_value(),
+        }
+    }
+
+    /// When the head's value expires (0: never, or a removal).
+    fn head_expires(&self) -> u64 {
+        match self {
+            SourceCursor::InMemory(cursor) => cursor.buffer.front().map_or(0, |head| head.expires),
+            SourceCursor::File(cursor) => cursor.head_expires(),
         }
     }
 

@@ -727,3 +727,180 @@ fn engine_matches_btreemap_model() {
 fn engine_with_frequent_checkpoints_and_merges_matches_btreemap_model() {
     run_seeds(true);
 }
+
+/// A key's value and when it expires (microseconds since the Unix epoch;
+/// 0: never), as the history model holds it.
+type TimedModel = BTreeMap<Vec<u8>, (Vec<u8>, u64)>;
+
+/// A key whose value differs between two points: the key, its value at
+/// the first and at the second.
+type ModelChange = (Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// What `model` holds for a reader at `time`: the values not expired yet.
+fn visible_at(model: &TimedModel, time: u64) -> Model {
+    model
+        .iter()
+        .filter(|(_, (_, expires))| *expires == 0 || *expires > time)
+        .map(|(key, (value, _))| (key.clone(), value.clone()))
+        .collect()
+}
+
+fn micros_of(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// The history against a model: random writes (some with TTLs) under a
+/// manual clock, with checkpoints, merges and reopens, while the expiry
+/// thread commits removals of its own. At random points, `snapshot_at`
+/// every so often at a random retained sequence number, `snapshot_at_time`
+/// at a commit's time, `diff` between random pairs of points (either
+/// order) and the present are checked against the model's state at that
+/// point, judged at that point's time.
+#[test]
+fn history_time_travel_diff_and_ttl_match_a_model() {
+    let first = env_u64("MAPSTORE_MODEL_SEED", 1);
+    for seed in first..first + env_u64("MAPSTORE_MODEL_SEEDS", 6) {
+        run_history_seed(seed, env_u64("MAPSTORE_MODEL_OPS", 1500));
+    }
+}
+
+fn run_history_seed(seed: u64, ops: u64) {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use mapstore::History;
+    use mapstore::testing::ManualClock;
+
+    let mut rng = Rng::new(seed ^ 0x4157);
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(
+        std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+    ));
+    let options = || {
+        small_options(Durability::Buffered)
+            .memtable_size(24 << 10)
+            .max_snapshot_files(3)
+            .history(History::Commits(u64::MAX))
+            .clock(clock.clone())
+            .expiry_interval(Duration::from_millis(1))
+    };
+    let mut db = Db::open_with(dir.path(), options()).unwrap();
+    let mut model = TimedModel::new();
+    // Each acknowledged commit: its seq, its time, and the model after it.
+    let mut states: Vec<(u64, u64, TimedModel)> = Vec::new();
+    for op in 0..ops {
+        let context = format!("seed {seed}, op {op}");
+        clock.advance(Duration::from_micros(rng.below(3_000_000)));
+        let now = micros_of(clock.now());
+        let key = random_key(&mut rng);
+        let seq = match rng.below(10) {
+            0..=3 => {
+                let value = rng.bytes(30);
+                model.insert(key.clone(), (value.clone(), 0));
+                db.insert(&key, &value).unwrap()
+            }
+            4..=6 => {
+                let value = rng.bytes(30);
+                let ttl = Duration::from_micros(1 + rng.below(10_000_000));
+                model.insert(key.clone(), (value.clone(), now + ttl.as_micros() as u64));
+                db.insert_with_ttl(&key, &value, ttl).unwrap()
+            }
+            7 => {
+                model.remove(&key);
+                db.remove(&key).unwrap()
+            }
+            8 => {
+                let mut batch = WriteBatch::new();
+                for _ in 0..1 + rng.below(4) {
+                    let key = random_key(&mut rng);
+                    let value = rng.bytes(20);
+                    if rng.chance(50) {
+                        let ttl = Duration::from_micros(1 + rng.below(5_000_000));
+                        model.insert(key.clone(), (value.clone(), now + ttl.as_micros() as u64));
+                        batch.insert_with_ttl(&key, &value, ttl);
+                    } else {
+                        model.insert(key.clone(), (value.clone(), 0));
+                        batch.insert(&key, &value);
+                    }
+                }
+                db.write(batch).unwrap()
+            }
+            _ => {
+                match rng.below(6) {
+                    0 => db.checkpoint().unwrap(),
+                    1 => db.compact().unwrap(),
+                    2 => {
+                        db.close().unwrap();
+                        db = Db::open_with(dir.path(), options()).unwrap();
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+        };
+        // Expired values the model still holds are kept: a commit after
+        // their expiry removes them (the expiry thread's removal, or not
+        // yet; reads judge by time either way).
+        states.push((seq, now, model.clone()));
+
+        // The present.
+        let present = visible_at(&model, now);
+        assert_eq!(
+            collect(db.iter()),
+            model_entries(&present),
+            "{context}: the present"
+        );
+        if op % 10 != 0 {
+            continue;
+        }
+        // A past point by sequence number, and by time.
+        let (seq, time, past) = &states[rng.below(states.len() as u64) as usize];
+        let snapshot = db.snapshot_at(*seq).unwrap();
+        assert_eq!(
+            micros_of(snapshot.time()),
+            *time,
+            "{context}: time of {seq}"
+        );
+        assert_eq!(
+            collect(snapshot.iter()),
+            model_entries(&visible_at(past, *time)),
+            "{context}: snapshot_at({seq})"
+        );
+        let by_time = db
+            .snapshot_at_time(std::time::UNIX_EPOCH + Duration::from_micros(*time))
+            .unwrap();
+        // The newest commit at that time: this one, or an expiry removal
+        // committed at the same time, which changes nothing visible then.
+        assert!(by_time.seq() >= *seq, "{context}: snapshot_at_time");
+        assert_eq!(
+            collect(by_time.iter()),
+            model_entries(&visible_at(past, *time)),
+            "{context}: snapshot_at_time of {seq}"
+        );
+        // A diff between two past points, in either order.
+        let (other_seq, other_time, other) = &states[rng.below(states.len() as u64) as usize];
+        let other_snapshot = db.snapshot_at(*other_seq).unwrap();
+        let (a, b) = (visible_at(past, *time), visible_at(other, *other_time));
+        let keys: std::collections::BTreeSet<&Vec<u8>> = a.keys().chain(b.keys()).collect();
+        let want: Vec<ModelChange> = keys
+            .into_iter()
+            .filter(|key| a.get(*key) != b.get(*key))
+            .map(|key| (key.clone(), a.get(key).cloned(), b.get(key).cloned()))
+            .collect();
+        let got: Vec<ModelChange> = snapshot
+            .diff(&other_snapshot)
+            .map(|change| {
+                let change = change.unwrap();
+                (
+                    change.key.to_vec(),
+                    change.old.map(|v| v.to_vec()),
+                    change.new.map(|v| v.to_vec()),
+                )
+            })
+            .collect();
+        assert_eq!(got, want, "{context}: diff from {seq} to {other_seq}");
+    }
+    db.close().unwrap();
+}

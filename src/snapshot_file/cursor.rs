@@ -178,6 +178,15 @@ impl FileCursor {
         Some((bytes.get(entry.key())?, entry.seq))
     }
 
+    /// When the head's value expires (0: never, or a removal).
+    #[inline]
+    pub fn head_expires(&self) -> u64 {
+        match (&self.head, &self.head_block) {
+            (Some(entry), Some((_, bytes))) => entry.expires(bytes),
+            _ => 0,
+        }
+    }
+
     /// Whether the head is a removal, or a value expired at the cursor's
     /// time.
     #[inline]
