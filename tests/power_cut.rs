@@ -37,6 +37,9 @@ const DIR: &str = "/db";
 #[derive(Clone, Debug)]
 enum Step {
     Insert(String, Vec<u8>),
+    /// An insert whose value expires an hour after its commit (so never
+    /// during the test: its expiry must survive as it is).
+    InsertWithTtl(String, Vec<u8>),
     Remove(String),
     Batch(Vec<(String, Option<Vec<u8>>)>),
     /// `compare_and_swap` at the key's current version (`true`), which
@@ -59,7 +62,7 @@ enum Step {
 impl Step {
     fn apply(&self, model: &mut Model) {
         match self {
-            Step::Insert(key, value) => {
+            Step::Insert(key, value) | Step::InsertWithTtl(key, value) => {
                 model.insert(key.as_bytes().to_vec(), value.clone());
             }
             Step::Remove(key) => {
@@ -153,6 +156,7 @@ fn run_with(fs: &PowerCutFileSystem, steps: &[Step], options: OptionsFor) -> Out
     for step in steps {
         let result = match step {
             Step::Insert(key, value) => db.insert(key, value),
+            Step::InsertWithTtl(key, value) => db.insert_with_ttl(key, value, HOUR),
             Step::Remove(key) => db.remove(key),
             Step::Batch(ops) => {
                 let mut batch = WriteBatch::new();
@@ -520,6 +524,7 @@ fn history_survives_every_power_cut() {
             // Versions that one checkpoint drops: overwritten in the same
             // memtable, more than the history's length before its end.
             Step::Insert("e".into(), vec![1; 30]),
+            Step::InsertWithTtl("t".into(), vec![9; 30]),
             Step::Insert("e".into(), vec![2; 30]),
             Step::Remove("e".into()),
             Step::Insert("e".into(), vec![3; 30]),
@@ -545,10 +550,20 @@ fn history_survives_every_power_cut() {
     );
 }
 
+const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// How many sequence numbers the history workload keeps.
 const HISTORY_COMMITS: u64 = 12;
 
 fn check_history(db: &Db, outcome: &Outcome, context: &str) {
+    // A value written with a TTL keeps its expiry through every crash.
+    if db.get("t").unwrap().is_some() {
+        let left = db.ttl("t").unwrap();
+        assert!(
+            left.is_some_and(|left| left <= HOUR && left > HOUR / 2),
+            "{context}: the TTL of t is {left:?}"
+        );
+    }
     let start = db.history_start().unwrap();
     let newest = db.snapshot().seq();
     assert!(
