@@ -877,6 +877,251 @@ fn run_keyspace_overhead(settings: &Settings) {
 }
 
 // ---------------------------------------------------------------------------
+// History: what keeping it costs writes, the feed's latency, diff, TTL reads
+
+/// mapstore whose batches write every value with a TTL of an hour (so that
+/// none expires during the run): reads then judge expiry on every value.
+struct TtlEngine(MapstoreEngine);
+
+impl Engine for TtlEngine {
+    fn insert_synced(&self, key: &[u8], value: &[u8]) {
+        self.0.0.insert_with_ttl(key, value, HOUR).unwrap();
+    }
+    fn write_batch(&self, items: &[([u8; KEY_BYTES], [u8; VALUE_BYTES])], synced: bool) {
+        let mut batch = mapstore::WriteBatch::with_capacity(
+            items.len(),
+            items.len() * (KEY_BYTES + VALUE_BYTES + 8),
+        );
+        for (key, value) in items {
+            batch.insert_with_ttl(key, value, HOUR);
+        }
+        let durability = if synced {
+            mapstore::Durability::Sync
+        } else {
+            mapstore::Durability::Buffered
+        };
+        self.0.0.write_with_durability(batch, durability).unwrap();
+    }
+    fn get(&self, key: &[u8]) -> Option<usize> {
+        self.0.get(key)
+    }
+    fn scan(&self, reverse: bool) -> u64 {
+        self.0.scan(reverse)
+    }
+    fn checkpoint(&self) {
+        self.0.checkpoint();
+    }
+    fn compact(&mut self) {
+        self.0.compact();
+    }
+    fn close(self: Box<Self>) {
+        Box::new(self.0).close();
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// The history's costs, each against mapstore without it in the same run
+/// (alternating turns, best of each):
+///
+/// - synced writes from 16 threads and the batch fill with
+///   `History::Duration(1h)` against `History::None`;
+/// - point reads of a database whose every value has a TTL against one
+///   without TTLs;
+/// - the change feed: a live consumer beside 16 synced writer threads,
+///   the time from a write's return to the consumer holding its commit
+///   (median and p99; negative when the consumer had it first), and how
+///   far behind it is when the writers stop;
+/// - `diff` of two snapshots 1,000 commits apart in a checkpointed
+///   database of `keys` keys, with the commits in the memtable and after
+///   their checkpoint.
+fn run_history(settings: &Settings) {
+    let scratch = tempfile::tempdir().unwrap();
+    let history = mapstore::History::Duration(HOUR);
+    let mut best: BTreeMap<String, f64> = BTreeMap::new();
+    let mut keep_best = |name: String, value: f64| {
+        let entry = best.entry(name).or_insert(0.0);
+        *entry = entry.max(value);
+    };
+    for turn in 0..4 {
+        let on = turn % 2 == 1;
+        let label = if on { "history_on" } else { "history_off" };
+        let options = || {
+            let options = mapstore::Options::default();
+            if on {
+                options.history(history)
+            } else {
+                options
+            }
+        };
+        let dir = scratch.path().join(format!("writes{turn}"));
+        settle();
+        let db = mapstore::Db::open_with(&dir, options()).unwrap();
+        let start = Instant::now();
+        let ops = timed_synced_ops(&format!("{label}_write_16t"), &dir, 16, settings, |_| {
+            let db = db.clone();
+            move |i| {
+                db.insert(random_key(i), value(i, 0)).unwrap();
+            }
+        });
+        keep_best(
+            format!("{label}_write_16t_ops"),
+            ops as f64 / start.elapsed().as_secs_f64(),
+        );
+        db.close().unwrap();
+        let dir = scratch.path().join(format!("fill{turn}"));
+        settle();
+        let engine = MapstoreEngine(mapstore::Db::open_with(&dir, options()).unwrap());
+        keep_best(
+            format!("{label}_fill_keys_per_s"),
+            fill(&engine, settings.keys, random_key, 0),
+        );
+        Box::new(engine).close();
+
+        // Reads with and without TTLs.
+        let dir = scratch.path().join(format!("ttl{turn}"));
+        settle();
+        let db = mapstore::Db::open(&dir).unwrap();
+        let engine: Box<dyn Engine> = if on {
+            Box::new(TtlEngine(MapstoreEngine(db)))
+        } else {
+            Box::new(MapstoreEngine(db))
+        };
+        fill(&*engine, settings.keys, random_key, 0);
+        let name = if on { "ttl" } else { "no_ttl" };
+        keep_best(
+            format!("{name}_get_1t"),
+            point_reads(&*engine, 1, settings.keys, true, settings),
+        );
+        engine.checkpoint();
+        keep_best(
+            format!("{name}_get_1t_from_files"),
+            point_reads(&*engine, 1, settings.keys, true, settings),
+        );
+        engine.close();
+    }
+    for (name, value) in best {
+        report(&name, value);
+    }
+    feed_latency(scratch.path(), settings);
+    diff_times(scratch.path(), settings);
+}
+
+/// A live change-feed consumer beside 16 synced writer threads.
+fn feed_latency(scratch: &Path, settings: &Settings) {
+    let dir = scratch.join("feed");
+    settle();
+    let db = mapstore::Db::open_with(
+        &dir,
+        mapstore::Options::default().history(mapstore::History::Duration(HOUR)),
+    )
+    .unwrap();
+    let stop_at = Instant::now() + settings.budget();
+    let mut feed = db.changes_since(db.snapshot().seq()).unwrap();
+    let (returned, delivered, lag) = std::thread::scope(|scope| {
+        let consumer = scope.spawn(move || {
+            let mut delivered: Vec<(u64, Instant)> = Vec::new();
+            while let Ok(Some(commit)) = feed.next_timeout(Duration::from_secs(2)) {
+                delivered.push((commit.seq, Instant::now()));
+            }
+            delivered
+        });
+        let writers: Vec<_> = (0..16u64)
+            .map(|thread| {
+                let db = db.clone();
+                scope.spawn(move || {
+                    let mut returned = Vec::new();
+                    let mut i = thread << 40;
+                    while Instant::now() < stop_at {
+                        let seq = db.insert(random_key(i), value(i, 0)).unwrap();
+                        returned.push((seq, Instant::now()));
+                        i += 1;
+                    }
+                    returned
+                })
+            })
+            .collect();
+        let returned: Vec<(u64, Instant)> = writers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect();
+        let writers_done = Instant::now();
+        let delivered = consumer.join().unwrap();
+        let newest = returned.iter().map(|(seq, _)| *seq).max().unwrap_or(0);
+        let caught_up = delivered
+            .iter()
+            .find(|(seq, _)| *seq == newest)
+            .map_or(f64::NAN, |(_, at)| {
+                at.saturating_duration_since(writers_done).as_secs_f64() * 1e3
+            });
+        (returned, delivered, caught_up)
+    });
+    let delivered: BTreeMap<u64, Instant> = delivered.into_iter().collect();
+    let mut gaps: Vec<f64> = returned
+        .iter()
+        .filter_map(|(seq, at)| {
+            let got = delivered.get(seq)?;
+            Some(if got >= at {
+                got.duration_since(*at).as_secs_f64() * 1e6
+            } else {
+                -(at.duration_since(*got).as_secs_f64() * 1e6)
+            })
+        })
+        .collect();
+    assert_eq!(gaps.len(), returned.len(), "the feed missed commits");
+    gaps.sort_by(f64::total_cmp);
+    report(
+        "feed_commits_per_s",
+        returned.len() as f64 / settings.seconds,
+    );
+    report("feed_delivery_after_return_p50_us", gaps[gaps.len() / 2]);
+    report(
+        "feed_delivery_after_return_p99_us",
+        gaps[gaps.len() * 99 / 100],
+    );
+    report("feed_caught_up_after_writers_ms", lag);
+    db.close().unwrap();
+}
+
+/// `diff` of two snapshots 1,000 commits apart in a checkpointed database.
+fn diff_times(scratch: &Path, settings: &Settings) {
+    let dir = scratch.join("diff");
+    let engine = MapstoreEngine(mapstore::Db::open(&dir).unwrap());
+    fill(&engine, settings.keys, random_key, 0);
+    engine.0.compact().unwrap();
+    let db = &engine.0;
+    let older = db.snapshot();
+    for i in 0..1_000u64 {
+        let key = random_key(splitmix(i) % settings.keys);
+        db.write_with_durability(
+            {
+                let mut batch = mapstore::WriteBatch::new();
+                batch.insert(key, value(i, 1));
+                batch
+            },
+            mapstore::Durability::Buffered,
+        )
+        .unwrap();
+    }
+    let newer = db.snapshot();
+    let time_diff = |name: &str| {
+        let mut times: Vec<f64> = (0..7)
+            .map(|_| {
+                let start = Instant::now();
+                let changes = older.diff(&newer).count();
+                assert!(changes > 900, "{changes} changes");
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        report(name, median(&mut times));
+    };
+    time_diff("diff_1000_commits_in_memtable_ms");
+    db.checkpoint().unwrap();
+    time_diff("diff_1000_commits_checkpointed_ms");
+    Box::new(engine).close();
+}
+
+// ---------------------------------------------------------------------------
 // Transfers: read-modify-write transactions
 
 /// Accounts of the transfer workload, and each one's opening balance.
@@ -1623,6 +1868,7 @@ fn main() {
         ["--synced-writes", name] => return run_synced_writes(name, &settings),
         ["--transfers", name] => return run_transfers(name, &settings),
         ["--keyspace-overhead"] => return run_keyspace_overhead(&settings),
+        ["--history"] => return run_history(&settings),
         ["--crash-fill", name, dir] => return crash_fill(name, Path::new(dir), &settings),
         ["--crash-reopen", name, dir] => return crash_reopen(name, Path::new(dir), ""),
         ["--crash-reopen", name, dir, prefix] => {
@@ -1695,6 +1941,7 @@ fn main() {
             measured.extend(run_child(&["--crash-reopen", engine, dir]));
             if *engine == "mapstore" {
                 measured.extend(run_child(&["--keyspace-overhead"]));
+                measured.extend(run_child(&["--history"]));
                 for (crash, prefix) in [
                     ("--crash-full-memtable", "full_memtable_"),
                     ("--crash-full-wal", "full_wal_"),

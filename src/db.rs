@@ -713,11 +713,18 @@ impl Db {
     fn read_snapshot(&self, keyspace: &KeyspaceInfo) -> Result<Snapshot> {
         self.check_open()?;
         keyspace.check(self.inner.id)?;
-        Ok(self.inner.read_state.unregistered_snapshot())
+        Ok(self.inner.read_state.point_read_snapshot())
+    }
+
+    /// The present time, for judging the expiry of a value a point read
+    /// found.
+    fn now(&self) -> u64 {
+        self.inner.read_state.now_micros()
     }
 
     pub(crate) fn get_at(&self, keyspace: &KeyspaceInfo, key: &[u8]) -> Result<Option<Slice>> {
-        self.read_snapshot(keyspace)?.get_from(keyspace.id, key)
+        self.read_snapshot(keyspace)?
+            .get_from_at(keyspace.id, key, || self.now())
     }
 
     pub(crate) fn get_versioned_at(
@@ -726,7 +733,7 @@ impl Db {
         key: &[u8],
     ) -> Result<Option<(Slice, u64)>> {
         self.read_snapshot(keyspace)?
-            .get_versioned_from(keyspace.id, key)
+            .get_versioned_from_at(keyspace.id, key, || self.now())
     }
 
     pub(crate) fn insert_if_absent_at(
@@ -779,7 +786,7 @@ impl Db {
     {
         loop {
             let snapshot = self.read_snapshot(keyspace)?;
-            let current = snapshot.get_versioned_from(keyspace.id, key)?;
+            let current = snapshot.get_versioned_from_at(keyspace.id, key, || self.now())?;
             let version = current.as_ref().map(|(_, version)| *version);
             let changed = change(current.as_ref().map(|(value, _)| &value[..]));
             if changed.is_none() && version.is_none() {

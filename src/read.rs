@@ -197,6 +197,20 @@ impl ReadState {
         snapshot
     }
 
+    /// A snapshot for one point read of the present (`Db::get`), which
+    /// judges expiry with [`now_micros`](Self::now_micros) itself, only
+    /// for a version that has one: its own time is not read.
+    pub fn point_read_snapshot(&self) -> Snapshot {
+        let seq = self.visible_seq();
+        Snapshot {
+            view: self.view(),
+            seq,
+            time_micros: 0,
+            db_id: self.db_id,
+            _pin: None,
+        }
+    }
+
     /// A snapshot for one read that ends before the caller returns (`get`);
     /// it skips the registry, since the view it holds already keeps its
     /// memtables and files alive.
@@ -389,8 +403,20 @@ impl Snapshot {
 
     /// [`get`](Snapshot::get) in keyspace `keyspace`, unchecked.
     pub(crate) fn get_from(&self, keyspace: u32, key: &[u8]) -> Result<Option<Slice>> {
+        self.get_from_at(keyspace, key, || self.time_micros)
+    }
+
+    /// [`get_from`](Self::get_from), judging expiry at `time()`, which is
+    /// called only if the version found has an expiry (a one-shot read of
+    /// the present reads the clock only then).
+    pub(crate) fn get_from_at(
+        &self,
+        keyspace: u32,
+        key: &[u8],
+        time: impl FnOnce() -> u64,
+    ) -> Result<Option<Slice>> {
         Ok(self
-            .newest_version(keyspace, key)?
+            .newest_version_at(keyspace, key, time)?
             .and_then(|found| found.value.map(Slice::from_bytes)))
     }
 
@@ -409,10 +435,23 @@ impl Snapshot {
         keyspace: u32,
         key: &[u8],
     ) -> Result<Option<(Slice, u64)>> {
-        Ok(self.newest_version(keyspace, key)?.and_then(|found| {
-            let seq = found.seq;
-            found.value.map(|value| (Slice::from_bytes(value), seq))
-        }))
+        self.get_versioned_from_at(keyspace, key, || self.time_micros)
+    }
+
+    /// [`get_versioned_from`](Self::get_versioned_from), judging expiry at
+    /// `time()` (see [`get_from_at`](Self::get_from_at)).
+    pub(crate) fn get_versioned_from_at(
+        &self,
+        keyspace: u32,
+        key: &[u8],
+        time: impl FnOnce() -> u64,
+    ) -> Result<Option<(Slice, u64)>> {
+        Ok(self
+            .newest_version_at(keyspace, key, time)?
+            .and_then(|found| {
+                let seq = found.seq;
+                found.value.map(|value| (Slice::from_bytes(value), seq))
+            }))
     }
 
     /// The value of `key` and its version: the sequence number of the
@@ -439,12 +478,23 @@ impl Snapshot {
     /// removal included (what conditional commits check); `None` if no
     /// source holds one.
     pub(crate) fn newest_version(&self, keyspace: u32, key: &[u8]) -> Result<Option<FoundVersion>> {
+        self.newest_version_at(keyspace, key, || self.time_micros)
+    }
+
+    /// [`newest_version`](Self::newest_version), judging expiry at
+    /// `time()`, called only for a version that has an expiry.
+    fn newest_version_at(
+        &self,
+        keyspace: u32,
+        key: &[u8],
+        time: impl FnOnce() -> u64,
+    ) -> Result<Option<FoundVersion>> {
         // One hash serves the filters of every memtable and file.
         let key_hash = bloom::key_hash(key);
         for source in &self.view.sources {
             if let Some(mut found) = source.get(keyspace, key, key_hash, self.seq)? {
-                // A value expired at the snapshot's time is a removal.
-                if is_expired(found.expires, self.time_micros) {
+                // A value expired at the reader's time is a removal.
+                if found.expires != 0 && is_expired(found.expires, time()) {
                     found.value = None;
                 }
                 return Ok(Some(found));

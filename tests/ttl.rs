@@ -204,3 +204,31 @@ fn transactions_write_ttls() {
     assert_eq!(db.get("u").unwrap().unwrap(), "2");
     assert_eq!(db.get("w").unwrap().unwrap(), "4");
 }
+
+#[test]
+fn conditional_writes_see_an_expired_value_as_absent() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let db = Db::open_with(
+        dir.path(),
+        options(&clock).expiry_interval(Duration::from_secs(3600)),
+    )
+    .unwrap();
+    let seq = db
+        .insert_with_ttl("n", "1", Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(db.get_versioned("n").unwrap().unwrap().1, seq);
+    clock.advance(Duration::from_secs(1));
+    // No removal is committed yet (the expiry thread waits an hour here).
+    assert_eq!(db.get_versioned("n").unwrap(), None);
+    db.update("n", |old| {
+        assert_eq!(old, None, "update saw an expired value");
+        Some(b"fresh".to_vec())
+    })
+    .unwrap();
+    assert_eq!(db.get("n").unwrap().unwrap(), "fresh");
+    db.insert_with_ttl("m", "1", Duration::from_secs(1))
+        .unwrap();
+    clock.advance(Duration::from_secs(1));
+    assert!(db.compare_and_swap("m", None, "2").is_ok());
+}

@@ -353,17 +353,23 @@ impl<'a> BlockCursor<'a> {
     fn next_short_value(&mut self) -> Option<EntryRef> {
         let header: &[u8; 11] = self.block[..self.body_end].get(self.pos..)?.first_chunk()?;
         let [kind, s0, s1, s2, s3, s4, s5, s6, s7, key_len, value_len] = *header;
-        if kind != KIND_VALUE || (key_len | value_len) >= 0x80 {
+        let expiring = kind == KIND_EXPIRING_VALUE;
+        if (kind != KIND_VALUE && !expiring) || (key_len | value_len) >= 0x80 {
             return None;
         }
         let key_start = self.pos + 11;
         let key_end = key_start + usize::from(key_len);
         let value_end = key_end + usize::from(value_len);
-        if value_end > self.body_end {
+        // An expiring value's expiry follows it (checked to be non-zero
+        // by the full path, which takes the entry otherwise).
+        let end = if expiring { value_end + 8 } else { value_end };
+        if end > self.body_end
+            || (expiring && self.block[value_end..end].iter().all(|&byte| byte == 0))
+        {
             return None;
         }
         self.left -= 1;
-        self.pos = value_end;
+        self.pos = end;
         // The offsets are at most the block's length, which fits in a u32
         // (as in `next_entry_in_full`).
         Some(EntryRef {
@@ -372,7 +378,7 @@ impl<'a> BlockCursor<'a> {
             key_end: key_end as u32,
             value_end: value_end as u32,
             is_removal: false,
-            expiring: false,
+            expiring,
         })
     }
 
@@ -639,8 +645,14 @@ mod tests {
             }
             let values = lengths.iter().map(|&len| Some(vec![0xa5; len]));
             for (seq, value) in (1..).zip(values.chain([None])) {
-                encode_entry(&mut body, &key, seq, value.as_deref(), 0);
-                expected.push((key.clone(), seq, value));
+                // Every other value expires (kind 3), short and long alike.
+                let expires = if value.is_some() && seq % 2 == 0 {
+                    1_000 + seq
+                } else {
+                    0
+                };
+                encode_entry(&mut body, &key, seq, value.as_deref(), expires);
+                expected.push((key.clone(), seq, value, expires));
             }
         }
         let mut block = Vec::new();
@@ -651,7 +663,12 @@ mod tests {
         for entry in &decoded {
             assert_eq!(one_by_one.next_entry(), Ok(Some(entry.clone())));
             let value = entry.value().map(|range| block[range].to_vec());
-            seen.push((block[entry.key()].to_vec(), entry.seq, value));
+            seen.push((
+                block[entry.key()].to_vec(),
+                entry.seq,
+                value,
+                entry.expires(&block),
+            ));
         }
         assert_eq!(one_by_one.next_entry(), Ok(None));
         assert_eq!(seen, expected);
