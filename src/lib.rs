@@ -181,10 +181,21 @@ pub mod fuzzing {
                 String::new(),
                 0,
             ));
+            // Bit 5 gives a put a TTL (from the next byte), and makes a
+            // removal an expiry.
+            let timed = control & 0x20 != 0;
             if control & 1 == 0 {
                 let value_len = usize::from(bytes.next().unwrap_or(0)) * usize::from(control % 16);
                 let value: Vec<u8> = (0..value_len).map(|i| (i as u8) ^ control).collect();
-                batch.insert_into(&keyspace, &key, &value);
+                if timed {
+                    let ttl = 1 + u64::from(bytes.next().unwrap_or(0)) << 20;
+                    let ttl = std::time::Duration::from_micros(ttl);
+                    batch.insert_with_ttl_into(&Some(keyspace), &key, &value, ttl);
+                } else {
+                    batch.insert_into(&keyspace, &key, &value);
+                }
+            } else if timed {
+                batch.expire_from(&keyspace, &key);
             } else {
                 batch.remove_from(&keyspace, &key);
             }

@@ -128,6 +128,10 @@ fn write_seeds() {
     db.write(batch).unwrap();
     db.keyspace("dropped").unwrap();
     db.drop_keyspace("dropped").unwrap();
+    // A value with a TTL (format version 3 in the WAL, an expiring entry
+    // of version 4 in the snapshot file).
+    db.insert_with_ttl("epsilon", "5", std::time::Duration::from_secs(1 << 30))
+        .unwrap();
     db.sync().unwrap();
 
     for target in [
