@@ -37,7 +37,7 @@ use crate::wal::writer::{WalConfig, WalWriter};
 ///
 /// `Db` is cheap to clone and can be shared between threads; all clones use
 /// the same database. The database closes when the last clone is dropped
-/// ([`Keyspace`] handles and [`Transaction`]s hold one too), or explicitly
+/// ([`Keyspace`] handles, [`Transaction`]s and [`ChangeFeed`](crate::ChangeFeed)s hold one too), or explicitly
 /// with [`close`](Db::close).
 ///
 /// ```
