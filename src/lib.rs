@@ -188,7 +188,7 @@ pub mod fuzzing {
                 let value_len = usize::from(bytes.next().unwrap_or(0)) * usize::from(control % 16);
                 let value: Vec<u8> = (0..value_len).map(|i| (i as u8) ^ control).collect();
                 if timed {
-                    let ttl = 1 + u64::from(bytes.next().unwrap_or(0)) << 20;
+                    let ttl = (1 + u64::from(bytes.next().unwrap_or(0))) << 20;
                     let ttl = std::time::Duration::from_micros(ttl);
                     batch.insert_with_ttl_into(&Some(keyspace), &key, &value, ttl);
                 } else {
