@@ -341,13 +341,14 @@ pub(crate) enum Direction {
 /// Memory per entry on top of its key and value bytes, which the freeze
 /// limit counts. The skiplist node holds the `InternalKey` (16-byte prefix,
 /// sequence number and a 32-byte `Bytes` handle: 56 bytes), the value's
-/// `Option<Bytes>` (32), a reference count and height (8) and its tower
-/// (one pointer per level, about two on average), rounded up by the
-/// allocator; the batch buffer the handles point into adds the protobuf
-/// framing (about 6 bytes per operation). Measured with 300,000 entries of
-/// 16 + 100 bytes in one memtable: 255 bytes of resident memory each (the
-/// key filter excluded), 139 above the key and value.
-const ENTRY_OVERHEAD_BYTES: usize = 140;
+/// [`Stored`] (its `Option<Bytes>`, 32, and its expiry, 8), a reference
+/// count and height (8) and its tower (one pointer per level, about two on
+/// average), rounded up by the allocator; the batch buffer the handles
+/// point into adds the protobuf framing (about 6 bytes per operation).
+/// Measured with 300,000 entries of 16 + 100 bytes in one memtable, before
+/// the expiry was added: 255 bytes of resident memory each (the key filter
+/// excluded), 139 above the key and value; the expiry adds 8.
+const ENTRY_OVERHEAD_BYTES: usize = 148;
 
 /// From how many versions [`Memtable::start_apply`] shares the inserts
 /// with the helper thread: below it, the handover (a wakeup, and chunks

@@ -295,7 +295,7 @@ struct ReadIndex {
     entries: Vec<IndexedVersion>,
 }
 
-/// 88 to 96 bytes per key: 80 here (the key and value are shared with the
+/// 96 to 104 bytes per key: 88 here (the key and value are shared with the
 /// skiplist, not copied) and two to four 4-byte slots.
 struct IndexedVersion {
     key_hash: u64,
