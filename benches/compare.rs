@@ -1597,6 +1597,51 @@ const METRICS: &[(&str, &str, Better)] = &[
         Better::Higher,
     ),
     (
+        "history_off_write_16t_ops",
+        "synced writes, 16 threads, History::None (ops/s)",
+        Better::Higher,
+    ),
+    (
+        "history_on_write_16t_ops",
+        "  the same keeping History::Duration(1h) (ops/s)",
+        Better::Higher,
+    ),
+    (
+        "history_off_fill_keys_per_s",
+        "fill, random, History::None (keys/s)",
+        Better::Higher,
+    ),
+    (
+        "history_on_fill_keys_per_s",
+        "  the same keeping History::Duration(1h) (keys/s)",
+        Better::Higher,
+    ),
+    (
+        "no_ttl_get_1t_from_files",
+        "random get from files, 1 thread, no TTLs (reads/s)",
+        Better::Higher,
+    ),
+    (
+        "ttl_get_1t_from_files",
+        "  the same, every value with a TTL (reads/s)",
+        Better::Higher,
+    ),
+    (
+        "feed_delivery_after_return_p50_us",
+        "change feed beside 16 synced writers: delivery after the write returns, p50 (us)",
+        Better::Lower,
+    ),
+    (
+        "feed_delivery_after_return_p99_us",
+        "  p99 (us)",
+        Better::Lower,
+    ),
+    (
+        "diff_1000_commits_checkpointed_ms",
+        "diff of two snapshots 1,000 commits apart, checkpointed (ms)",
+        Better::Lower,
+    ),
+    (
         "fill_sequential_keys_per_s",
         "fill, synced batches of 1,000, sequential (keys/s)",
         Better::Higher,
