@@ -122,27 +122,32 @@ pub(crate) fn start(inner: &Arc<DbInner>, queue: Arc<ExpiryQueue>, interval: Dur
     }
 }
 
-/// Queues every expiring value the database held when it opened.
+/// Queues every expiring value the database held when it opened: in the
+/// replayed log, and in the snapshot files that hold any.
 fn queue_found_at_open(db: &Db, queue: &ExpiryQueue) {
     let view = db.read_state().view();
+    let add = |keyspace: u32, version: crate::memtable::Version| {
+        if version.expires != 0 && version.value.is_some() {
+            queue.add(version.expires, keyspace, version.key, version.seq);
+        }
+    };
     for source in &view.sources {
-        let versions: Box<dyn Iterator<Item = (u32, crate::memtable::Version)>> = match source {
-            Source::Replayed(runs) => Box::new(
-                runs.iter()
-                    .flat_map(|(id, run)| run.versions().map(move |v| (id, v)))
-                    .collect::<Vec<_>>()
-                    .into_iter(),
-            ),
+        match source {
+            Source::Replayed(runs) => {
+                for (keyspace, run) in runs.iter() {
+                    run.versions().for_each(|version| add(keyspace, version));
+                }
+            }
             Source::File(file) if file.earliest_expiry() != 0 => {
-                let id = file.keyspace();
-                Box::new(file.versions().filter_map(Result::ok).map(move |v| (id, v)))
+                let keyspace = file.keyspace();
+                // A damaged block ends the scan of its file: the values
+                // after it are not queued, and every read of it reports
+                // the damage.
+                file.versions()
+                    .map_while(Result::ok)
+                    .for_each(|version| add(keyspace, version));
             }
-            _ => continue,
-        };
-        for (keyspace, version) in versions {
-            if version.expires != 0 && version.value.is_some() {
-                queue.add(version.expires, keyspace, version.key, version.seq);
-            }
+            _ => {}
         }
     }
 }
