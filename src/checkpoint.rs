@@ -147,6 +147,9 @@ pub(crate) struct StorageConfig {
     /// Nice levels the background thread lowers its priority by
     /// (`Options::background_nice`).
     pub background_nice: u8,
+    /// The database was opened read-only: no background thread, so no
+    /// checkpoint, merge or removal ever runs.
+    pub read_only: bool,
 }
 
 struct State {
@@ -235,6 +238,9 @@ impl Storage {
             write_stall_micros: AtomicU64::new(0),
             idle_wal_segments_deleted: AtomicU64::new(0),
         });
+        if storage.config.read_only {
+            return storage;
+        }
         let worker = storage.clone();
         let nice = storage.config.background_nice;
         let handle = std::thread::Builder::new()

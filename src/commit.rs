@@ -286,6 +286,9 @@ pub(crate) struct CommitPipeline {
     published: Condvar,
     /// Set by `close`, which then wakes everyone waiting for a commit.
     closed: AtomicBool,
+    /// The database was opened read-only: every commit, freeze and sync is
+    /// refused.
+    read_only: bool,
     read_state: Arc<ReadState>,
     /// The clock commit times come from.
     history: Arc<HistoryState>,
@@ -339,6 +342,7 @@ impl CommitPipeline {
             publish_waiters: Mutex::new(0),
             published: Condvar::new(),
             closed: AtomicBool::new(false),
+            read_only: false,
             read_state,
             history,
             expiries,
@@ -353,11 +357,27 @@ impl CommitPipeline {
         }
     }
 
+    /// The pipeline of a database opened read-only, which refuses every
+    /// commit, freeze and sync (its WAL writer is never given a record).
+    pub fn into_read_only(mut self) -> CommitPipeline {
+        self.read_only = true;
+        self
+    }
+
+    /// `Err(ReadOnly)` for a database opened read-only.
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
     /// Commits one batch; returns the sequence number of its last operation.
     pub fn commit(&self, batch: SealedBatch, sync: bool) -> Result<u64> {
         self.storage.check_healthy()?;
         let mut queue = lock(&self.queue);
         check_open(&queue)?;
+        self.check_writable()?;
         if batch.ops.is_empty() && batch.conditions.is_empty() {
             // Nothing to write: the batch is trivially applied.
             return Ok(self.read_state.visible_seq());
@@ -949,6 +969,7 @@ impl CommitPipeline {
     /// the sequence number the checkpoint must reach.
     pub fn freeze_now(&self) -> Result<u64> {
         check_open(&lock(&self.queue))?;
+        self.check_writable()?;
         let mut leader = lock(&self.leader);
         let frozen = self.freeze(&mut leader, false);
         if let Err(error) = &frozen {
@@ -960,6 +981,7 @@ impl CommitPipeline {
     /// Makes every committed batch durable.
     pub fn sync(&self) -> Result<()> {
         check_open(&lock(&self.queue))?;
+        self.check_writable()?;
         let mut leader = lock(&self.leader);
         match leader.wal.sync() {
             Ok(()) => {

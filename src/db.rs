@@ -87,6 +87,9 @@ pub(crate) struct DbInner {
     /// Set once `close` begins: the cheap check readers make on every call
     /// (the `lock` mutex would serialize concurrent readers).
     closed: AtomicBool,
+    /// Opened with [`Db::open_read_only`]: nothing is written, also not at
+    /// close.
+    read_only: bool,
     report: RecoveryReport,
 }
 
@@ -127,20 +130,76 @@ impl Db {
     /// # Errors
     /// As [`open`](Db::open), and [`Error::InvalidOptions`].
     pub fn open_with(path: impl AsRef<Path>, options: Options) -> Result<Db> {
+        Db::open_in(path.as_ref(), options, false)
+    }
+
+    /// Opens the database in directory `path` for reading only, with a
+    /// shared lock: any number of processes may hold it read-only at once,
+    /// and none may open it for writing meanwhile. It changes no file: a
+    /// log to replay is replayed in memory, a torn tail is left on disk
+    /// (only not read), and nothing is checkpointed, merged or removed.
+    /// Every write, checkpoint, sync or keyspace change returns
+    /// [`Error::ReadOnly`]; snapshots, time travel, diffs and change feeds
+    /// work as usual.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), mapstore::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let db = mapstore::Db::open(dir.path())?;
+    /// db.insert("k", "v")?;
+    /// db.close()?;
+    /// let reader = mapstore::Db::open_read_only(dir.path())?;
+    /// let another = mapstore::Db::open_read_only(dir.path())?;   // shared
+    /// assert_eq!(reader.get("k")?.as_deref(), Some(&b"v"[..]));
+    /// assert!(matches!(reader.insert("k", "w"), Err(mapstore::Error::ReadOnly)));
+    /// assert!(matches!(mapstore::Db::open(dir.path()), Err(mapstore::Error::Locked { .. })));
+    /// # drop(another);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::NoDatabase`] if `path` holds no database,
+    /// [`Error::Locked`] while a writer has it open, and as
+    /// [`open`](Db::open).
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Db> {
+        Db::open_read_only_with(path, Options::default())
+    }
+
+    /// [`open_read_only`](Db::open_read_only) with `options` (the recovery
+    /// mode, history, clock and file system apply; what governs writing
+    /// does not).
+    ///
+    /// # Errors
+    /// As [`open_read_only`](Db::open_read_only), and
+    /// [`Error::InvalidOptions`].
+    pub fn open_read_only_with(path: impl AsRef<Path>, options: Options) -> Result<Db> {
+        Db::open_in(path.as_ref(), options, true)
+    }
+
+    fn open_in(path: &Path, options: Options, read_only: bool) -> Result<Db> {
         options.validate()?;
-        let path = path.as_ref().to_path_buf();
+        let path = path.to_path_buf();
         let fs: Arc<dyn FileSystem> = options.file_system.clone();
-        recovery::check_directory(&*fs, &path)?;
         let lock_path = path.join(files::LOCK);
-        let lock = fs
-            .try_lock(&lock_path)
-            .map_err(|error| match error.kind() {
-                io::ErrorKind::WouldBlock => Error::Locked { path: path.clone() },
-                _ => Error::io("lock", &lock_path, error),
-            })?;
+        let locked = |error: io::Error| match error.kind() {
+            io::ErrorKind::WouldBlock => Error::Locked { path: path.clone() },
+            _ => Error::io("lock", &lock_path, error),
+        };
+        let lock = if read_only {
+            // Nothing is created: a directory without the lock file (which
+            // every open for writing makes) holds no database.
+            fs.try_lock_shared(&lock_path)
+                .map_err(|error| match error.kind() {
+                    io::ErrorKind::NotFound => Error::NoDatabase { path: path.clone() },
+                    _ => locked(error),
+                })?
+        } else {
+            recovery::check_directory(&*fs, &path)?;
+            fs.try_lock(&lock_path).map_err(locked)?
+        };
         static NEXT_DB_ID: AtomicU64 = AtomicU64::new(1);
         let id = NEXT_DB_ID.fetch_add(1, Ordering::Relaxed);
-        let recovered = recovery::recover(&fs, &path, options.recovery_mode, id)?;
+        let recovered = recovery::recover(&fs, &path, options.recovery_mode, id, read_only)?;
         // Writes go to a fresh memtable generation; what the replay
         // recovered waits behind it for its checkpoint, like a frozen one.
         let memtables = Arc::new(MemtableSet::new(
@@ -176,7 +235,7 @@ impl Db {
         // for reuse, except under `Strict`: a reused segment's tail after a
         // crash holds the old segment's records, which read as a torn tail
         // (`format/wal.md`).
-        let recycled = (options.recovery_mode != RecoveryMode::Strict).then(|| {
+        let recycled = (options.recovery_mode != RecoveryMode::Strict && !read_only).then(|| {
             Arc::new(RecycledSegments::new(
                 options.wal_segments_kept,
                 options.wal_segments_kept_idle,
@@ -190,6 +249,7 @@ impl Db {
                 max_snapshot_files: options.max_snapshot_files,
                 recycled: recycled.clone(),
                 background_nice: options.background_nice,
+                read_only,
             },
             read_state.clone(),
             file_numbers.clone(),
@@ -201,7 +261,7 @@ impl Db {
                 history: history.clone(),
             },
         );
-        if let Some(runs) = replayed {
+        if let Some(runs) = replayed.filter(|_| !read_only) {
             // Every replayed segment is numbered below `next_file_number`,
             // and the WAL writer starts a new segment numbered from there:
             // once the runs are in files, recovery starts at that segment.
@@ -211,16 +271,16 @@ impl Db {
                 wal_start_segment: recovered.next_file_number,
             });
         }
-        let wal = WalWriter::new(
-            fs,
-            WalConfig {
-                dir: path.clone(),
-                page_bytes: options.wal_page_bytes,
-                segment_bytes: options.wal_segment_bytes,
-            },
-            file_numbers,
-            recycled,
-        );
+        let wal_config = WalConfig {
+            dir: path.clone(),
+            page_bytes: options.wal_page_bytes,
+            segment_bytes: options.wal_segment_bytes,
+        };
+        let wal = if read_only {
+            WalWriter::read_only(fs, wal_config, file_numbers)
+        } else {
+            WalWriter::new(fs, wal_config, file_numbers, recycled)
+        };
         if recovered.expiring {
             read_state.note_expiring();
         }
@@ -240,6 +300,11 @@ impl Db {
                 memtable_read_index: options.memtable_read_index,
             },
         );
+        let pipeline = if read_only {
+            pipeline.into_read_only()
+        } else {
+            pipeline
+        };
         let expiry_interval = options.expiry_interval;
         let db = Db {
             inner: Arc::new(DbInner {
@@ -256,10 +321,13 @@ impl Db {
                 storage,
                 lock: Mutex::new(Some(lock)),
                 closed: AtomicBool::new(false),
+                read_only,
                 report: recovered.report,
             }),
         };
-        expiry::start(&db.inner, expiries, expiry_interval);
+        if !read_only {
+            expiry::start(&db.inner, expiries, expiry_interval);
+        }
         Ok(db)
     }
 
@@ -1099,7 +1167,7 @@ impl DbInner {
         // snapshot files and replays (almost) no WAL. Writes that slip in
         // after the freeze are in the WAL and replayed as usual. A failure
         // here still closes; the next open recovers from the WAL instead.
-        let checkpointed = if self.options.checkpoint_on_close {
+        let checkpointed = if self.options.checkpoint_on_close && !self.read_only {
             self.pipeline
                 .freeze_now()
                 .and_then(|seq| self.storage.wait_checkpointed(seq))

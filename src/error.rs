@@ -170,6 +170,16 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A write (or checkpoint, sync, keyspace change) on a database opened
+    /// with [`Db::open_read_only`](crate::Db::open_read_only); nothing
+    /// was written.
+    ReadOnly,
+    /// [`Db::open_read_only`](crate::Db::open_read_only) found no database
+    /// in the directory (it creates nothing).
+    NoDatabase {
+        /// The directory.
+        path: PathBuf,
+    },
     /// The database was closed with [`Db::close`](crate::Db::close).
     Closed,
     /// An [`Options`](crate::Options) value is out of its allowed range.
@@ -308,6 +318,8 @@ impl fmt::Display for Error {
                 "time {requested_micros} µs is after the present ({now_micros} µs since the Unix epoch)"
             ),
             Error::InvalidTtl { ttl, reason } => write!(f, "TTL {ttl:?} is not valid: {reason}"),
+            Error::ReadOnly => write!(f, "the database was opened read-only"),
+            Error::NoDatabase { path } => write!(f, "no database in {}", path.display()),
             Error::Closed => write!(f, "the database is closed"),
             Error::InvalidOptions { reason } => write!(f, "invalid options: {reason}"),
         }

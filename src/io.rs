@@ -119,6 +119,13 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     /// Takes an exclusive lock on `path` (creating the file if needed) without
     /// waiting; an error of kind `WouldBlock` means another holder has it.
     fn try_lock(&self, path: &Path) -> io::Result<Box<dyn FileLock>>;
+    /// Takes a shared lock on the existing file `path` without waiting:
+    /// any number of holders at once, none while an exclusive lock is
+    /// held (`WouldBlock`). The default refuses (`Unsupported`).
+    fn try_lock_shared(&self, path: &Path) -> io::Result<Box<dyn FileLock>> {
+        let _ = path;
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
 }
 
 /// The operating system's file system (`std::fs`, `fdatasync`, `flock`).
@@ -419,6 +426,12 @@ impl FileSystem for RealFileSystem {
             .truncate(false)
             .open(path)?;
         fs2::FileExt::try_lock_exclusive(&file)?;
+        Ok(Box::new(RealLock(file)))
+    }
+
+    fn try_lock_shared(&self, path: &Path) -> io::Result<Box<dyn FileLock>> {
+        let file = File::open(path)?;
+        fs2::FileExt::try_lock_shared(&file)?;
         Ok(Box::new(RealLock(file)))
     }
 }

@@ -133,11 +133,16 @@ enum Repair {
 }
 
 /// Recovers the database in `dir`; the directory lock must be held.
+///
+/// With `read_only`, nothing is changed: no MANIFEST is created (a
+/// directory without one is `Error::NoDatabase`), and a torn tail is left
+/// on disk, only not replayed.
 pub(crate) fn recover(
     shared_fs: &Arc<dyn FileSystem>,
     dir: &Path,
     mode: RecoveryMode,
     db_id: u64,
+    read_only: bool,
 ) -> Result<Recovered> {
     let fs: &dyn FileSystem = &**shared_fs;
     let names = list(fs, dir)?;
@@ -170,6 +175,10 @@ pub(crate) fn recover(
 
     let manifest = if has_manifest {
         manifest::read(fs, dir)?
+    } else if read_only {
+        return Err(Error::NoDatabase {
+            path: dir.to_path_buf(),
+        });
     } else if let Some(&first) = segments.first() {
         return Err(Error::corruption(
             dir.join(files::wal_segment_name(first)),
@@ -351,6 +360,11 @@ pub(crate) fn recover(
     }
     // The read-ahead thread stops before any repair touches a segment.
     drop(reader);
+    if read_only {
+        // What the repairs would cut was not replayed: the database in
+        // memory is what it would be after them.
+        repairs.clear();
+    }
     let last_seq = replay.last_seq;
     report.batches_replayed = replay.batches;
     let catalog = replay.catalog;
@@ -402,6 +416,12 @@ pub(crate) fn recover(
     report.orphans_removed = orphans.len();
     let mut leftovers = temp_files;
     leftovers.extend(orphans);
+    if read_only {
+        // Left where they are: nothing may change.
+        leftovers.clear();
+        report.temp_files_removed = 0;
+        report.orphans_removed = 0;
+    }
     let next_file_number = manifest.next_file_number.max(max_file_number + 1);
     let expiring = replay.expiring
         || manifest

@@ -273,4 +273,7 @@ impl FileSystem for FaultyFileSystem {
     fn try_lock(&self, path: &Path) -> io::Result<Box<dyn FileLock>> {
         RealFileSystem.try_lock(path)
     }
+    fn try_lock_shared(&self, path: &Path) -> io::Result<Box<dyn FileLock>> {
+        RealFileSystem.try_lock_shared(path)
+    }
 }

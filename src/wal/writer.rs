@@ -124,6 +124,30 @@ impl WalWriter {
         writer
     }
 
+    /// A writer for a database opened read-only: it prepares no segment
+    /// and must never be given a record (the commit pipeline refuses every
+    /// commit first); syncing and closing it do nothing.
+    pub fn read_only(
+        fs: Arc<dyn FileSystem>,
+        config: WalConfig,
+        file_numbers: Arc<AtomicU64>,
+    ) -> WalWriter {
+        WalWriter {
+            fs,
+            config,
+            file_numbers,
+            recycled: None,
+            active: None,
+            next: Preparer {
+                handle: None,
+                cancel: Arc::new(AtomicBool::new(false)),
+            },
+            frame_buffer: Vec::new(),
+            bytes_since_rotation: 0,
+            reused_segments: 0,
+        }
+    }
+
     /// Writes `records` (each given as parts to concatenate) as one group;
     /// with `sync`, makes them and everything before durable.
     ///
