@@ -78,6 +78,7 @@ mod snapshot_file;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod transaction;
+mod verify;
 mod wal;
 
 /// The protobuf messages of the on-disk formats, generated from
@@ -102,6 +103,7 @@ pub use read::{Iter, Snapshot};
 pub use recovery::RecoveryReport;
 pub use slice::Slice;
 pub use transaction::{Isolation, MAX_TRANSACT_ATTEMPTS, Transaction, TransactionIter};
+pub use verify::{Damage, VerifyReport};
 
 /// Entry points for the fuzz targets and their corpus replay tests: the
 /// decoders, fed arbitrary bytes. Not a stable API.
