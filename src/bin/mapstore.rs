@@ -1,0 +1,568 @@
+//! The `mapstore` command: inspect, read, write, dump, load and verify a
+//! database directory (cargo feature `cli`;
+//! `cargo install --path . --features cli`).
+//!
+//! Commands that only read open the database read-only, so they can run
+//! beside other readers; a database that a writer holds is refused with
+//! one line on stderr. Every error is one line on stderr and exit status
+//! 1 (2 for bad arguments, from clap).
+
+use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use mapstore::{ChangeOp, Db, Keyspace, Slice, WriteBatch};
+
+/// Inspect and work with a mapstore database directory.
+#[derive(Parser)]
+#[command(name = "mapstore", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How keys and values are written on the command line and printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+enum Encoding {
+    /// UTF-8 text; on output, other bytes are escaped (`\xNN`).
+    #[default]
+    Text,
+    /// Hexadecimal.
+    Hex,
+    /// Standard base64.
+    Base64,
+}
+
+#[derive(clap::Args)]
+struct Target {
+    /// The database directory.
+    dir: PathBuf,
+    /// The keyspace (the default one if left out).
+    #[arg(long, short)]
+    keyspace: Option<String>,
+    /// How keys and values are given and printed.
+    #[arg(long, value_enum, default_value_t)]
+    encoding: Encoding,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Files, keyspaces, entry counts, sequence numbers and WAL state.
+    Stat {
+        /// The database directory.
+        dir: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the value of a key.
+    Get {
+        #[command(flatten)]
+        target: Target,
+        key: String,
+    },
+    /// Set a key to a value (durable when the command returns); creates
+    /// the database if there is none.
+    Put {
+        #[command(flatten)]
+        target: Target,
+        key: String,
+        value: String,
+    },
+    /// Remove a key.
+    Rm {
+        #[command(flatten)]
+        target: Target,
+        key: String,
+    },
+    /// Print entries in key order, one `key<TAB>value` per line.
+    Scan {
+        #[command(flatten)]
+        target: Target,
+        /// Only keys that start with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// In descending key order.
+        #[arg(long)]
+        reverse: bool,
+        /// At most this many entries.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Write every entry of every keyspace to stdout as JSON lines.
+    Dump { dir: PathBuf },
+    /// Read JSON lines (as `dump` writes them) from stdin into the database
+    /// (created if there is none), in batches of 1,000.
+    Load { dir: PathBuf },
+    /// Check every checksum of every file; exit status 1 if anything is damaged.
+    Verify { dir: PathBuf },
+    /// Write the memtable to a snapshot file.
+    Checkpoint { dir: PathBuf },
+    /// Checkpoint, then merge every snapshot file.
+    Compact { dir: PathBuf },
+    /// Print the commits after a sequence number that the log still holds.
+    Watch {
+        dir: PathBuf,
+        /// Start after this sequence number (the history start if left out).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Only keys that start with this.
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+    /// Print what changed between two sequence numbers, in key order.
+    Diff {
+        #[command(flatten)]
+        target: Target,
+        from: u64,
+        to: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("mapstore: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Outcome = Result<ExitCode, String>;
+
+fn run(command: Command) -> Outcome {
+    match command {
+        Command::Stat { dir, json } => stat(&dir, json),
+        Command::Get { target, key } => {
+            let db = read_only(&target.dir)?;
+            let key = decode(&key, target.encoding)?;
+            match keyspace_of(&db, &target)? {
+                Some(ks) => ks.get(&key),
+                None => db.get(&key),
+            }
+            .map_err(text)?
+            .map_or_else(
+                || {
+                    eprintln!("mapstore: no such key");
+                    Ok(ExitCode::FAILURE)
+                },
+                |value| {
+                    println!("{}", encode(&value, target.encoding));
+                    Ok(ExitCode::SUCCESS)
+                },
+            )
+        }
+        Command::Put { target, key, value } => {
+            let db = writable(&target.dir, true)?;
+            let (key, value) = (
+                decode(&key, target.encoding)?,
+                decode(&value, target.encoding)?,
+            );
+            let seq = match keyspace_of(&db, &target)? {
+                Some(ks) => ks.insert(&key, &value),
+                None => db.insert(&key, &value),
+            }
+            .map_err(text)?;
+            println!("{seq}");
+            db.close().map_err(text)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rm { target, key } => {
+            let db = writable(&target.dir, false)?;
+            let key = decode(&key, target.encoding)?;
+            let seq = match keyspace_of(&db, &target)? {
+                Some(ks) => ks.remove(&key),
+                None => db.remove(&key),
+            }
+            .map_err(text)?;
+            println!("{seq}");
+            db.close().map_err(text)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Scan {
+            target,
+            prefix,
+            reverse,
+            limit,
+        } => scan(&target, prefix, reverse, limit),
+        Command::Dump { dir } => dump(&dir),
+        Command::Load { dir } => load(&dir),
+        Command::Verify { dir } => verify(&dir),
+        Command::Checkpoint { dir } => {
+            let db = writable(&dir, false)?;
+            db.checkpoint().map_err(text)?;
+            db.close().map_err(text)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Compact { dir } => {
+            let db = writable(&dir, false)?;
+            let spinner = spinner("compacting");
+            db.compact().map_err(text)?;
+            spinner.finish_and_clear();
+            db.close().map_err(text)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch { dir, from, prefix } => watch(&dir, from, prefix),
+        Command::Diff { target, from, to } => {
+            let db = read_only(&target.dir)?;
+            let (older, newer) = (
+                db.snapshot_at(from).map_err(text)?,
+                db.snapshot_at(to).map_err(text)?,
+            );
+            let changes = match keyspace_of(&db, &target)? {
+                Some(ks) => older.diff_in(&ks, &newer),
+                None => older.diff(&newer),
+            };
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            for change in changes {
+                let change = change.map_err(text)?;
+                let show =
+                    |v: Option<Slice>| v.map_or("-".to_string(), |v| encode(&v, target.encoding));
+                writeln!(
+                    out,
+                    "{}\t{}\t{}",
+                    encode(&change.key, target.encoding),
+                    show(change.old),
+                    show(change.new)
+                )
+                .map_err(text)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn text(error: impl std::fmt::Display) -> String {
+    error.to_string()
+}
+
+fn read_only(dir: &Path) -> Result<Db, String> {
+    Db::open_read_only(dir).map_err(text)
+}
+
+/// Opens `dir` for writing; with `create`, a database is made if there
+/// is none (`put`, `load`), else a typo in a path must not make one.
+fn writable(dir: &Path, create: bool) -> Result<Db, String> {
+    if !create && !dir.join("MANIFEST").exists() {
+        return Err(format!("no database in {}", dir.display()));
+    }
+    Db::open(dir).map_err(text)
+}
+
+/// The keyspace `target` names, if any (it must exist).
+fn keyspace_of(db: &Db, target: &Target) -> Result<Option<Keyspace>, String> {
+    let Some(name) = &target.keyspace else {
+        return Ok(None);
+    };
+    if !db.keyspace_names().map_err(text)?.contains(name) {
+        return Err(format!("no keyspace is named {name:?}"));
+    }
+    db.keyspace(name).map(Some).map_err(text)
+}
+
+fn decode(given: &str, encoding: Encoding) -> Result<Vec<u8>, String> {
+    match encoding {
+        Encoding::Text => Ok(given.as_bytes().to_vec()),
+        Encoding::Hex => {
+            if given.len() % 2 != 0 {
+                return Err(format!("{given:?} is not hexadecimal (odd length)"));
+            }
+            (0..given.len())
+                .step_by(2)
+                .map(|i| {
+                    u8::from_str_radix(&given[i..i + 2], 16)
+                        .map_err(|_| format!("{given:?} is not hexadecimal"))
+                })
+                .collect()
+        }
+        Encoding::Base64 => BASE64
+            .decode(given)
+            .map_err(|e| format!("{given:?} is not base64: {e}")),
+    }
+}
+
+fn encode(bytes: &[u8], encoding: Encoding) -> String {
+    match encoding {
+        Encoding::Text => match std::str::from_utf8(bytes) {
+            Ok(text) if !text.chars().any(|c| c.is_control()) => text.to_string(),
+            _ => bytes.escape_ascii().to_string(),
+        },
+        Encoding::Hex => bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        Encoding::Base64 => BASE64.encode(bytes),
+    }
+}
+
+fn spinner(message: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new_spinner().with_message(message);
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+fn stat(dir: &Path, json: bool) -> Outcome {
+    let db = read_only(dir)?;
+    let snapshot = db.snapshot();
+    let mut keyspaces = vec![(None, snapshot.iter().count())];
+    for name in db.keyspace_names().map_err(text)? {
+        let ks = db.keyspace(&name).map_err(text)?;
+        keyspaces.push((Some(name), snapshot.iter_in(&ks).count()));
+    }
+    let stats = db.checkpoint_stats();
+    let (mut wal_segments, mut wal_bytes) = (0u64, 0u64);
+    for entry in std::fs::read_dir(dir).map_err(text)? {
+        let entry = entry.map_err(text)?;
+        if entry.path().extension().is_some_and(|ext| ext == "wal") {
+            wal_segments += 1;
+            wal_bytes += entry.metadata().map_err(text)?.len();
+        }
+    }
+    let report = db.recovery_report();
+    let live: usize = keyspaces.iter().map(|(_, count)| count).sum();
+    if json {
+        let keyspaces: Vec<_> = keyspaces
+            .iter()
+            .map(|(name, count)| serde_json::json!({"keyspace": name, "entries": count}))
+            .collect();
+        let out = serde_json::json!({
+            "path": dir.display().to_string(),
+            "seq": snapshot.seq(),
+            "history_start": db.history_start().map_err(text)?,
+            "entries": live,
+            "keyspaces": keyspaces,
+            "snapshot_files": stats.snapshot_files,
+            "snapshot_file_bytes": stats.snapshot_file_bytes,
+            "wal_segments": wal_segments,
+            "wal_bytes": wal_bytes,
+            "wal_batches_to_replay": report.batches_replayed,
+            "torn_tail": report.torn_tail.as_ref().map(|(path, offset, _)| {
+                serde_json::json!({"path": path.display().to_string(), "offset": offset})
+            }),
+        });
+        println!("{out}");
+    } else {
+        println!("database        {}", dir.display());
+        println!("sequence number {}", snapshot.seq());
+        println!("history start   {}", db.history_start().map_err(text)?);
+        println!("entries         {live}");
+        for (name, count) in &keyspaces {
+            println!("  {:<14}{count}", name.as_deref().unwrap_or("(default)"));
+        }
+        println!(
+            "snapshot files  {} ({} bytes)",
+            stats.snapshot_files, stats.snapshot_file_bytes
+        );
+        println!("WAL segments    {wal_segments} ({wal_bytes} bytes)");
+        println!(
+            "WAL to replay   {} commits, {} bytes",
+            report.batches_replayed, report.wal_bytes_replayed
+        );
+        if let Some((path, offset, reason)) = &report.torn_tail {
+            println!(
+                "torn tail       {} at byte {offset}: {reason}",
+                path.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn scan(target: &Target, prefix: Option<String>, reverse: bool, limit: Option<usize>) -> Outcome {
+    let db = read_only(&target.dir)?;
+    let prefix = prefix
+        .map(|p| decode(&p, target.encoding))
+        .transpose()?
+        .unwrap_or_default();
+    let snapshot = db.snapshot();
+    let entries = match keyspace_of(&db, target)? {
+        Some(ks) => snapshot.prefix_in(&ks, &prefix),
+        None => snapshot.prefix(&prefix),
+    };
+    let entries: Box<dyn Iterator<Item = _>> = if reverse {
+        Box::new(entries.rev())
+    } else {
+        Box::new(entries)
+    };
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    for entry in entries.take(limit.unwrap_or(usize::MAX)) {
+        let (key, value) = entry.map_err(text)?;
+        writeln!(
+            out,
+            "{}\t{}",
+            encode(&key, target.encoding),
+            encode(&value, target.encoding)
+        )
+        .map_err(text)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dump(dir: &Path) -> Outcome {
+    let db = read_only(dir)?;
+    let snapshot = db.snapshot();
+    let progress = ProgressBar::new_spinner().with_style(
+        ProgressStyle::with_template("{spinner} {pos} entries ({per_sec})").map_err(text)?,
+    );
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    let mut write = |keyspace: Option<&str>, key: &[u8], value: &[u8]| {
+        let line = serde_json::json!({
+            "keyspace": keyspace,
+            "key": BASE64.encode(key),
+            "value": BASE64.encode(value),
+        });
+        progress.inc(1);
+        writeln!(out, "{line}").map_err(text)
+    };
+    for entry in snapshot.iter() {
+        let (key, value) = entry.map_err(text)?;
+        write(None, &key, &value)?;
+    }
+    for name in db.keyspace_names().map_err(text)? {
+        let ks = db.keyspace(&name).map_err(text)?;
+        for entry in snapshot.iter_in(&ks) {
+            let (key, value) = entry.map_err(text)?;
+            write(Some(&name), &key, &value)?;
+        }
+    }
+    progress.finish_and_clear();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load(dir: &Path) -> Outcome {
+    let db = writable(dir, true)?;
+    let stdin = std::io::stdin();
+    // With a file on stdin its size gives the bar a length, so a rate and
+    // an ETA; from a pipe, a count and a rate.
+    let total = std::fs::metadata("/dev/stdin")
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let progress = if total > 0 {
+        ProgressBar::new(total).with_style(
+            ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)",
+            )
+            .map_err(text)?,
+        )
+    } else {
+        ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {bytes} ({bytes_per_sec})").map_err(text)?,
+        )
+    };
+    let mut batch = WriteBatch::new();
+    let mut keyspaces: std::collections::HashMap<String, Keyspace> = Default::default();
+    let mut loaded = 0u64;
+    for (number, line) in stdin.lock().lines().enumerate() {
+        let line = line.map_err(text)?;
+        progress.inc(line.len() as u64 + 1);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |why: &str| format!("line {}: {why}", number + 1);
+        let entry: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| bad(&e.to_string()))?;
+        let field = |name: &str| -> Result<Vec<u8>, String> {
+            let encoded = entry[name]
+                .as_str()
+                .ok_or_else(|| bad(&format!("no \"{name}\" string")))?;
+            BASE64.decode(encoded).map_err(|e| bad(&e.to_string()))
+        };
+        let (key, value) = (field("key")?, field("value")?);
+        match entry["keyspace"].as_str() {
+            None => batch.insert(&key, &value),
+            Some(name) => {
+                if !keyspaces.contains_key(name) {
+                    keyspaces.insert(name.to_string(), db.keyspace(name).map_err(text)?);
+                }
+                batch.insert_in(&keyspaces[name], &key, &value);
+            }
+        }
+        loaded += 1;
+        if batch.len() == 1_000 {
+            db.write(std::mem::take(&mut batch)).map_err(text)?;
+        }
+    }
+    db.write(batch).map_err(text)?;
+    progress.finish_and_clear();
+    drop(keyspaces);
+    db.close().map_err(text)?;
+    eprintln!("loaded {loaded} entries");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(dir: &Path) -> Outcome {
+    let db = read_only(dir)?;
+    let spinner = spinner("verifying");
+    let report = db.verify().map_err(text)?;
+    spinner.finish_and_clear();
+    println!(
+        "{} snapshot files, {} blocks; {} WAL segments, {} records",
+        report.snapshot_files, report.blocks, report.wal_segments, report.wal_records
+    );
+    for damage in &report.damage {
+        println!(
+            "damaged: {} at byte {}: {}",
+            damage.path.display(),
+            damage.offset,
+            damage.reason
+        );
+    }
+    Ok(if report.is_ok() {
+        println!("no damage found");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn watch(dir: &Path, from: Option<u64>, prefix: Option<String>) -> Outcome {
+    let db = read_only(dir)?;
+    let from = match from {
+        Some(from) => from,
+        None => db.history_start().map_err(text)?,
+    };
+    let newest = db.snapshot().seq();
+    let mut feed = db.changes_since(from).map_err(text)?;
+    if let Some(prefix) = prefix {
+        feed = feed.prefix(prefix);
+    }
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    while feed.position() < newest {
+        let Some(commit) = feed.next_timeout(Duration::ZERO).map_err(text)? else {
+            break;
+        };
+        for op in &commit.ops {
+            let keyspace = |ks: &Option<std::sync::Arc<str>>| {
+                ks.as_deref()
+                    .map_or(String::new(), |name| format!("{name}/"))
+            };
+            let line = match op {
+                ChangeOp::Put {
+                    keyspace: ks,
+                    key,
+                    value,
+                } => format!(
+                    "put {}{} = {}",
+                    keyspace(ks),
+                    encode(key, Encoding::Text),
+                    encode(value, Encoding::Text)
+                ),
+                ChangeOp::Remove { keyspace: ks, key } => {
+                    format!("remove {}{}", keyspace(ks), encode(key, Encoding::Text))
+                }
+                ChangeOp::Expire { keyspace: ks, key } => {
+                    format!("expire {}{}", keyspace(ks), encode(key, Encoding::Text))
+                }
+                ChangeOp::KeyspaceCreated { name } => format!("create keyspace {name}"),
+                ChangeOp::KeyspaceDropped { name } => format!("drop keyspace {name}"),
+                _ => "(an operation this build does not name)".to_string(),
+            };
+            writeln!(out, "{}\t{line}", commit.seq).map_err(text)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,199 @@
+//! The `mapstore` command, driven as a real process (feature `cli`):
+//! each command, bad arguments, a locked and a damaged database.
+#![cfg(feature = "cli")]
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn mapstore(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mapstore"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+fn path(dir: &Path) -> &str {
+    dir.to_str().unwrap()
+}
+
+#[test]
+fn put_get_rm_scan_and_encodings() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("db");
+    let d = path(&dir);
+    assert!(mapstore(&["put", d, "user/1", "ada"]).status.success());
+    assert!(mapstore(&["put", d, "user/2", "grace"]).status.success());
+    assert!(
+        mapstore(&["put", d, "--encoding", "hex", "00ff", "0a0b"])
+            .status
+            .success()
+    );
+    let got = mapstore(&["get", d, "user/1"]);
+    assert!(got.status.success());
+    assert_eq!(stdout(&got), "ada\n");
+    // Bytes that are not printable text come out escaped, or as asked.
+    let raw = mapstore(&["scan", d, "--limit", "1"]);
+    assert_eq!(stdout(&raw), "\\x00\\xff\t\\n\\x0b\n");
+    let hex = mapstore(&["get", d, "--encoding", "hex", "00ff"]);
+    assert_eq!(stdout(&hex), "0a0b\n");
+    let b64 = mapstore(&["get", d, "--encoding", "base64", "AP8="]);
+    assert_eq!(stdout(&b64), "Cgs=\n");
+    let scan = mapstore(&["scan", d, "--prefix", "user/", "--reverse"]);
+    assert_eq!(stdout(&scan), "user/2\tgrace\nuser/1\tada\n");
+    assert!(mapstore(&["rm", d, "user/1"]).status.success());
+    let gone = mapstore(&["get", d, "user/1"]);
+    assert_eq!(gone.status.code(), Some(1));
+    assert_eq!(stderr(&gone), "mapstore: no such key\n");
+    // Keyspaces: one that does not exist is an error, not a creation.
+    let missing = mapstore(&["get", d, "--keyspace", "nope", "k"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("no keyspace"),
+        "{}",
+        stderr(&missing)
+    );
+    let bad_hex = mapstore(&["get", d, "--encoding", "hex", "zz"]);
+    assert_eq!(bad_hex.status.code(), Some(1));
+    assert_eq!(stderr(&bad_hex).lines().count(), 1);
+}
+
+#[test]
+fn dump_and_load_round_trip_every_keyspace() {
+    let temp = tempfile::tempdir().unwrap();
+    let source = temp.path().join("source");
+    {
+        let db = mapstore::Db::open(&source).unwrap();
+        db.insert([0u8, 1, 2], [255u8; 3]).unwrap();
+        db.insert("plain", "").unwrap();
+        let users = db.keyspace("users").unwrap();
+        for i in 0..2500 {
+            users.insert(format!("u{i:05}"), format!("{i}")).unwrap();
+        }
+        drop(users);
+        db.close().unwrap();
+    }
+    let dump = mapstore(&["dump", path(&source)]);
+    assert!(dump.status.success(), "{}", stderr(&dump));
+    assert_eq!(stdout(&dump).lines().count(), 2502);
+    let target = temp.path().join("target");
+    let mut load = Command::new(env!("CARGO_BIN_EXE_mapstore"))
+        .args(["load", path(&target)])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    load.stdin.take().unwrap().write_all(&dump.stdout).unwrap();
+    let loaded = load.wait_with_output().unwrap();
+    assert!(loaded.status.success(), "{}", stderr(&loaded));
+    assert_eq!(stdout(&mapstore(&["dump", path(&target)])), stdout(&dump));
+    let db = mapstore::Db::open_read_only(&target).unwrap();
+    assert_eq!(db.get([0u8, 1, 2]).unwrap().unwrap(), [255u8; 3][..]);
+    assert_eq!(db.keyspace("users").unwrap().iter().count(), 2500);
+}
+
+#[test]
+fn stat_watch_diff_checkpoint_and_compact() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("db");
+    let (first, second);
+    {
+        let db = mapstore::Db::open_with(
+            &dir,
+            mapstore::Options::default().history(mapstore::History::Commits(1_000)),
+        )
+        .unwrap();
+        first = db.insert("a", "1").unwrap();
+        db.insert("b", "2").unwrap();
+        second = db.insert("a", "10").unwrap();
+        db.close().unwrap();
+    }
+    let d = path(&dir);
+    let stat = mapstore(&["stat", d, "--json"]);
+    assert!(stat.status.success(), "{}", stderr(&stat));
+    let json: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap();
+    assert_eq!(json["seq"], second);
+    assert_eq!(json["entries"], 2);
+    let text = stdout(&mapstore(&["stat", d]));
+    assert!(text.contains("sequence number 3"), "{text}");
+    let watch = mapstore(&["watch", d, "--from", "0"]);
+    assert_eq!(
+        stdout(&watch),
+        "1\tput a = 1\n2\tput b = 2\n3\tput a = 10\n"
+    );
+    let diff = mapstore(&["diff", d, &first.to_string(), &second.to_string()]);
+    assert_eq!(stdout(&diff), "a\t1\t10\nb\t-\t2\n");
+    assert!(mapstore(&["checkpoint", d]).status.success());
+    assert!(mapstore(&["compact", d]).status.success());
+    assert_eq!(stdout(&mapstore(&["get", d, "a"])), "10\n");
+}
+
+#[test]
+fn verify_reports_damage_and_fails() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("db");
+    {
+        let db = mapstore::Db::open(&dir).unwrap();
+        for i in 0..3000 {
+            db.insert(format!("k{i:05}"), "some value").unwrap();
+        }
+        db.close().unwrap();
+    }
+    let clean = mapstore(&["verify", path(&dir)]);
+    assert!(clean.status.success(), "{}", stdout(&clean));
+    assert!(stdout(&clean).contains("no damage found"));
+    let snap = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "snap"))
+        .unwrap();
+    let mut bytes = std::fs::read(&snap).unwrap();
+    bytes[4096 + 50] ^= 1;
+    std::fs::write(&snap, bytes).unwrap();
+    let damaged = mapstore(&["verify", path(&dir)]);
+    assert_eq!(damaged.status.code(), Some(1));
+    let report = stdout(&damaged);
+    assert!(
+        report.contains(&format!("damaged: {} at byte 4096", snap.display())),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_locked_database_missing_paths_and_bad_arguments_are_one_line_errors() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("db");
+    let db = mapstore::Db::open(&dir).unwrap();
+    db.insert("k", "v").unwrap();
+    for args in [
+        vec!["get", path(&dir), "k"],
+        vec!["put", path(&dir), "k", "w"],
+    ] {
+        let locked = mapstore(&args);
+        assert_eq!(locked.status.code(), Some(1));
+        let message = stderr(&locked);
+        assert_eq!(message.lines().count(), 1, "{message}");
+        assert!(message.contains("already open"), "{message}");
+    }
+    drop(db);
+    let nowhere = temp.path().join("nowhere");
+    let missing = mapstore(&["rm", path(&nowhere), "k"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(!nowhere.exists());
+    let read_missing = mapstore(&["scan", path(&nowhere)]);
+    assert_eq!(read_missing.status.code(), Some(1));
+    assert!(stderr(&read_missing).contains("no database"));
+    let bad = mapstore(&["frobnicate"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let no_dir = mapstore(&["get"]);
+    assert_eq!(no_dir.status.code(), Some(2));
+}
