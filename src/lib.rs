@@ -49,6 +49,7 @@ mod expiry;
 mod feed;
 mod files;
 mod history;
+pub mod inspect;
 mod io;
 mod keyspace;
 mod manifest;

@@ -197,3 +197,57 @@ fn a_locked_database_missing_paths_and_bad_arguments_are_one_line_errors() {
     let no_dir = mapstore(&["get"]);
     assert_eq!(no_dir.status.code(), Some(2));
 }
+
+#[test]
+fn wal_dump_and_file_dump_show_records_and_entries() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("db");
+    {
+        let db = mapstore::Db::open_with(
+            &dir,
+            mapstore::Options::default().checkpoint_on_close(false),
+        )
+        .unwrap();
+        let mut batch = mapstore::WriteBatch::new();
+        batch.insert("a", "1");
+        batch.remove("b");
+        db.write(batch).unwrap();
+        db.insert_with_ttl("t", "x", std::time::Duration::from_secs(60))
+            .unwrap();
+        db.checkpoint().unwrap();
+        db.insert("after", "checkpoint").unwrap();
+        db.close().unwrap();
+    }
+    let with_extension = |extension: &str| {
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == extension))
+            .collect();
+        files.sort();
+        files
+    };
+    let wal = with_extension("wal");
+    let last = mapstore(&["wal-dump", path(wal.last().unwrap())]);
+    assert!(last.status.success(), "{}", stderr(&last));
+    let text = stdout(&last);
+    assert!(text.contains("seq 4..=4"), "{text}");
+    assert!(
+        text.contains("put keyspace 0 key after (10 value bytes)"),
+        "{text}"
+    );
+    assert!(text.ends_with("end: clean\n"), "{text}");
+    let snap = with_extension("snap");
+    let file = mapstore(&["file-dump", path(&snap[0])]);
+    assert!(file.status.success(), "{}", stderr(&file));
+    let text = stdout(&file);
+    assert!(
+        text.starts_with("keyspace 0, 1 blocks, 3 entries\n"),
+        "{text}"
+    );
+    assert!(text.contains("a\t1\t1\n"), "{text}");
+    assert!(text.contains("b\t2\t(removed)\n"), "{text}");
+    assert!(text.contains("t\t3\tx\texpires at "), "{text}");
+    let bad = mapstore(&["wal-dump", path(&snap[0])]);
+    assert_eq!(bad.status.code(), Some(1));
+}

@@ -101,6 +101,16 @@ enum Command {
     Load { dir: PathBuf },
     /// Check every checksum of every file; exit status 1 if anything is damaged.
     Verify { dir: PathBuf },
+    /// Print a WAL segment's records: offset, seqs, commit time, operations.
+    WalDump {
+        /// The segment file (`{number}.wal`).
+        file: PathBuf,
+    },
+    /// Print a snapshot file's keyspace, block count and entries.
+    FileDump {
+        /// The snapshot file (`{number}.snap`).
+        file: PathBuf,
+    },
     /// Write the memtable to a snapshot file.
     Checkpoint { dir: PathBuf },
     /// Checkpoint, then merge every snapshot file.
@@ -195,6 +205,8 @@ fn run(command: Command) -> Outcome {
         Command::Dump { dir } => dump(&dir),
         Command::Load { dir } => load(&dir),
         Command::Verify { dir } => verify(&dir),
+        Command::WalDump { file } => wal_dump(&file),
+        Command::FileDump { file } => file_dump(&file),
         Command::Checkpoint { dir } => {
             let db = writable(&dir, false)?;
             db.checkpoint().map_err(text)?;
@@ -563,6 +575,76 @@ fn watch(dir: &Path, from: Option<u64>, prefix: Option<String>) -> Outcome {
             };
             writeln!(out, "{}\t{line}", commit.seq).map_err(text)?;
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn wal_dump(file: &Path) -> Outcome {
+    let segment = mapstore::inspect::wal_segment(file).map_err(text)?;
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    for record in &segment.records {
+        let micros = record
+            .time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_micros());
+        writeln!(
+            out,
+            "record at byte {}: seq {}..={}, time {} us",
+            record.offset,
+            record.first_seq,
+            record.first_seq + record.ops.len() as u64 - 1,
+            micros
+        )
+        .map_err(text)?;
+        for op in &record.ops {
+            let ttl = if op.ttl_micros == 0 {
+                String::new()
+            } else {
+                format!(", ttl {} us", op.ttl_micros)
+            };
+            writeln!(
+                out,
+                "  {} keyspace {} key {} ({} value bytes{ttl})",
+                op.kind,
+                op.keyspace,
+                encode(&op.key, Encoding::Text),
+                op.value_len
+            )
+            .map_err(text)?;
+        }
+    }
+    writeln!(out, "end: {}", segment.end).map_err(text)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn file_dump(file: &Path) -> Outcome {
+    let dump = mapstore::inspect::snapshot_file(file).map_err(text)?;
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    writeln!(
+        out,
+        "keyspace {}, {} blocks, {} entries",
+        dump.keyspace,
+        dump.blocks,
+        dump.entries.len()
+    )
+    .map_err(text)?;
+    for entry in &dump.entries {
+        let value = entry
+            .value
+            .as_ref()
+            .map_or("(removed)".to_string(), |v| encode(v, Encoding::Text));
+        let expiry = if entry.expires_micros == 0 {
+            String::new()
+        } else {
+            format!("\texpires at {} us", entry.expires_micros)
+        };
+        writeln!(
+            out,
+            "{}\t{}\t{value}{expiry}",
+            encode(&entry.key, Encoding::Text),
+            entry.seq
+        )
+        .map_err(text)?;
     }
     Ok(ExitCode::SUCCESS)
 }
