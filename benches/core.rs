@@ -422,9 +422,68 @@ fn bench_reopen(c: &mut Criterion) {
     group.finish();
 }
 
+/// The history's reads: point reads from a file whose every value has a
+/// TTL beside the same without (`get_with_ttls`, `get_without_ttls`), a
+/// diff of two snapshots 1,000 commits apart after a checkpoint of `n`
+/// keys, and the change feed reading 1,000 commits back from the WAL.
+fn bench_history(c: &mut Criterion) {
+    let n = keys_for_reads();
+    let mut group = c.benchmark_group("history");
+    for with_ttl in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_with(dir.path(), Options::default().durability(Durability::Buffered))
+            .unwrap();
+        for start in (0..n).step_by(10_000) {
+            let mut batch = WriteBatch::new();
+            for i in start..(start + 10_000).min(n) {
+                if with_ttl {
+                    batch.insert_with_ttl(key(i), value(i), Duration::from_secs(3600));
+                } else {
+                    batch.insert(key(i), value(i));
+                }
+            }
+            db.write(batch).unwrap();
+        }
+        db.compact().unwrap();
+        group.throughput(Throughput::Elements(1));
+        let name = if with_ttl { "get_with_ttls" } else { "get_without_ttls" };
+        bench_random_get(&mut group, name, &db, n);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = Db::open_with(
+        dir.path(),
+        Options::default()
+            .durability(Durability::Buffered)
+            .history(mapstore::History::Commits(u64::MAX)),
+    )
+    .unwrap();
+    load(&db, n);
+    db.compact().unwrap();
+    let before = db.snapshot();
+    for i in 0..1_000u64 {
+        db.insert(key(i * 97 % n), value(i + 1)).unwrap();
+    }
+    db.checkpoint().unwrap();
+    let after = db.snapshot();
+    group.throughput(Throughput::Elements(1_000));
+    group.bench_function("diff_1000_commits", |b| {
+        b.iter(|| assert_eq!(before.diff(&after).count(), 1_000))
+    });
+    group.bench_function("feed_1000_commits", |b| {
+        b.iter(|| {
+            let mut feed = db.changes_since(before.seq()).unwrap();
+            for _ in 0..1_000 {
+                black_box(feed.next_timeout(Duration::ZERO).unwrap().unwrap());
+            }
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
-    targets = bench_fdatasync_baselines, bench_io_layer, bench_synced_writes, bench_reads, bench_file_reads, bench_large_value_reads, bench_reopen
+    targets = bench_fdatasync_baselines, bench_io_layer, bench_synced_writes, bench_reads, bench_file_reads, bench_large_value_reads, bench_reopen, bench_history
 }
 criterion_main!(benches);
