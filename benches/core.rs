@@ -431,8 +431,11 @@ fn bench_history(c: &mut Criterion) {
     let mut group = c.benchmark_group("history");
     for with_ttl in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open_with(dir.path(), Options::default().durability(Durability::Buffered))
-            .unwrap();
+        let db = Db::open_with(
+            dir.path(),
+            Options::default().durability(Durability::Buffered),
+        )
+        .unwrap();
         for start in (0..n).step_by(10_000) {
             let mut batch = WriteBatch::new();
             for i in start..(start + 10_000).min(n) {
@@ -446,7 +449,11 @@ fn bench_history(c: &mut Criterion) {
         }
         db.compact().unwrap();
         group.throughput(Throughput::Elements(1));
-        let name = if with_ttl { "get_with_ttls" } else { "get_without_ttls" };
+        let name = if with_ttl {
+            "get_with_ttls"
+        } else {
+            "get_without_ttls"
+        };
         bench_random_get(&mut group, name, &db, n);
     }
 
