@@ -192,7 +192,7 @@ impl WriteBatch {
         value: impl AsRef<[u8]>,
         ttl: Duration,
     ) {
-        self.insert_with_ttl_into(&None, key.as_ref(), value.as_ref(), ttl);
+        self.push_put_with_ttl(DEFAULT_KEYSPACE, key.as_ref(), value.as_ref(), ttl);
     }
 
     /// [`insert_with_ttl`](Self::insert_with_ttl) in `keyspace`.
@@ -203,39 +203,32 @@ impl WriteBatch {
         value: impl AsRef<[u8]>,
         ttl: Duration,
     ) {
-        self.insert_with_ttl_into(
-            &Some(keyspace.info.clone()),
-            key.as_ref(),
-            value.as_ref(),
-            ttl,
-        );
+        self.insert_with_ttl_into(&keyspace.info, key.as_ref(), value.as_ref(), ttl);
     }
 
-    /// Adds a put with a TTL in `keyspace` (`None`: the default one).
+    /// Adds a put with a TTL in the keyspace `info` describes.
     pub(crate) fn insert_with_ttl_into(
         &mut self,
-        keyspace: &Option<Arc<KeyspaceInfo>>,
+        keyspace: &Arc<KeyspaceInfo>,
         key: &[u8],
         value: &[u8],
         ttl: Duration,
     ) {
-        let micros = match ttl_micros(ttl) {
-            Ok(micros) => micros,
+        if keyspace.id != DEFAULT_KEYSPACE {
+            self.note_keyspace(keyspace);
+        }
+        self.push_put_with_ttl(keyspace.id, key, value, ttl);
+    }
+
+    /// Appends a put with a TTL, once the TTL is within the limits (else
+    /// `seal` refuses the batch).
+    fn push_put_with_ttl(&mut self, keyspace: u32, key: &[u8], value: &[u8], ttl: Duration) {
+        match ttl_micros(ttl) {
+            Ok(micros) => self.push_op(OpKind::Put, keyspace, key, value, micros),
             Err(reason) => {
                 self.over_limit.get_or_insert(OverLimit::Ttl(ttl, reason));
-                return;
             }
-        };
-        let id = match keyspace {
-            Some(info) => {
-                if info.id != DEFAULT_KEYSPACE {
-                    self.note_keyspace(info);
-                }
-                info.id
-            }
-            None => DEFAULT_KEYSPACE,
-        };
-        self.push_op(OpKind::Put, id, key, value, micros);
+        }
     }
 
     /// Adds "`key` expired" in the keyspace `info` describes (the expiry

@@ -374,8 +374,23 @@ impl Db {
         value: impl AsRef<[u8]>,
         ttl: std::time::Duration,
     ) -> Result<u64> {
+        self.insert_with_ttl_at(
+            &self.inner.default_keyspace,
+            key.as_ref(),
+            value.as_ref(),
+            ttl,
+        )
+    }
+
+    pub(crate) fn insert_with_ttl_at(
+        &self,
+        keyspace: &Arc<KeyspaceInfo>,
+        key: &[u8],
+        value: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<u64> {
         let mut batch = WriteBatch::new();
-        batch.insert_with_ttl(key, value, ttl);
+        batch.insert_with_ttl_into(keyspace, key, value, ttl);
         self.write(batch)
     }
 
@@ -1078,7 +1093,7 @@ impl Db {
         &self.inner.path
     }
 
-    fn check_open(&self) -> Result<()> {
+    pub(crate) fn check_open(&self) -> Result<()> {
         if self.is_closed() {
             return Err(Error::Closed);
         }
@@ -1087,10 +1102,6 @@ impl Db {
 
     // What the history's readers (`feed.rs`, `diff.rs`) need of the
     // database.
-
-    pub(crate) fn check_still_open(&self) -> Result<()> {
-        self.check_open()
-    }
 
     pub(crate) fn is_closed(&self) -> bool {
         self.inner.closed.load(Ordering::Acquire)

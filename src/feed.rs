@@ -263,12 +263,10 @@ impl ChangeFeed {
     /// The record of the commit after `position`, which is published.
     fn read_next(&mut self) -> Result<LogRecord> {
         loop {
-            if self.segment.is_none() {
-                self.locate()?;
-            }
             let Some(segment) = self.segment.as_mut() else {
-                // Unreachable: `locate` set it or failed.
-                return Err(Error::Closed);
+                // `locate` sets it, or fails.
+                self.locate()?;
+                continue;
             };
             let record = match segment.record_at(self.offset) {
                 Ok(record) => record,
@@ -446,7 +444,7 @@ impl Db {
     /// `seq`, [`Error::FutureSeq`] if `seq` is not committed yet,
     /// [`Error::Closed`], [`Error::Io`].
     pub fn changes_since(&self, seq: u64) -> Result<ChangeFeed> {
-        self.check_still_open()?;
+        self.check_open()?;
         ChangeFeed::start(self.clone(), seq)
     }
 
@@ -456,7 +454,7 @@ impl Db {
     /// # Errors
     /// [`Error::Closed`].
     pub fn watch_prefix(&self, prefix: impl AsRef<[u8]>) -> Result<ChangeFeed> {
-        self.check_still_open()?;
+        self.check_open()?;
         let now = self.read_state().visible_seq();
         Ok(ChangeFeed::start(self.clone(), now)?
             .default_keyspace()

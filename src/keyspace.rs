@@ -406,9 +406,8 @@ impl Keyspace {
         value: impl AsRef<[u8]>,
         ttl: std::time::Duration,
     ) -> Result<u64> {
-        let mut batch = crate::WriteBatch::new();
-        batch.insert_with_ttl_in(self, key, value, ttl);
-        self.db.write(batch)
+        self.db
+            .insert_with_ttl_at(&self.info, key.as_ref(), value.as_ref(), ttl)
     }
 
     /// How long the value of `key` has left before it expires ([`Db::ttl`]).

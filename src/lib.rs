@@ -193,7 +193,7 @@ pub mod fuzzing {
                 if timed {
                     let ttl = (1 + u64::from(bytes.next().unwrap_or(0))) << 20;
                     let ttl = std::time::Duration::from_micros(ttl);
-                    batch.insert_with_ttl_into(&Some(keyspace), &key, &value, ttl);
+                    batch.insert_with_ttl_into(&keyspace, &key, &value, ttl);
                 } else {
                     batch.insert_into(&keyspace, &key, &value);
                 }

@@ -181,57 +181,59 @@ impl ReadState {
 
     /// A snapshot registered as live, so merges keep the versions it may need.
     pub fn snapshot(&self) -> Snapshot {
-        let mut snapshot = self.unregistered_snapshot();
-        snapshot.time_micros = self.now_micros();
-        snapshot._pin = Some(Arc::new(Pin::new(self.pins.clone(), snapshot.seq)));
-        snapshot
+        self.pinned(self.unpinned(|| self.now_micros()))
     }
 
     /// A snapshot at `seq` (at or below the visible one), read at time
     /// `time_micros`, registered as live.
     pub fn snapshot_at(&self, seq: u64, time_micros: u64) -> Snapshot {
-        let mut snapshot = self.unregistered_snapshot();
+        let mut snapshot = self.unpinned(|| time_micros);
         snapshot.seq = seq.min(snapshot.seq);
-        snapshot.time_micros = time_micros;
+        self.pinned(snapshot)
+    }
+
+    /// `snapshot`, registered as live.
+    fn pinned(&self, mut snapshot: Snapshot) -> Snapshot {
         snapshot._pin = Some(Arc::new(Pin::new(self.pins.clone(), snapshot.seq)));
         snapshot
+    }
+
+    /// A snapshot of everything published, read at `time()` (called once
+    /// its sequence number is taken, so that the time is never before that
+    /// commit's), not registered.
+    fn unpinned(&self, time: impl FnOnce() -> u64) -> Snapshot {
+        // Read the sequence number first: any view taken afterwards holds
+        // every batch up to it (views only gain data).
+        let seq = self.visible_seq();
+        Snapshot {
+            time_micros: time(),
+            view: self.view(),
+            seq,
+            db_id: self.db_id,
+            _pin: None,
+        }
     }
 
     /// A snapshot for one point read of the present (`Db::get`), which
     /// judges expiry with [`now_micros`](Self::now_micros) itself, only
     /// for a version that has one: its own time is not read.
     pub fn point_read_snapshot(&self) -> Snapshot {
-        let seq = self.visible_seq();
-        Snapshot {
-            view: self.view(),
-            seq,
-            time_micros: 0,
-            db_id: self.db_id,
-            _pin: None,
-        }
+        self.unpinned(|| 0)
     }
 
     /// A snapshot for one read that ends before the caller returns (`get`);
     /// it skips the registry, since the view it holds already keeps its
     /// memtables and files alive.
     pub fn unregistered_snapshot(&self) -> Snapshot {
-        // Read the sequence number first: any view taken afterwards holds
-        // every batch up to it (views only gain data).
-        let seq = self.visible_seq();
         // Reading the clock costs a little on every read; it is needed
         // only once a value that expires was written.
-        let time_micros = if self.expiring.load(Ordering::Acquire) {
-            self.now_micros()
-        } else {
-            self.published_micros.load(Ordering::Acquire)
-        };
-        Snapshot {
-            view: self.view(),
-            seq,
-            time_micros,
-            db_id: self.db_id,
-            _pin: None,
-        }
+        self.unpinned(|| {
+            if self.expiring.load(Ordering::Acquire) {
+                self.now_micros()
+            } else {
+                self.published_micros.load(Ordering::Acquire)
+            }
+        })
     }
 }
 

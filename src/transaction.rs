@@ -459,7 +459,7 @@ impl Transaction {
                 let ttl = self.ttls.get(&(keyspace.id, key.clone()));
                 match (value, ttl) {
                     (Some(value), Some(&micros)) => batch.insert_with_ttl_into(
-                        &Some(keyspace.clone()),
+                        keyspace,
                         key,
                         value,
                         Duration::from_micros(micros),

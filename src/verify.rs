@@ -96,7 +96,7 @@ impl Db {
     /// [`Error::Closed`]; [`Error::Io`] if the directory cannot be listed
     /// (a file that cannot be read is reported as damage).
     pub fn verify(&self) -> Result<VerifyReport> {
-        self.check_still_open()?;
+        self.check_open()?;
         let mut report = VerifyReport::default();
         let view = self.read_state().view();
         for source in &view.sources {

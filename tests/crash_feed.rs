@@ -15,10 +15,8 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mapstore::{ChangeOp, Db, Durability, History, Options, WriteBatch};
 
@@ -119,43 +117,15 @@ fn sigkill_loses_no_commit_from_the_change_feed() {
     let mut stored = 0u64;
     let mut consumed: Vec<u64> = Vec::new();
     for iteration in 0..iterations {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "sigkill_loses_no_commit_from_the_change_feed",
-                "--exact",
-                "--nocapture",
-            ])
-            .env(CHILD_DIR, &path)
-            .env(CHILD_FIRST_ID, (iteration * 1_000_000_000).to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (lines, received) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if lines.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = received
-                .recv_timeout(left)
-                .expect("the child did not report ready");
-            if line.contains("ready") {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10 + rng.below(80)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        reader.join().unwrap();
-        for line in received.try_iter() {
+        let lines = common::run_child_until_killed(
+            "sigkill_loses_no_commit_from_the_change_feed",
+            &[
+                (CHILD_DIR, path.display().to_string()),
+                (CHILD_FIRST_ID, (iteration * 1_000_000_000).to_string()),
+            ],
+            Duration::from_millis(10 + rng.below(80)),
+        );
+        for line in lines {
             let fields: Vec<&str> = line.split(' ').collect();
             // A line cut by the kill does not parse, and is not counted.
             if let ["ack", seq, id] = fields[..]

@@ -21,10 +21,8 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mapstore::{Db, Durability, Options};
 
@@ -158,43 +156,15 @@ fn sigkill_during_transfers_loses_no_acknowledged_transfer_and_conserves_the_tot
     // Scratch keyspaces acknowledged created, and dropped.
     let (mut created, mut dropped) = (BTreeSet::new(), BTreeSet::new());
     for iteration in 0..iterations {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "sigkill_during_transfers_loses_no_acknowledged_transfer_and_conserves_the_total",
-                "--exact",
-                "--nocapture",
-            ])
-            .env(CHILD_DIR, &path)
-            .env(CHILD_FIRST_ID, (iteration * 1_000_000_000).to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (lines, received) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if lines.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = received
-                .recv_timeout(left)
-                .expect("the child did not report ready");
-            if line.contains("ready") {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10 + rng.below(100)));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
-        reader.join().unwrap();
-        for line in received.try_iter() {
+        let lines = common::run_child_until_killed(
+            "sigkill_during_transfers_loses_no_acknowledged_transfer_and_conserves_the_total",
+            &[
+                (CHILD_DIR, path.display().to_string()),
+                (CHILD_FIRST_ID, (iteration * 1_000_000_000).to_string()),
+            ],
+            Duration::from_millis(10 + rng.below(100)),
+        );
+        for line in lines {
             // A line cut by the kill does not parse, and is not counted.
             if let Some(Ok(id)) = line.strip_prefix("ack ").map(str::parse::<u64>) {
                 acknowledged.insert(id);

@@ -317,6 +317,20 @@ impl SegmentFile {
     }
 }
 
+/// The records of segment `number`, in order (none if it is gone).
+fn records(index: &WalIndex, number: u64) -> impl Iterator<Item = Result<LogRecord>> {
+    let mut file = SegmentFile::new(index.fs.clone(), &index.dir, number);
+    let mut offset = Some(0);
+    std::iter::from_fn(move || {
+        let record = file.record_at(offset?);
+        offset = match &record {
+            Ok(Some(record)) => Some(record.end),
+            Ok(None) | Err(_) => None,
+        };
+        record.transpose()
+    })
+}
+
 /// The newest commit at or before `time` (microseconds since the Unix
 /// epoch), found in the WAL: its last sequence number, or `None` if the
 /// oldest commit the WAL holds is already later. Commit times never
@@ -327,15 +341,13 @@ pub(crate) fn last_seq_at_or_before(index: &WalIndex, time: u64) -> Result<Optio
     let Some(at) = segments.iter().rposition(|s| s.first_time <= time) else {
         return Ok(None);
     };
-    let mut file = SegmentFile::new(index.fs.clone(), &index.dir, segments[at].number);
-    let mut offset = 0;
     let mut last = None;
-    while let Some(record) = file.record_at(offset)? {
+    for record in records(index, segments[at].number) {
+        let record = record?;
         if record.batch.commit_time_micros > time {
             break;
         }
         last = Some(record.batch.last_seq());
-        offset = record.end;
     }
     // A segment that ended without a later commit: the next segment's
     // first commit is later than `time` (or there is none), so every
@@ -350,13 +362,11 @@ pub(crate) fn commit_time_of(index: &WalIndex, seq: u64) -> Result<Option<u64>> 
     let Some(at) = segments.iter().rposition(|s| s.first_seq <= seq) else {
         return Ok(None);
     };
-    let mut file = SegmentFile::new(index.fs.clone(), &index.dir, segments[at].number);
-    let mut offset = 0;
-    while let Some(record) = file.record_at(offset)? {
+    for record in records(index, segments[at].number) {
+        let record = record?;
         if record.batch.last_seq() >= seq {
             return Ok(Some(record.batch.commit_time_micros));
         }
-        offset = record.end;
     }
     Ok(None)
 }

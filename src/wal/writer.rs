@@ -106,20 +106,8 @@ impl WalWriter {
         file_numbers: Arc<AtomicU64>,
         recycled: Option<Arc<RecycledSegments>>,
     ) -> WalWriter {
-        let mut writer = WalWriter {
-            fs,
-            config,
-            file_numbers,
-            recycled,
-            active: None,
-            next: Preparer {
-                handle: None,
-                cancel: Arc::new(AtomicBool::new(false)),
-            },
-            frame_buffer: Vec::new(),
-            bytes_since_rotation: 0,
-            reused_segments: 0,
-        };
+        let mut writer = WalWriter::read_only(fs, config, file_numbers);
+        writer.recycled = recycled;
         writer.start_preparing();
         writer
     }

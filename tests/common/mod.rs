@@ -87,3 +87,51 @@ pub fn directory_listing(dir: &Path) -> Vec<(String, Vec<u8>)> {
     listing.sort();
     listing
 }
+
+/// Runs the test `test` of this test binary again as a child process, with
+/// the environment `env` (which tells the test to act as the child), waits
+/// until it prints a line containing "ready", lets it run for `run_for`,
+/// kills it with SIGKILL, and returns the lines it printed (a line the kill
+/// cut short is among them, as far as it got).
+pub fn run_child_until_killed(
+    test: &str,
+    env: &[(&str, String)],
+    run_for: std::time::Duration,
+) -> Vec<String> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture"])
+        .envs(env.iter().map(|(name, value)| (name, value)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = received
+            .recv_timeout(left)
+            .expect("the child did not report ready");
+        if line.contains("ready") {
+            break;
+        }
+    }
+    std::thread::sleep(run_for);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    reader.join().unwrap();
+    received.try_iter().collect()
+}
