@@ -12,6 +12,12 @@
 //! (`MAPSTORE_WRITE_FIXTURES=1 cargo test --test format_versions`
 //! writes it again); each run also writes a fresh database with it and
 //! checks that it reads the same as the fixture.
+//!
+//! `tests/data/database-v3/` holds the history: a MANIFEST of version 3
+//! (with its history start), snapshot files of version 4 with values that
+//! expire, and a WAL of version 3 whose records carry commit times, TTLs
+//! and an expiry. [`write_v3`] wrote it under a manual clock, so its times
+//! are fixed; it is read under the same clock, at a fixed time.
 
 mod common;
 
@@ -217,4 +223,154 @@ fn a_database_with_keyspaces_of_format_version_2_opens_and_reads() {
         .or_default()
         .insert(b"k".to_vec(), b"v".to_vec());
     assert_eq!(read_keyspaces(&db), model);
+}
+
+/// The fixed time the version 3 fixture starts at (2026-01-01 UTC).
+fn v3_start() -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_767_225_600)
+}
+
+fn v3_options(clock: &std::sync::Arc<mapstore::testing::ManualClock>) -> mapstore::Options {
+    mapstore::Options::default()
+        .checkpoint_on_close(false)
+        .wal_page_bytes(512)
+        .wal_segment_bytes(16 * 1024)
+        .history(mapstore::History::Commits(u64::MAX))
+        .clock(clock.clone())
+        // No expiry is committed while the fixture is written or read but
+        // the one it writes itself.
+        .expiry_interval(std::time::Duration::from_secs(24 * 3600))
+}
+
+/// What the version 3 fixture was made to show, besides its contents.
+struct V3 {
+    /// Each keyspace's entries at the time it is read (ten minutes after
+    /// the last write).
+    model: Keyspaces,
+    /// A commit in the middle, its time, and the default keyspace then.
+    middle: (u64, std::time::SystemTime, BTreeMap<Vec<u8>, Vec<u8>>),
+    /// The newest commit.
+    last: u64,
+}
+
+/// Writes the version 3 fixture into `dir`: values with and without TTLs
+/// in two keyspaces, a checkpoint (snapshot files with expiring entries),
+/// then, only in the WAL, overwrites, TTL writes and an expiry.
+fn write_v3(dir: &Path) -> V3 {
+    use std::time::Duration;
+    let clock = std::sync::Arc::new(mapstore::testing::ManualClock::new(v3_start()));
+    let db = Db::open_with(dir, v3_options(&clock)).unwrap();
+    let sessions = db.keyspace("sessions").unwrap();
+    for i in 0..20u32 {
+        clock.advance(Duration::from_secs(1));
+        db.insert(format!("plain{i:02}"), format!("value {i}"))
+            .unwrap();
+        // Half live for a day, half gone a minute after their write.
+        let ttl = Duration::from_secs(if i % 2 == 0 { 86_400 } else { 60 });
+        sessions
+            .insert_with_ttl(format!("s{i:02}"), format!("token {i}"), ttl)
+            .unwrap();
+    }
+    db.checkpoint().unwrap();
+    clock.advance(Duration::from_secs(1));
+    let middle_seq = db.insert("plain00", "overwritten").unwrap();
+    let middle_time = clock.now();
+    let middle: BTreeMap<Vec<u8>, Vec<u8>> = collect(db.iter()).into_iter().collect();
+    clock.advance(Duration::from_secs(1));
+    let mut batch = mapstore::WriteBatch::new();
+    batch.insert_with_ttl("in the log", "for a day", Duration::from_secs(86_400));
+    batch.insert_with_ttl("short", "gone soon", Duration::from_secs(5));
+    batch.remove("plain01");
+    db.write(batch).unwrap();
+    // One expiry committed, as the expiry thread would.
+    clock.advance(Duration::from_secs(10));
+    let mut expire = mapstore::WriteBatch::new();
+    expire.remove("short");
+    let last = db.write(expire).unwrap();
+    drop(sessions);
+    db.close().unwrap();
+
+    let mut model = Keyspaces::new();
+    let default = model.entry(String::new()).or_default();
+    for i in 0..20u32 {
+        default.insert(
+            format!("plain{i:02}").into_bytes(),
+            format!("value {i}").into_bytes(),
+        );
+    }
+    default.insert(b"plain00".to_vec(), b"overwritten".to_vec());
+    default.remove(&b"plain01"[..]);
+    default.insert(b"in the log".to_vec(), b"for a day".to_vec());
+    let sessions = model.entry("sessions".into()).or_default();
+    for i in (0..20u32).step_by(2) {
+        sessions.insert(
+            format!("s{i:02}").into_bytes(),
+            format!("token {i}").into_bytes(),
+        );
+    }
+    V3 {
+        model,
+        middle: (middle_seq, middle_time, middle),
+        last,
+    }
+}
+
+#[test]
+fn a_database_with_history_and_ttls_of_format_version_3_opens_and_reads() {
+    use std::time::Duration;
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/database-v3");
+    if std::env::var_os("MAPSTORE_WRITE_FIXTURES").is_some() {
+        let _ = fs::remove_dir_all(&fixture);
+        write_v3(&fixture);
+        fs::remove_file(fixture.join("LOCK")).unwrap();
+    }
+    let read_at = |dir: &Path| {
+        let clock = std::sync::Arc::new(mapstore::testing::ManualClock::new(
+            v3_start() + Duration::from_secs(600 + 40),
+        ));
+        Db::open_with(dir, v3_options(&clock)).unwrap()
+    };
+    let fresh = tempfile::tempdir().unwrap();
+    let expected = write_v3(fresh.path());
+    let check = |db: &Db| {
+        assert_eq!(read_keyspaces(db), expected.model);
+        assert_eq!(db.snapshot().seq(), expected.last);
+        // Time travel, by seq and by time, reads the middle state.
+        let (seq, time, middle) = &expected.middle;
+        let by_seq = db.snapshot_at(*seq).unwrap();
+        assert_eq!(by_seq.time(), *time);
+        assert_eq!(
+            &collect(by_seq.iter())
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+            middle
+        );
+        assert_eq!(db.snapshot_at_time(*time).unwrap().seq(), *seq);
+        // The feed gives every commit, with its time, and the expiry's
+        // removal; TTLs came back with their values.
+        let commits: Vec<_> = db
+            .changes_since(0)
+            .unwrap()
+            .take_while(|c| c.as_ref().is_ok_and(|c| c.seq < expected.last))
+            .map(|c| c.unwrap())
+            .collect();
+        assert_eq!(commits.len(), 1 + 40 + 2);
+        assert_eq!(commits[1].time, v3_start() + Duration::from_secs(1));
+        let keyspace = db.keyspace("sessions").unwrap();
+        let left = keyspace.ttl("s00").unwrap().unwrap();
+        assert_eq!(left, Duration::from_secs(86_400 - 640 + 1));
+        assert_eq!(keyspace.ttl("s01").unwrap(), None);
+    };
+    check(&read_at(fresh.path()));
+
+    let dir = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(&fixture).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    assert_eq!(snapshot_versions(dir.path()), [4, 4]);
+    let db = read_at(dir.path());
+    assert!(db.recovery_report().batches_replayed >= 3);
+    check(&db);
+    db.close().unwrap();
 }
