@@ -259,7 +259,9 @@ struct V3 {
 fn write_v3(dir: &Path) -> V3 {
     use std::time::Duration;
     let clock = std::sync::Arc::new(mapstore::testing::ManualClock::new(v3_start()));
-    let db = Db::open_with(dir, v3_options(&clock)).unwrap();
+    // The expiry thread looks often here, for the one expiry below.
+    let options = v3_options(&clock).expiry_interval(Duration::from_millis(1));
+    let db = Db::open_with(dir, options).unwrap();
     let sessions = db.keyspace("sessions").unwrap();
     for i in 0..20u32 {
         clock.advance(Duration::from_secs(1));
@@ -281,12 +283,17 @@ fn write_v3(dir: &Path) -> V3 {
     batch.insert_with_ttl("in the log", "for a day", Duration::from_secs(86_400));
     batch.insert_with_ttl("short", "gone soon", Duration::from_secs(5));
     batch.remove("plain01");
-    db.write(batch).unwrap();
-    // One expiry committed, as the expiry thread would.
+    let before_expiry = db.write(batch).unwrap();
+    // "short" expires; the expiry thread commits its removal (nothing else
+    // has expired yet).
+    let mut feed = db.changes_since(before_expiry).unwrap();
     clock.advance(Duration::from_secs(10));
-    let mut expire = mapstore::WriteBatch::new();
-    expire.remove("short");
-    let last = db.write(expire).unwrap();
+    let expiry = feed
+        .next_timeout(Duration::from_secs(30))
+        .unwrap()
+        .expect("the expiry is committed");
+    assert!(matches!(&expiry.ops[..], [mapstore::ChangeOp::Expire { key, .. }] if key == "short"));
+    let last = expiry.seq;
     drop(sessions);
     db.close().unwrap();
 
@@ -355,6 +362,15 @@ fn a_database_with_history_and_ttls_of_format_version_3_opens_and_reads() {
             .map(|c| c.unwrap())
             .collect();
         assert_eq!(commits.len(), 1 + 40 + 2);
+        let expiry = db
+            .changes_since(expected.last - 1)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(&expiry.ops[..], [mapstore::ChangeOp::Expire { key, .. }] if key == "short")
+        );
         assert_eq!(commits[1].time, v3_start() + Duration::from_secs(1));
         let keyspace = db.keyspace("sessions").unwrap();
         let left = keyspace.ttl("s00").unwrap().unwrap();
