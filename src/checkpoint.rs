@@ -667,7 +667,7 @@ impl Storage {
         }
         let dropped = self.record_keyspaces(&mut manifest, &mut files);
         manifest.history_start = Some(self.history.start());
-        manifest::write(&*self.fs, &self.config.dir, &manifest)?;
+        manifest::write(&*self.fs, &self.config.dir, &mut manifest)?;
         lock(&self.catalog).forget_dropped(manifest.checkpoint_seq);
 
         // The manifest is durable: readers switch to the files, and the WAL
@@ -752,7 +752,7 @@ impl Storage {
         }
         merged.extend(self.record_keyspaces(&mut manifest, &mut files));
         manifest.history_start = Some(self.history.start());
-        manifest::write(&*self.fs, &self.config.dir, &manifest)?;
+        manifest::write(&*self.fs, &self.config.dir, &mut manifest)?;
 
         self.read_state.edit(|view| {
             let mut sources: Vec<Source> = view

@@ -4,6 +4,7 @@
 //! |----------------------------|----------------------------------------------|
 //! | `LOCK`                     | held with `flock` while a `Db` is open        |
 //! | `MANIFEST`                 | the current state (manifest.md)               |
+//! | `MANIFEST.copy`            | its second copy                               |
 //! | `<20 digits>.wal`          | a WAL segment (wal.md)                        |
 //! | `<20 digits>.snap`         | a snapshot file (snapshot.md)                 |
 //! | `<name>.tmp`               | a file being written; removed at open         |
@@ -13,6 +14,8 @@
 pub const LOCK: &str = "LOCK";
 /// The manifest file.
 pub const MANIFEST: &str = "MANIFEST";
+/// The second copy of the manifest (manifest.md).
+pub const MANIFEST_COPY: &str = "MANIFEST.copy";
 
 const WAL_SUFFIX: &str = ".wal";
 const SNAPSHOT_SUFFIX: &str = ".snap";
@@ -57,7 +60,7 @@ pub fn lost_name(name: &str, offset: u64) -> String {
 pub fn classify(name: &str) -> Option<FileKind> {
     match name {
         LOCK => return Some(FileKind::Lock),
-        MANIFEST => return Some(FileKind::Manifest),
+        MANIFEST | MANIFEST_COPY => return Some(FileKind::Manifest),
         _ => {}
     }
     if let Some(base) = name.strip_suffix(TEMP_SUFFIX) {
@@ -110,6 +113,8 @@ mod tests {
         );
         assert_eq!(classify("LOCK"), Some(FileKind::Lock));
         assert_eq!(classify("MANIFEST"), Some(FileKind::Manifest));
+        assert_eq!(classify("MANIFEST.copy"), Some(FileKind::Manifest));
+        assert_eq!(classify("MANIFEST.copy.tmp"), Some(FileKind::Temp(None)));
         assert_eq!(classify("notes.txt"), None);
         assert_eq!(classify("1.wal"), None);
     }

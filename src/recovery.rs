@@ -59,6 +59,9 @@ pub struct RecoveryReport {
     pub orphans_removed: usize,
     /// Whether the database was created by this open.
     pub created: bool,
+    /// Copies of the MANIFEST that were damaged (and written again from the
+    /// other copy, unless the database was opened read-only).
+    pub damaged_manifest_copies: Vec<PathBuf>,
 }
 
 /// The recovered state, ready for the database to start on.
@@ -100,7 +103,10 @@ pub(crate) fn check_directory(fs: &dyn FileSystem, dir: &Path) -> Result<()> {
             .map_err(|e| Error::io("create directory", dir, e))?,
     }
     let names = list(fs, dir)?;
-    if names.iter().any(|name| name == files::MANIFEST) {
+    if names
+        .iter()
+        .any(|name| files::classify(name) == Some(FileKind::Manifest))
+    {
         return Ok(());
     }
     if let Some(foreign) = names.iter().find(|name| files::classify(name).is_none()) {
@@ -173,8 +179,20 @@ pub(crate) fn recover(
     }
     segments.sort_unstable();
 
-    let manifest = if has_manifest {
+    let found = if has_manifest {
         manifest::read(fs, dir)?
+    } else {
+        None
+    };
+    let mut damaged_manifest_copies = Vec::new();
+    // The manifest must be written (again) at open: a new database, a copy
+    // that is damaged, missing or of an older generation, or a manifest
+    // from before version 4 without a database identity.
+    let mut rewrite_manifest = true;
+    let mut manifest = if let Some(found) = found {
+        rewrite_manifest = !found.both_copies || found.manifest.database_id.is_empty();
+        damaged_manifest_copies = found.damaged;
+        found.manifest
     } else if read_only {
         return Err(Error::NoDatabase {
             path: dir.to_path_buf(),
@@ -194,8 +212,13 @@ pub(crate) fn recover(
             keyspaces: Vec::new(),
             next_keyspace_id: 1,
             history_start: Some(0),
+            database_id: Default::default(),
+            generation: 0,
         }
     };
+    if manifest.database_id.is_empty() {
+        manifest.database_id = manifest::new_database_id().into();
+    }
     let manifest_path = dir.join(files::MANIFEST);
     let catalog = Catalog::from_manifest(&manifest.keyspaces, manifest.next_keyspace_id, db_id)
         .map_err(|reason| Error::corruption(&manifest_path, 0, reason))?;
@@ -245,6 +268,7 @@ pub(crate) fn recover(
 
     let mut report = RecoveryReport {
         created: !has_manifest,
+        damaged_manifest_copies,
         ..RecoveryReport::default()
     };
     let mut repairs = Vec::new();
@@ -380,7 +404,10 @@ pub(crate) fn recover(
     // a removal that a crash undoes is done again by the next open.
     report.temp_files_removed = temp_files.len();
     if !has_manifest {
-        manifest::write(fs, dir, &fresh_manifest(&manifest, max_file_number))?;
+        manifest = fresh_manifest(&manifest, max_file_number);
+    }
+    if rewrite_manifest && !read_only {
+        manifest::write(fs, dir, &mut manifest)?;
     }
     // Later segments go aside first: if a crash interrupts, the damaged
     // segment is still whole and the next open finds the same damage.
@@ -428,11 +455,6 @@ pub(crate) fn recover(
             .snapshot_files
             .iter()
             .any(|meta| meta.earliest_expiry_micros != 0);
-    let manifest = if has_manifest {
-        manifest
-    } else {
-        fresh_manifest(&manifest, max_file_number)
-    };
     Ok(Recovered {
         replayed,
         catalog,

@@ -16,6 +16,9 @@ use crate::wal::reader::{ScanError, SegmentEnd, scan_segment};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct VerifyReport {
+    /// Copies of the MANIFEST read (two, or one for a database of an
+    /// older format opened read-only).
+    pub manifest_copies: usize,
     /// Snapshot files read.
     pub snapshot_files: usize,
     /// Their blocks, each checked whole (checksum, entries, order, index).
@@ -98,6 +101,27 @@ impl Db {
     pub fn verify(&self) -> Result<VerifyReport> {
         self.check_open()?;
         let mut report = VerifyReport::default();
+        for name in crate::manifest::COPIES {
+            let path = self.path().join(name);
+            match self.fs().read(&path) {
+                Ok(bytes) => {
+                    report.manifest_copies += 1;
+                    if let Err(crate::manifest::DecodeError::Corrupt(offset, reason)) =
+                        crate::manifest::decode(&bytes)
+                    {
+                        report.damage.push(Damage {
+                            path,
+                            offset,
+                            reason,
+                        });
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => report
+                    .damage
+                    .push(Damage::from_error(Error::io("read", &path, error), &path)),
+            }
+        }
         let view = self.read_state().view();
         for source in &view.sources {
             if let Source::File(file) = source {

@@ -116,25 +116,27 @@ fn a_directory_of_unrelated_files_is_refused_untouched() {
     assert_unchanged(dir.path(), &before);
 }
 
-/// Rewrites the version field of the MANIFEST (bytes 8..12) and its checksum
-/// (bytes 16..20, over bytes 8..16 and the payload), as `format/manifest.md`
-/// describes.
+/// Rewrites the version field of both MANIFEST copies (bytes 8..12) and
+/// their checksums (bytes 16..20, over bytes 8..16 and the payload), as
+/// `format/manifest.md` describes.
 fn set_manifest_version(dir: &Path, version: u32) {
-    let path = dir.join("MANIFEST");
-    let mut bytes = fs::read(&path).unwrap();
-    bytes[8..12].copy_from_slice(&version.to_le_bytes());
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&bytes[8..16]);
-    hasher.update(&bytes[20..]);
-    let crc = hasher.finalize();
-    bytes[16..20].copy_from_slice(&crc.to_le_bytes());
-    fs::write(&path, bytes).unwrap();
+    for name in ["MANIFEST", "MANIFEST.copy"] {
+        let path = dir.join(name);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[8..12].copy_from_slice(&version.to_le_bytes());
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&bytes[8..16]);
+        hasher.update(&bytes[20..]);
+        let crc = hasher.finalize();
+        bytes[16..20].copy_from_slice(&crc.to_le_bytes());
+        fs::write(&path, bytes).unwrap();
+    }
 }
 
 #[test]
 fn a_manifest_from_a_newer_format_version_is_refused_untouched() {
     let dir = database_with_one_commit();
-    set_manifest_version(dir.path(), 3); // rewriting the same version is accepted
+    set_manifest_version(dir.path(), 4); // rewriting the same version is accepted
     Db::open(dir.path()).unwrap().close().unwrap();
 
     set_manifest_version(dir.path(), 99);
@@ -147,7 +149,7 @@ fn a_manifest_from_a_newer_format_version_is_refused_untouched() {
         }) => {
             assert_eq!(path, dir.path().join("MANIFEST"));
             assert_eq!(found, 99);
-            assert_eq!(supported, 3);
+            assert_eq!(supported, 4);
         }
         other => panic!("expected UnsupportedFormatVersion, got {other:?}"),
     }
@@ -179,20 +181,74 @@ fn a_wal_segment_from_a_newer_format_version_is_refused_untouched() {
     assert_unchanged(dir.path(), &before);
 }
 
-#[test]
-fn a_damaged_manifest_is_corruption_not_a_fresh_database() {
-    let dir = database_with_one_commit();
-    let path = dir.path().join("MANIFEST");
-    let mut bytes = fs::read(&path).unwrap();
+fn flip_last_byte(path: &Path) {
+    let mut bytes = fs::read(path).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
-    fs::write(&path, &bytes).unwrap();
+    fs::write(path, &bytes).unwrap();
+}
+
+#[test]
+fn one_damaged_manifest_copy_is_survived_and_restored() {
+    for (damaged, name) in ["MANIFEST", "MANIFEST.copy"].into_iter().enumerate() {
+        let dir = database_with_one_commit();
+        let path = dir.path().join(name);
+        flip_last_byte(&path);
+        let db = Db::open(dir.path()).unwrap();
+        assert_eq!(
+            db.recovery_report().damaged_manifest_copies,
+            vec![path.clone()]
+        );
+        assert_eq!(
+            db.get("k").unwrap().as_deref(),
+            Some(&b"v"[..]),
+            "copy {damaged}"
+        );
+        let report = db.verify().unwrap();
+        assert!(
+            report.is_ok(),
+            "the damaged copy was written again: {:?}",
+            report.damage
+        );
+        assert_eq!(report.manifest_copies, 2);
+        db.close().unwrap();
+        // A missing copy is written again too.
+        fs::remove_file(&path).unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        assert_eq!(db.get("k").unwrap().as_deref(), Some(&b"v"[..]));
+        drop(db);
+        assert!(path.exists());
+    }
+}
+
+#[test]
+fn a_verify_reports_a_damaged_manifest_copy() {
+    let dir = database_with_one_commit();
+    let db = Db::open(dir.path()).unwrap();
+    let path = dir.path().join("MANIFEST.copy");
+    flip_last_byte(&path);
+    let report = db.verify().unwrap();
+    assert_eq!(report.damage.len(), 1, "{:?}", report.damage);
+    assert_eq!(report.damage[0].path, path);
+    assert_eq!(report.damage[0].offset, 16, "the checksum does not match");
+}
+
+#[test]
+fn two_damaged_manifest_copies_are_corruption_not_a_fresh_database() {
+    let dir = database_with_one_commit();
+    let path = dir.path().join("MANIFEST");
+    flip_last_byte(&path);
+    flip_last_byte(&dir.path().join("MANIFEST.copy"));
+    let before = directory_listing(dir.path());
     match Db::open(dir.path()) {
         Err(Error::Corruption { path: p, .. }) => assert_eq!(p, path),
         other => panic!("expected Corruption, got {other:?}"),
     }
-    // A missing MANIFEST beside WAL segments is not taken for a new database.
+    assert_unchanged(dir.path(), &before);
+    // Missing MANIFEST copies beside WAL segments are not taken for a new
+    // database.
     fs::remove_file(&path).unwrap();
+    fs::remove_file(dir.path().join("MANIFEST.copy")).unwrap();
     assert!(Db::open(dir.path()).unwrap_err().is_corruption());
 }
 
