@@ -385,6 +385,13 @@ impl Storage {
         self.changed.notify_all();
     }
 
+    /// The durable manifest and its snapshot files, held open: no merge
+    /// deletes them while the caller holds them (a backup copies them).
+    pub fn durable_state(&self) -> (Manifest, Vec<Arc<SnapshotFile>>) {
+        let state = self.state();
+        (state.manifest.clone(), state.files.clone())
+    }
+
     pub fn stats(&self) -> CheckpointStats {
         let state = self.state();
         CheckpointStats {

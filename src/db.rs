@@ -1052,6 +1052,52 @@ impl Db {
         self.inner.storage.merge_and_wait()
     }
 
+    /// Writes a consistent point-in-time copy of the database into `dest`
+    /// while writers keep going, and says at which sequence number. The
+    /// copy is a database directory: [`Db::open`] on it gives exactly the
+    /// state at that sequence number (with its history starting there).
+    ///
+    /// A checkpoint first puts every commit so far into snapshot files;
+    /// those are hard-linked into `dest` where the file system allows (they
+    /// never change) and copied otherwise. A second backup to the same
+    /// place keeps the files it already holds and brings only new ones.
+    /// A crash in the middle leaves `dest` marked incomplete: opening it is
+    /// refused with [`Error::IncompleteBackup`] until a backup to it
+    /// completes.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), mapstore::Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let backups = tempfile::tempdir().unwrap();
+    /// let db = mapstore::Db::open(dir.path().join("db"))?;
+    /// db.insert("k", "v1")?;
+    /// let backup = db.backup_to(backups.path().join("monday"))?;
+    /// db.insert("k", "v2")?;
+    ///
+    /// let copy = mapstore::Db::open(backups.path().join("monday"))?;
+    /// assert_eq!(copy.get("k")?.as_deref(), Some(&b"v1"[..]));
+    /// assert_eq!(copy.snapshot().seq(), backup.seq);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::BackupIntoItself`] for the database's own directory or one
+    /// inside it, [`Error::BackupOfAnotherDatabase`] if `dest` holds another
+    /// database, [`Error::NotADatabase`] if it holds foreign files,
+    /// [`Error::NotADirectory`], [`Error::Locked`] if a `Db` has `dest`
+    /// open, [`Error::ReadOnly`], and as [`checkpoint`](Db::checkpoint).
+    pub fn backup_to(&self, dest: impl AsRef<Path>) -> Result<crate::BackupInfo> {
+        self.check_open()?;
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        // Refused before the checkpoint, which would be wasted.
+        crate::backup::check_destination(self.path(), dest.as_ref())?;
+        self.checkpoint()?;
+        let (manifest, files) = self.inner.storage.durable_state();
+        crate::backup::write_backup(&**self.fs(), self.path(), &manifest, &files, dest.as_ref())
+    }
+
     /// Counters of checkpoints, merges and write backpressure.
     pub fn checkpoint_stats(&self) -> CheckpointStats {
         self.inner.storage.stats()

@@ -180,6 +180,26 @@ pub enum Error {
         /// The directory.
         path: PathBuf,
     },
+    /// The directory holds a backup that [`Db::backup_to`](crate::Db::backup_to)
+    /// did not finish (it was interrupted); it is never opened as a partial
+    /// database. Running the backup again completes it.
+    IncompleteBackup {
+        /// The backup's directory.
+        path: PathBuf,
+    },
+    /// [`Db::backup_to`](crate::Db::backup_to) was given a destination that
+    /// holds another database (a different identity in its MANIFEST);
+    /// nothing in it was changed.
+    BackupOfAnotherDatabase {
+        /// The destination.
+        dest: PathBuf,
+    },
+    /// [`Db::backup_to`](crate::Db::backup_to) was given the database's own
+    /// directory, or a directory inside it; nothing was written.
+    BackupIntoItself {
+        /// The destination.
+        dest: PathBuf,
+    },
     /// The database was closed with [`Db::close`](crate::Db::close).
     Closed,
     /// An [`Options`](crate::Options) value is out of its allowed range.
@@ -320,6 +340,21 @@ impl fmt::Display for Error {
             Error::InvalidTtl { ttl, reason } => write!(f, "TTL {ttl:?} is not valid: {reason}"),
             Error::ReadOnly => write!(f, "the database was opened read-only"),
             Error::NoDatabase { path } => write!(f, "no database in {}", path.display()),
+            Error::IncompleteBackup { path } => write!(
+                f,
+                "{} holds an interrupted backup; run the backup again to complete it",
+                path.display()
+            ),
+            Error::BackupOfAnotherDatabase { dest } => write!(
+                f,
+                "{} holds another database; a backup goes to an empty directory or to a backup of the same database",
+                dest.display()
+            ),
+            Error::BackupIntoItself { dest } => write!(
+                f,
+                "cannot back up a database into its own directory ({})",
+                dest.display()
+            ),
             Error::Closed => write!(f, "the database is closed"),
             Error::InvalidOptions { reason } => write!(f, "invalid options: {reason}"),
         }

@@ -5,6 +5,7 @@
 //! | `LOCK`                     | held with `flock` while a `Db` is open        |
 //! | `MANIFEST`                 | the current state (manifest.md)               |
 //! | `MANIFEST.copy`            | its second copy                               |
+//! | `BACKUP-INCOMPLETE`        | a backup is being written here                |
 //! | `<20 digits>.wal`          | a WAL segment (wal.md)                        |
 //! | `<20 digits>.snap`         | a snapshot file (snapshot.md)                 |
 //! | `<name>.tmp`               | a file being written; removed at open         |
@@ -14,6 +15,9 @@
 pub const LOCK: &str = "LOCK";
 /// The manifest file.
 pub const MANIFEST: &str = "MANIFEST";
+/// Present while a backup is written into the directory (manifest.md):
+/// a directory holding it is refused as an incomplete backup.
+pub const BACKUP_INCOMPLETE: &str = "BACKUP-INCOMPLETE";
 /// The second copy of the manifest (manifest.md).
 pub const MANIFEST_COPY: &str = "MANIFEST.copy";
 
@@ -27,6 +31,8 @@ const LOST_MARKER: &str = ".lost";
 pub enum FileKind {
     Lock,
     Manifest,
+    /// The mark of a backup being written.
+    BackupIncomplete,
     WalSegment(u64),
     SnapshotFile(u64),
     /// A file being written under a temporary name; with the number of the
@@ -61,6 +67,7 @@ pub fn classify(name: &str) -> Option<FileKind> {
     match name {
         LOCK => return Some(FileKind::Lock),
         MANIFEST | MANIFEST_COPY => return Some(FileKind::Manifest),
+        BACKUP_INCOMPLETE => return Some(FileKind::BackupIncomplete),
         _ => {}
     }
     if let Some(base) = name.strip_suffix(TEMP_SUFFIX) {

@@ -37,6 +37,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod backup;
 mod batch;
 mod checkpoint;
 mod checksum;
@@ -90,6 +91,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/mapstore.v1.rs"));
 }
 
+pub use backup::BackupInfo;
 pub use batch::{MAX_BATCH_BYTES, MAX_KEY_BYTES, MAX_TTL, MAX_VALUE_BYTES, WriteBatch};
 pub use checkpoint::CheckpointStats;
 pub use commit::CommitStats;

@@ -159,6 +159,11 @@ pub(crate) fn recover(
     let mut has_manifest = false;
     for name in &names {
         match files::classify(name) {
+            Some(FileKind::BackupIncomplete) => {
+                return Err(Error::IncompleteBackup {
+                    path: dir.to_path_buf(),
+                });
+            }
             Some(FileKind::Manifest) => has_manifest = true,
             Some(FileKind::WalSegment(number)) => {
                 segments.push(number);

@@ -251,3 +251,31 @@ fn wal_dump_and_file_dump_show_records_and_entries() {
     let bad = mapstore(&["wal-dump", path(&snap[0])]);
     assert_eq!(bad.status.code(), Some(1));
 }
+
+#[test]
+fn backup_writes_a_copy_that_opens_and_refuses_a_bad_destination() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("db");
+    let dest = temp.path().join("backup");
+    let d = path(&dir);
+    assert!(mapstore(&["put", d, "k", "v1"]).status.success());
+    let backup = mapstore(&["backup", d, path(&dest)]);
+    assert!(backup.status.success(), "{}", stderr(&backup));
+    assert!(
+        stdout(&backup).starts_with("backup of seq 1 in "),
+        "{}",
+        stdout(&backup)
+    );
+    assert!(mapstore(&["put", d, "k", "v2"]).status.success());
+    let got = mapstore(&["get", path(&dest), "k"]);
+    assert_eq!(stdout(&got), "v1\n");
+    // Into itself: one line on stderr, exit status 1.
+    let itself = mapstore(&["backup", d, d]);
+    assert_eq!(itself.status.code(), Some(1));
+    assert!(
+        stderr(&itself).contains("own directory"),
+        "{}",
+        stderr(&itself)
+    );
+    assert_eq!(stderr(&itself).lines().count(), 1);
+}

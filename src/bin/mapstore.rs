@@ -115,6 +115,9 @@ enum Command {
     Checkpoint { dir: PathBuf },
     /// Checkpoint, then merge every snapshot file.
     Compact { dir: PathBuf },
+    /// Write a point-in-time copy of DIR into DEST (hard links where the
+    /// file system allows; a second backup to DEST brings only new files).
+    Backup { dir: PathBuf, dest: PathBuf },
     /// Print the commits after a sequence number that the log still holds.
     Watch {
         dir: PathBuf,
@@ -211,6 +214,25 @@ fn run(command: Command) -> Outcome {
             let db = writable(&dir, false)?;
             db.checkpoint().map_err(text)?;
             db.close().map_err(text)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backup { dir, dest } => {
+            let db = writable(&dir, false)?;
+            let spinner = spinner("backing up");
+            let info = db.backup_to(&dest).map_err(text)?;
+            spinner.finish_and_clear();
+            db.close().map_err(text)?;
+            println!(
+                "backup of seq {} in {}: {} files, {} bytes ({} kept, {} linked, {} copied: {} bytes)",
+                info.seq,
+                dest.display(),
+                info.files,
+                info.bytes,
+                info.files_kept,
+                info.files_linked,
+                info.files_copied,
+                info.bytes_copied
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Compact { dir } => {
