@@ -537,17 +537,20 @@ impl Storage {
     }
 
     /// Writes `versions` (sorted) of `keyspace` to a new snapshot file,
-    /// keeping what `gc` keeps; returns the open file and what it holds, or
-    /// `None` if nothing survived.
+    /// keeping what `gc` keeps, marked as a merge's output if `merged`;
+    /// returns the open file and what it holds, or `None` if nothing
+    /// survived.
     fn write_file(
         &self,
         keyspace: u32,
         versions: impl Iterator<Item = Result<Version>>,
         gc: &mut VersionGc,
+        merged: bool,
     ) -> Result<Option<(Arc<SnapshotFile>, FileSummary)>> {
         let (number, path) = self.new_file_path();
         let mut writer = SnapshotFileWriter::create(&*self.fs, &self.config.dir, path.clone())?
-            .for_keyspace(keyspace);
+            .for_keyspace(keyspace)
+            .merge_output(merged);
         let mut written = 0u64;
         for version in versions {
             let version = match version {
@@ -651,7 +654,7 @@ impl Storage {
             // files. A collector per keyspace: it compares each version
             // with the one before, which must be of the same keyspace.
             let mut gc = self.version_gc(false)?;
-            written.extend(self.write_file(keyspace, versions.map(Ok), &mut gc)?);
+            written.extend(self.write_file(keyspace, versions.map(Ok), &mut gc, false)?);
         }
         let frozen_source = frozen.content.source();
 
@@ -669,7 +672,7 @@ impl Storage {
         for (file, summary) in written.iter().rev() {
             manifest
                 .snapshot_files
-                .insert(0, file_meta(file.number(), file.keyspace(), summary));
+                .insert(0, file_meta(file.number(), file.keyspace(), summary, 0));
             files.insert(0, file.clone());
         }
         let dropped = self.record_keyspaces(&mut manifest, &mut files);
@@ -738,7 +741,7 @@ impl Storage {
             }
             let mut gc = self.version_gc(true)?;
             let streams: Vec<_> = inputs.iter().map(|file| file.versions()).collect();
-            written.extend(self.write_file(keyspace, MergeIter::new(streams), &mut gc)?);
+            written.extend(self.write_file(keyspace, MergeIter::new(streams), &mut gc, true)?);
             merged.extend(inputs);
         }
         // The merged files take the place of the oldest: each replaces
@@ -755,7 +758,7 @@ impl Storage {
         for (file, summary) in &written {
             manifest
                 .snapshot_files
-                .push(file_meta(file.number(), file.keyspace(), summary));
+                .push(file_meta(file.number(), file.keyspace(), summary, 1));
         }
         merged.extend(self.record_keyspaces(&mut manifest, &mut files));
         manifest.history_start = Some(self.history.start());
@@ -832,12 +835,14 @@ fn is_one_of(source: &Source, files: &[Arc<SnapshotFile>]) -> bool {
     }
 }
 
-fn file_meta(number: u64, keyspace: u32, summary: &FileSummary) -> SnapshotFileMeta {
+/// What a MANIFEST says of a file: `level` 0 for a checkpoint's, 1 for a
+/// merge's output.
+fn file_meta(number: u64, keyspace: u32, summary: &FileSummary, level: u32) -> SnapshotFileMeta {
     SnapshotFileMeta {
         file_number: number,
         keyspace,
         size_bytes: summary.size_bytes,
-        level: 0,
+        level,
         smallest_key: Bytes::copy_from_slice(&summary.smallest_key),
         largest_key: Bytes::copy_from_slice(&summary.largest_key),
         smallest_seq: summary.smallest_seq,

@@ -61,6 +61,7 @@ mod mmap;
 mod options;
 mod read;
 mod recovery;
+mod repair;
 mod replayed;
 
 /// A seeded xorshift generator for unit tests: `random(n)` draws from
@@ -104,6 +105,7 @@ pub use keyspace::{Keyspace, MAX_KEYSPACE_NAME_BYTES};
 pub use options::{Durability, Options, RecoveryMode};
 pub use read::{Iter, Snapshot};
 pub use recovery::RecoveryReport;
+pub use repair::{Lost, RepairReport};
 pub use slice::Slice;
 pub use transaction::{Isolation, MAX_TRANSACT_ATTEMPTS, Transaction, TransactionIter};
 pub use verify::{Damage, VerifyReport};

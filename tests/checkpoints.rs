@@ -8,19 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Rng, collect};
+use common::{Rng, collect, files_with_extension};
 use mapstore::testing::FaultyFileSystem;
 use mapstore::{Db, Durability, Error, Options, WriteBatch};
-
-fn files_with_extension(dir: &Path, extension: &str) -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = fs::read_dir(dir)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == extension))
-        .collect();
-    found.sort();
-    found
-}
 
 fn directory_bytes(dir: &Path) -> u64 {
     fs::read_dir(dir)

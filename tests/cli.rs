@@ -279,3 +279,24 @@ fn backup_writes_a_copy_that_opens_and_refuses_a_bad_destination() {
     );
     assert_eq!(stderr(&itself).lines().count(), 1);
 }
+
+#[test]
+fn repair_rebuilds_a_lost_manifest_and_says_so() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("db");
+    let d = path(&dir);
+    assert!(mapstore(&["put", d, "k", "v"]).status.success());
+    assert!(mapstore(&["checkpoint", d]).status.success());
+    std::fs::remove_file(dir.join("MANIFEST")).unwrap();
+    std::fs::remove_file(dir.join("MANIFEST.copy")).unwrap();
+    assert_eq!(mapstore(&["get", d, "k"]).status.code(), Some(1));
+    let repair = mapstore(&["repair", d]);
+    assert!(repair.status.success(), "{}", stderr(&repair));
+    let text = stdout(&repair);
+    assert!(text.starts_with("MANIFEST rebuilt"), "{text}");
+    assert!(text.ends_with("nothing was lost\n"), "{text}");
+    assert_eq!(stdout(&mapstore(&["get", d, "k"])), "v\n");
+    let none = mapstore(&["repair", path(temp.path())]);
+    assert_eq!(none.status.code(), Some(1));
+    assert!(stderr(&none).contains("no database"), "{}", stderr(&none));
+}

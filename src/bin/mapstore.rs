@@ -115,6 +115,10 @@ enum Command {
     Checkpoint { dir: PathBuf },
     /// Checkpoint, then merge every snapshot file.
     Compact { dir: PathBuf },
+    /// Rebuild a damaged or missing MANIFEST, keep the readable blocks of
+    /// damaged snapshot files, cut the WAL at its first damage; prints what
+    /// was lost (the database must not be open).
+    Repair { dir: PathBuf },
     /// Write a point-in-time copy of DIR into DEST (hard links where the
     /// file system allows; a second backup to DEST brings only new files).
     Backup { dir: PathBuf, dest: PathBuf },
@@ -216,6 +220,31 @@ fn run(command: Command) -> Outcome {
             db.close().map_err(text)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Repair { dir } => {
+            let spinner = spinner("repairing");
+            let report = Db::repair(&dir).map_err(text)?;
+            spinner.finish_and_clear();
+            if report.manifest_rebuilt {
+                println!("MANIFEST rebuilt from the files present");
+            }
+            println!(
+                "{} snapshot files checked, {} rewritten ({} versions kept from them); last seq {}",
+                report.snapshot_files_checked,
+                report.snapshot_files_rewritten,
+                report.versions_salvaged,
+                report.last_seq
+            );
+            for (id, name) in &report.keyspaces_renamed {
+                println!("keyspace {id} had lost its name; it is now {name:?}");
+            }
+            for lost in &report.lost {
+                println!("lost: {}", describe_loss(lost));
+            }
+            if report.lost_nothing() {
+                println!("nothing was lost");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Backup { dir, dest } => {
             let db = writable(&dir, false)?;
             let spinner = spinner("backing up");
@@ -275,6 +304,48 @@ fn run(command: Command) -> Outcome {
 
 fn text(error: impl std::fmt::Display) -> String {
     error.to_string()
+}
+
+/// One line about data a repair could not keep.
+fn describe_loss(lost: &mapstore::Lost) -> String {
+    let key = |key: &Option<Vec<u8>>, open: &str| {
+        key.as_deref()
+            .map_or(open.to_string(), |k| encode(k, Encoding::Text))
+    };
+    match lost {
+        mapstore::Lost::Versions {
+            path,
+            keyspace,
+            from_key,
+            to_key,
+            seqs,
+            reason,
+        } => format!(
+            "versions of keyspace {keyspace}, keys {} to {}, seqs {}..={}, in {} ({reason})",
+            key(from_key, "(first)"),
+            key(to_key, "(last)"),
+            seqs.start(),
+            seqs.end(),
+            path.display()
+        ),
+        mapstore::Lost::File { path, reason } => {
+            format!("all of {} ({reason})", path.display())
+        }
+        mapstore::Lost::Commits {
+            segment,
+            after_seq,
+            moved_to,
+        } => format!(
+            "commits after seq {after_seq}: the log was damaged in {}; the rest is kept in {}",
+            segment.display(),
+            moved_to
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        other => format!("{other:?}"),
+    }
 }
 
 fn read_only(dir: &Path) -> Result<Db, String> {

@@ -219,6 +219,39 @@ pub fn seal_block_into(out: &mut Vec<u8>, entry_count: u32, entries: &[u8]) {
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
+/// The length of the block that would start at `data[0]`, if its entry
+/// count and every entry's lengths fit inside `data`; its CRC and order are
+/// not checked ([`decode_block`] does that). For a repair, which looks for
+/// whole blocks in a file whose index cannot be read.
+pub fn block_len_at(data: &[u8]) -> Option<usize> {
+    let count = u32::from_le_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+    // Each entry takes at least 10 bytes.
+    if count == 0 || count > data.len() / 10 {
+        return None;
+    }
+    let mut pos = 4;
+    for _ in 0..count {
+        let kind = *data.get(pos)?;
+        pos += 9; // kind and sequence number
+        let key_len = get_varint(data, &mut pos).ok()?;
+        let value_len = match kind {
+            1 | 3 => get_varint(data, &mut pos).ok()?,
+            2 => 0,
+            _ => return None,
+        };
+        let expiry = if kind == 3 { 8 } else { 0 };
+        pos = pos
+            .checked_add(usize::try_from(key_len).ok()?)?
+            .checked_add(usize::try_from(value_len).ok()?)?
+            .checked_add(expiry)?;
+        if pos > data.len() {
+            return None;
+        }
+    }
+    let len = pos.checked_add(4)?;
+    (len <= data.len()).then_some(len)
+}
+
 /// Checks a block's CRC and decodes its entries, with ranges relative to
 /// `block`. Entries must be sorted by key ascending, then sequence number
 /// descending.
@@ -471,7 +504,13 @@ pub struct Footer {
     pub entry_count: u64,
     /// The keyspace every entry belongs to (version 3; 0 in older files).
     pub keyspace: u32,
+    /// The file is a merge's output (flag bit 0, version 4): every file of
+    /// its keyspace numbered below it was one of the merge's inputs.
+    pub merged: bool,
 }
+
+/// Footer flag bit: the file is a merge's output.
+pub const FLAG_MERGED: u32 = 1;
 
 /// Why a footer was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -481,13 +520,15 @@ pub enum FooterError {
 }
 
 impl Footer {
-    /// `magic | version u32 | flags u32 (0) | index offset, index length,
+    /// `magic | version u32 | flags u32 | index offset, index length,
     /// bloom offset, bloom length, entry count (u64 each) | keyspace u32
     /// (version 3; zero before) | CRC32 of the 60 bytes before it`.
     pub fn encode(&self) -> [u8; FOOTER_BYTES] {
         let mut out = [0u8; FOOTER_BYTES];
         out[0..8].copy_from_slice(&SNAPSHOT_MAGIC);
         out[8..12].copy_from_slice(&self.version.to_le_bytes());
+        let flags = if self.merged { FLAG_MERGED } else { 0 };
+        out[12..16].copy_from_slice(&flags.to_le_bytes());
         out[16..24].copy_from_slice(&self.index_offset.to_le_bytes());
         out[24..32].copy_from_slice(&self.index_len.to_le_bytes());
         out[32..40].copy_from_slice(&self.bloom_offset.to_le_bytes());
@@ -521,7 +562,8 @@ impl Footer {
         if !(OLDEST_READABLE_SNAPSHOT_VERSION..=SNAPSHOT_FORMAT_VERSION).contains(&version) {
             return Err(FooterError::UnsupportedVersion(version));
         }
-        if read_u32(&mut pos)? != 0 {
+        let flags = read_u32(&mut pos)?;
+        if flags & !FLAG_MERGED != 0 || (version < 4 && flags != 0) {
             return Err(corrupt("unknown flags in the footer"));
         }
         let keyspace = le_u32(&footer[56..60]);
@@ -548,6 +590,7 @@ impl Footer {
             return Err(corrupt("footer sections do not tile the file"));
         }
         Ok(Footer {
+            merged: flags & FLAG_MERGED != 0,
             version,
             index_offset,
             index_len,
@@ -709,6 +752,7 @@ mod tests {
             bloom_len: 13,
             entry_count: 5,
             keyspace: 0,
+            merged: false,
         };
         let mut file = vec![0u8; 4129];
         file.extend_from_slice(&footer.encode());

@@ -52,6 +52,8 @@ pub(crate) struct SnapshotFile {
     entry_count: u64,
     /// The keyspace every entry belongs to (from the footer).
     keyspace: u32,
+    /// The file is a merge's output (from the footer).
+    merged: bool,
     /// The largest sequence number of an entry, as the MANIFEST or the
     /// writer says; `u64::MAX` when not told.
     largest_seq: u64,
@@ -135,11 +137,17 @@ impl SnapshotFile {
             bloom_probes,
             entry_count: footer.entry_count,
             keyspace: footer.keyspace,
+            merged: footer.merged,
             largest_seq: u64::MAX,
             earliest_expiry: 0,
             obsolete: AtomicBool::new(false),
             fs,
         })
+    }
+
+    /// Whether the file is a merge's output.
+    pub fn is_merge_output(&self) -> bool {
+        self.merged
     }
 
     /// The file's number.
@@ -846,6 +854,7 @@ mod tests {
             bloom_len: bloom_section.len() as u64,
             entry_count: footer_of(&good).entry_count,
             keyspace: 0,
+            merged: false,
         };
         let bytes = [data, &index, bloom_section, &footer.encode()].concat();
         let path = dir.path().join("2.snap");

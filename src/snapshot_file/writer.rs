@@ -55,6 +55,8 @@ pub(crate) struct SnapshotFileWriter<'a> {
     summary: FileSummary,
     /// The keyspace the file holds, written in its footer.
     keyspace: u32,
+    /// Whether the file is a merge's output (`merge_output`).
+    merged: bool,
 }
 
 impl<'a> SnapshotFileWriter<'a> {
@@ -87,6 +89,7 @@ impl<'a> SnapshotFileWriter<'a> {
                 ..FileSummary::default()
             },
             keyspace: 0,
+            merged: false,
         })
     }
 
@@ -94,6 +97,13 @@ impl<'a> SnapshotFileWriter<'a> {
     /// this is called).
     pub fn for_keyspace(mut self, keyspace: u32) -> Self {
         self.keyspace = keyspace;
+        self
+    }
+
+    /// Marks the file as a merge's output (in its footer): a repair that
+    /// rebuilds the MANIFEST leaves out the older files of its keyspace.
+    pub fn merge_output(mut self, merged: bool) -> Self {
+        self.merged = merged;
         self
     }
 
@@ -229,6 +239,7 @@ impl<'a> SnapshotFileWriter<'a> {
             bloom_len: bloom_section.len() as u64,
             entry_count: self.summary.entry_count,
             keyspace: self.keyspace,
+            merged: self.merged,
         };
         let mut tail = index;
         tail.extend_from_slice(&bloom_section);

@@ -135,3 +135,14 @@ pub fn run_child_until_killed(
     reader.join().unwrap();
     received.try_iter().collect()
 }
+
+/// The files in `dir` whose names end in `.{extension}`, sorted.
+pub fn files_with_extension(dir: &std::path::Path, extension: &str) -> Vec<std::path::PathBuf> {
+    let mut found: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == extension))
+        .collect();
+    found.sort();
+    found
+}
