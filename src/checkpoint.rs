@@ -42,7 +42,7 @@ use crate::manifest;
 use crate::memtable::{MemtableSet, Version};
 use crate::merge::{MergeIter, VersionGc};
 use crate::proto::{Manifest, SnapshotFileMeta};
-use crate::read::{ReadState, ReadView, Source};
+use crate::read::{ReadState, Source};
 use crate::replayed::ReplayedRuns;
 use crate::snapshot_file::writer::FileSummary;
 use crate::snapshot_file::{SnapshotFile, SnapshotFileWriter};
@@ -638,6 +638,7 @@ impl Storage {
     }
 
     fn checkpoint(&self, frozen: &FrozenMemtable) -> Result<()> {
+        let started = Instant::now();
         // A keyspace dropped by the end of the generation gets no file.
         let keyspaces: Vec<_> = {
             let catalog = lock(&self.catalog);
@@ -657,6 +658,7 @@ impl Storage {
             written.extend(self.write_file(keyspace, versions.map(Ok), &mut gc, false)?);
         }
         let frozen_source = frozen.content.source();
+        let written_bytes: u64 = written.iter().map(|(_, summary)| summary.size_bytes).sum();
 
         let (old_manifest, old_files) = {
             let state = self.state();
@@ -691,7 +693,7 @@ impl Storage {
                     sources.push(source.clone());
                 }
             }
-            ReadView { sources }
+            sources
         });
         for file in &dropped {
             file.mark_obsolete();
@@ -715,6 +717,11 @@ impl Storage {
             state.frozen.pop_front();
         }
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        let recorder = self.read_state.recorder();
+        recorder.checkpoint_duration.record(started.elapsed());
+        recorder
+            .checkpoint_bytes
+            .fetch_add(written_bytes, Ordering::Relaxed);
         self.changed.notify_all();
         Ok(())
     }
@@ -722,6 +729,7 @@ impl Storage {
     /// Merges the files of each of `keyspaces` into one file per keyspace,
     /// and installs the result with one manifest.
     fn merge(&self, keyspaces: &[u32], requested: u64) -> Result<()> {
+        let started = Instant::now();
         let (old_manifest, mut files) = {
             let state = self.state();
             (state.manifest.clone(), state.files.clone())
@@ -744,6 +752,8 @@ impl Storage {
             written.extend(self.write_file(keyspace, MergeIter::new(streams), &mut gc, true)?);
             merged.extend(inputs);
         }
+        let bytes_read: u64 = merged.iter().map(|file| file.size()).sum();
+        let bytes_written: u64 = written.iter().map(|(_, summary)| summary.size_bytes).sum();
         // The merged files take the place of the oldest: each replaces
         // every file of its keyspace.
         files.retain(|file| !merged.iter().any(|old| Arc::ptr_eq(old, file)));
@@ -772,7 +782,7 @@ impl Storage {
                 .cloned()
                 .collect();
             sources.extend(written.iter().map(|(file, _)| Source::File(file.clone())));
-            ReadView { sources }
+            sources
         });
         // Out of the manifest: each old file goes when its last reader does.
         // Let go of them here before reporting the merge done, so that a
@@ -788,6 +798,14 @@ impl Storage {
             state.merges_done = state.merges_done.max(requested);
         }
         self.merges.fetch_add(1, Ordering::Relaxed);
+        let recorder = self.read_state.recorder();
+        recorder.merge_duration.record(started.elapsed());
+        recorder
+            .merge_bytes_read
+            .fetch_add(bytes_read, Ordering::Relaxed);
+        recorder
+            .merge_bytes_written
+            .fetch_add(bytes_written, Ordering::Relaxed);
         self.changed.notify_all();
         Ok(())
     }

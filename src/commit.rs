@@ -81,7 +81,7 @@ use crate::history::HistoryState;
 use crate::keyspace::{Catalog, PerKeyspace};
 use crate::memtable::{Apply, BatchOps, BatchToApply, MemtableSet};
 use crate::proto::{OpKind, Operation};
-use crate::read::{ReadState, ReadView, Source};
+use crate::read::{ReadState, Source};
 use crate::wal::writer::WalWriter;
 
 /// Counters of the commit pipeline.
@@ -100,6 +100,8 @@ pub struct CommitStats {
     /// Waiting writers whose commit finished (or who were handed the lead)
     /// while they yielded the processor, before they went to sleep.
     pub waits_without_sleep: u64,
+    /// Bytes written to the WAL since open (page padding included).
+    pub wal_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -374,6 +376,16 @@ impl CommitPipeline {
 
     /// Commits one batch; returns the sequence number of its last operation.
     pub fn commit(&self, batch: SealedBatch, sync: bool) -> Result<u64> {
+        let started = Instant::now();
+        let result = self.commit_untimed(batch, sync);
+        self.read_state
+            .recorder()
+            .commit_latency
+            .record(started.elapsed());
+        result
+    }
+
+    fn commit_untimed(&self, batch: SealedBatch, sync: bool) -> Result<u64> {
         self.storage.check_healthy()?;
         let mut queue = lock(&self.queue);
         check_open(&queue)?;
@@ -723,7 +735,7 @@ impl CommitPipeline {
                 if let Some(first) = sources.first_mut() {
                     *first = Source::Memtables(grown.clone());
                 }
-                ReadView { sources }
+                sources
             });
             memtables = grown;
         }
@@ -751,7 +763,13 @@ impl CommitPipeline {
             .iter()
             .map(|(prefix, body)| [&prefix[..], &body[..]])
             .collect();
-        if let Err(error) = leader.wal.append_group(&records, sync) {
+        let writing = Instant::now();
+        let written = leader.wal.append_group(&records, sync);
+        self.read_state
+            .recorder()
+            .wal_write_latency
+            .record(writing.elapsed());
+        if let Err(error) = written {
             leader.failure = Some(error.to_string());
             applies.into_iter().for_each(Apply::finish);
             return Err(error);
@@ -954,7 +972,7 @@ impl CommitPipeline {
             let mut sources = Vec::with_capacity(view.sources.len() + 1);
             sources.push(Source::Memtables(fresh));
             sources.extend(view.sources.iter().cloned());
-            ReadView { sources }
+            sources
         });
         self.storage.push_frozen(FrozenMemtable {
             content: FrozenContent::Memtables(active),
@@ -1033,6 +1051,7 @@ impl CommitPipeline {
     }
 
     pub fn stats(&self) -> CommitStats {
+        let leader = lock(&self.leader);
         CommitStats {
             commits: self.commits.load(Ordering::Relaxed),
             groups: self.groups.load(Ordering::Relaxed),
@@ -1040,7 +1059,8 @@ impl CommitPipeline {
             waits_without_sleep: self.waits_without_sleep.load(Ordering::Relaxed),
             // Under the leader's lock, which a commit holds through its
             // fsync: stats are not read on a hot path.
-            wal_segments_reused: lock(&self.leader).wal.reused_segments(),
+            wal_segments_reused: leader.wal.reused_segments(),
+            wal_bytes: leader.wal.bytes_written(),
         }
     }
 }

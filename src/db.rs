@@ -24,6 +24,7 @@ use crate::history::{HistoryState, micros};
 use crate::io::{FileLock, FileSystem};
 use crate::keyspace::{Catalog, DEFAULT_KEYSPACE, Keyspace, KeyspaceInfo, check_name};
 use crate::memtable::MemtableSet;
+use crate::metrics::Recorder;
 use crate::options::{Durability, Options, RecoveryMode};
 use crate::read::{Iter, ReadState, ReadView, Snapshot, Source};
 use crate::recovery::{self, RecoveryReport};
@@ -177,6 +178,7 @@ impl Db {
     }
 
     fn open_in(path: &Path, options: Options, read_only: bool) -> Result<Db> {
+        let opening = std::time::Instant::now();
         options.validate()?;
         let path = path.to_path_buf();
         let fs: Arc<dyn FileSystem> = options.file_system.clone();
@@ -222,8 +224,12 @@ impl Db {
             wal_index,
             history_start_of(&recovered.manifest).min(recovered.last_seq),
         ));
+        let recorder = Arc::new(Recorder::default());
         let read_state = Arc::new(ReadState::new(
-            ReadView { sources },
+            ReadView {
+                sources,
+                recorder: recorder.clone(),
+            },
             recovered.last_seq,
             recovered.last_commit_micros,
             options.clock.clone(),
@@ -322,7 +328,10 @@ impl Db {
                 lock: Mutex::new(Some(lock)),
                 closed: AtomicBool::new(false),
                 read_only,
-                report: recovered.report,
+                report: RecoveryReport {
+                    duration: opening.elapsed(),
+                    ..recovered.report
+                },
             }),
         };
         if !read_only {
@@ -1163,6 +1172,10 @@ impl Db {
 
     pub(crate) fn history_ref(&self) -> &HistoryState {
         &self.inner.history
+    }
+
+    pub(crate) fn storage(&self) -> &crate::checkpoint::Storage {
+        &self.inner.storage
     }
 
     pub(crate) fn fs(&self) -> &Arc<dyn FileSystem> {

@@ -114,6 +114,10 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Removes a file.
     fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// The length of the file at `path`. The default reads it whole.
+    fn file_len(&self, path: &Path) -> io::Result<u64> {
+        self.read(path).map(|bytes| bytes.len() as u64)
+    }
     /// Makes `to` a second name of the file `from` (a hard link), failing if
     /// `to` exists. The default refuses (`Unsupported`): callers then copy.
     fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -422,6 +426,10 @@ impl FileSystem for RealFileSystem {
 
     fn hard_link(&self, from: &Path, to: &Path) -> io::Result<()> {
         fs::hard_link(from, to)
+    }
+
+    fn file_len(&self, path: &Path) -> io::Result<u64> {
+        fs::metadata(path).map(|m| m.len())
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {

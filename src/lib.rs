@@ -56,9 +56,12 @@ mod keyspace;
 mod manifest;
 mod memtable;
 mod merge;
+mod metrics;
 #[allow(unsafe_code)]
 mod mmap;
 mod options;
+#[cfg(feature = "prometheus")]
+pub mod prometheus;
 mod read;
 mod recovery;
 mod repair;
@@ -102,6 +105,7 @@ pub use error::{Error, Result};
 pub use feed::{ChangeFeed, ChangeOp, Commit};
 pub use history::{Clock, History, SystemClock};
 pub use keyspace::{Keyspace, MAX_KEYSPACE_NAME_BYTES};
+pub use metrics::{Histogram, Metrics};
 pub use options::{Durability, Options, RecoveryMode};
 pub use read::{Iter, Snapshot};
 pub use recovery::RecoveryReport;

@@ -22,6 +22,7 @@ use crate::keyspace::{DEFAULT_KEYSPACE, Keyspace};
 use crate::memtable::{
     Direction, FoundVersion, Memtable, MemtableSet, Resolved, as_ref_bound, is_expired,
 };
+use crate::metrics::{GetSource, Recorder};
 use crate::replayed::{ReplayedRun, ReplayedRuns};
 use crate::slice::Slice;
 use crate::snapshot_file::{FileCursor, SnapshotFile, bloom};
@@ -57,6 +58,15 @@ impl Source {
         }
     }
 
+    /// Which kind of source it is, for the metrics.
+    fn kind(&self) -> GetSource {
+        match self {
+            Source::Memtables(_) => GetSource::Memtable,
+            Source::Replayed(_) => GetSource::Replayed,
+            Source::File(_) => GetSource::File,
+        }
+    }
+
     /// Whether both are the very same memtable generation, runs or file.
     pub fn is(&self, other: &Source) -> bool {
         match (self, other) {
@@ -75,6 +85,9 @@ impl Source {
 #[derive(Debug, Clone)]
 pub(crate) struct ReadView {
     pub sources: Vec<Source>,
+    /// What readers count (held here so that a snapshot, which holds the
+    /// view, reaches it without a reference count of its own).
+    pub recorder: Arc<Recorder>,
 }
 
 impl ReadView {
@@ -101,6 +114,8 @@ pub(crate) struct ReadState {
     /// then judge expiry by the clock.
     expiring: AtomicBool,
     pins: Arc<PinRegistry>,
+    /// What the database counts (the view holds it too, for snapshots).
+    recorder: Arc<Recorder>,
     /// The id of the open database (`DbInner::id`), which keyspace handles
     /// must match.
     db_id: u64,
@@ -115,6 +130,7 @@ impl ReadState {
         db_id: u64,
     ) -> ReadState {
         ReadState {
+            recorder: view.recorder.clone(),
             view: RwLock::new(Arc::new(view)),
             visible_seq: AtomicU64::new(visible_seq),
             published_micros: AtomicU64::new(published_micros),
@@ -125,15 +141,22 @@ impl ReadState {
         }
     }
 
-    /// Replaces the view with `change(current)`, atomically with respect to
-    /// other edits (rotation, checkpoint and merge all edit the view).
-    pub fn edit(&self, change: impl FnOnce(&ReadView) -> ReadView) {
+    /// Replaces the view's sources with `change(current)`, atomically with
+    /// respect to other edits (rotation, checkpoint and merge all edit the
+    /// view).
+    pub fn edit(&self, change: impl FnOnce(&ReadView) -> Vec<Source>) {
         let mut guard = match self.view.write() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let next = change(&guard);
-        *guard = Arc::new(next);
+        let sources = change(&guard);
+        let recorder = guard.recorder.clone();
+        *guard = Arc::new(ReadView { sources, recorder });
+    }
+
+    /// What the database counts.
+    pub fn recorder(&self) -> &Recorder {
+        &self.recorder
     }
 
     /// The sequence numbers of the snapshots the application holds.
@@ -493,15 +516,29 @@ impl Snapshot {
     ) -> Result<Option<FoundVersion>> {
         // One hash serves the filters of every memtable and file.
         let key_hash = bloom::key_hash(key);
+        let recorder = &self.view.recorder;
+        let mut bloom_skips = 0;
         for source in &self.view.sources {
-            if let Some(mut found) = source.get(keyspace, key, key_hash, self.seq)? {
+            let found = match source {
+                Source::File(file) if file.keyspace() == keyspace => {
+                    if !file.may_contain(key_hash) {
+                        bloom_skips += 1;
+                        continue;
+                    }
+                    file.get_past_filter(key, self.seq)?
+                }
+                source => source.get(keyspace, key, key_hash, self.seq)?,
+            };
+            if let Some(mut found) = found {
                 // A value expired at the reader's time is a removal.
                 if found.expires != 0 && is_expired(found.expires, time()) {
                     found.value = None;
                 }
+                recorder.count_get(source.kind(), bloom_skips);
                 return Ok(Some(found));
             }
         }
+        recorder.count_get(GetSource::Absent, bloom_skips);
         Ok(None)
     }
 
@@ -1069,6 +1106,7 @@ impl fmt::Debug for Iter {
 
 impl Iter {
     fn new(snapshot: Snapshot, keyspace: u32, lower: Bound<Bytes>, upper: Bound<Bytes>) -> Iter {
+        snapshot.view.recorder.iterators.add(1);
         Iter {
             front: End::new(&snapshot, keyspace, Direction::Forward, &lower, &upper),
             back: End::new(&snapshot, keyspace, Direction::Backward, &lower, &upper),

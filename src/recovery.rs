@@ -62,6 +62,9 @@ pub struct RecoveryReport {
     /// Copies of the MANIFEST that were damaged (and written again from the
     /// other copy, unless the database was opened read-only).
     pub damaged_manifest_copies: Vec<PathBuf>,
+    /// How long opening took, this recovery included (up to the start of
+    /// the background threads).
+    pub duration: std::time::Duration,
 }
 
 /// The recovered state, ready for the database to start on.

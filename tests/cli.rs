@@ -135,6 +135,16 @@ fn stat_watch_diff_checkpoint_and_compact() {
     assert!(mapstore(&["checkpoint", d]).status.success());
     assert!(mapstore(&["compact", d]).status.success());
     assert_eq!(stdout(&mapstore(&["get", d, "a"])), "10\n");
+    // After the merge: one file at level 1, and the live data ("a" = "10",
+    // "b" = "2": 5 bytes of keys and values).
+    let stat = mapstore(&["stat", d, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap();
+    assert_eq!(json["live_bytes"], 5);
+    assert_eq!(json["levels"][0]["level"], 1, "{json}");
+    assert_eq!(json["levels"][0]["files"], 1, "{json}");
+    let text = stdout(&mapstore(&["stat", d]));
+    assert!(text.contains("  level 1 (merged) 1 files, "), "{text}");
+    assert!(text.contains("x the live data"), "{text}");
 }
 
 #[test]

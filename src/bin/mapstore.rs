@@ -413,12 +413,24 @@ fn spinner(message: &'static str) -> ProgressBar {
 fn stat(dir: &Path, json: bool) -> Outcome {
     let db = read_only(dir)?;
     let snapshot = db.snapshot();
-    let mut keyspaces = vec![(None, snapshot.iter().count())];
+    // Entries and their key and value bytes: the live data.
+    let measure = |iter: mapstore::Iter| -> Result<(usize, u64), String> {
+        let mut count = 0;
+        let mut bytes = 0;
+        for entry in iter {
+            let (key, value) = entry.map_err(text)?;
+            count += 1;
+            bytes += (key.len() + value.len()) as u64;
+        }
+        Ok((count, bytes))
+    };
+    let mut keyspaces = vec![(None, measure(snapshot.iter())?)];
     for name in db.keyspace_names().map_err(text)? {
         let ks = db.keyspace(&name).map_err(text)?;
-        keyspaces.push((Some(name), snapshot.iter_in(&ks).count()));
+        keyspaces.push((Some(name), measure(snapshot.iter_in(&ks))?));
     }
     let stats = db.checkpoint_stats();
+    let metrics = db.metrics();
     let (mut wal_segments, mut wal_bytes) = (0u64, 0u64);
     for entry in std::fs::read_dir(dir).map_err(text)? {
         let entry = entry.map_err(text)?;
@@ -428,11 +440,22 @@ fn stat(dir: &Path, json: bool) -> Outcome {
         }
     }
     let report = db.recovery_report();
-    let live: usize = keyspaces.iter().map(|(_, count)| count).sum();
+    let live: usize = keyspaces.iter().map(|(_, (count, _))| count).sum();
+    let live_bytes: u64 = keyspaces.iter().map(|(_, (_, bytes))| bytes).sum();
+    let disk_bytes = stats.snapshot_file_bytes + wal_bytes;
     if json {
         let keyspaces: Vec<_> = keyspaces
             .iter()
-            .map(|(name, count)| serde_json::json!({"keyspace": name, "entries": count}))
+            .map(|(name, (count, bytes))| {
+                serde_json::json!({"keyspace": name, "entries": count, "live_bytes": bytes})
+            })
+            .collect();
+        let levels: Vec<_> = metrics
+            .files_per_level
+            .iter()
+            .map(|(level, files, bytes)| {
+                serde_json::json!({"level": level, "files": files, "bytes": bytes})
+            })
             .collect();
         let out = serde_json::json!({
             "path": dir.display().to_string(),
@@ -440,8 +463,11 @@ fn stat(dir: &Path, json: bool) -> Outcome {
             "history_start": db.history_start().map_err(text)?,
             "entries": live,
             "keyspaces": keyspaces,
+            "live_bytes": live_bytes,
+            "disk_bytes": disk_bytes,
             "snapshot_files": stats.snapshot_files,
             "snapshot_file_bytes": stats.snapshot_file_bytes,
+            "levels": levels,
             "wal_segments": wal_segments,
             "wal_bytes": wal_bytes,
             "wal_batches_to_replay": report.batches_replayed,
@@ -454,15 +480,28 @@ fn stat(dir: &Path, json: bool) -> Outcome {
         println!("database        {}", dir.display());
         println!("sequence number {}", snapshot.seq());
         println!("history start   {}", db.history_start().map_err(text)?);
-        println!("entries         {live}");
-        for (name, count) in &keyspaces {
-            println!("  {:<14}{count}", name.as_deref().unwrap_or("(default)"));
+        println!("entries         {live} ({live_bytes} bytes of keys and values)");
+        for (name, (count, bytes)) in &keyspaces {
+            println!(
+                "  {:<14}{count} ({bytes} bytes)",
+                name.as_deref().unwrap_or("(default)")
+            );
         }
         println!(
             "snapshot files  {} ({} bytes)",
             stats.snapshot_files, stats.snapshot_file_bytes
         );
+        for (level, files, bytes) in &metrics.files_per_level {
+            let what = if *level == 0 { "checkpoints" } else { "merged" };
+            println!("  level {level} ({what}) {files} files, {bytes} bytes");
+        }
         println!("WAL segments    {wal_segments} ({wal_bytes} bytes)");
+        if live_bytes > 0 {
+            println!(
+                "space           {disk_bytes} bytes on disk, {:.2}x the live data",
+                disk_bytes as f64 / live_bytes as f64
+            );
+        }
         println!(
             "WAL to replay   {} commits, {} bytes",
             report.batches_replayed, report.wal_bytes_replayed

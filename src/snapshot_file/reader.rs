@@ -355,10 +355,22 @@ impl SnapshotFile {
 
     /// The newest version of `key` (whose [`bloom::key_hash`] is
     /// `key_hash`) at or below `seq`: `None` if the file has none.
+    /// Whether the file's bloom filter lets the key through (a `false`
+    /// is certain: the file does not hold the key).
+    #[inline]
+    pub fn may_contain(&self, key_hash: u64) -> bool {
+        bloom::may_contain(&self.bloom_bits, self.bloom_probes, key_hash)
+    }
+
     pub fn get(&self, key: &[u8], key_hash: u64, seq: u64) -> Result<Option<FoundVersion>> {
-        if !bloom::may_contain(&self.bloom_bits, self.bloom_probes, key_hash) {
+        if !self.may_contain(key_hash) {
             return Ok(None);
         }
+        self.get_past_filter(key, seq)
+    }
+
+    /// [`get`](Self::get) for a key the filter let through.
+    pub fn get_past_filter(&self, key: &[u8], seq: u64) -> Result<Option<FoundVersion>> {
         // A key's versions may continue into the next block.
         for i in self.first_block_from(key)?..self.index.len() {
             let bytes = self.block_bytes(i)?;

@@ -45,6 +45,8 @@ pub struct WalWriter {
     /// Bytes of log since the last rotation, with the rest of each page an
     /// fsync ended (what a replay would read).
     bytes_since_rotation: u64,
+    /// Bytes written since open (page padding included).
+    bytes_written: u64,
     /// Segments activated that reused an obsolete segment's file.
     reused_segments: u64,
 }
@@ -132,6 +134,7 @@ impl WalWriter {
             },
             frame_buffer: Vec::new(),
             bytes_since_rotation: 0,
+            bytes_written: 0,
             reused_segments: 0,
         }
     }
@@ -201,6 +204,7 @@ impl WalWriter {
             0
         };
         self.bytes_since_rotation += buffer.len() as u64 + skipped;
+        self.bytes_written += buffer.len() as u64;
         if sync && !made_durable {
             self.sync()?;
         }
@@ -269,6 +273,11 @@ impl WalWriter {
     }
 
     /// Segments activated so far that reused an obsolete segment's file.
+    /// Bytes written to segments since open (page padding included).
+    pub fn bytes_written(&self) -> u64 {
+        self.bytes_written
+    }
+
     pub fn reused_segments(&self) -> u64 {
         self.reused_segments
     }
