@@ -46,6 +46,7 @@ use crate::read::{ReadState, Source};
 use crate::replayed::ReplayedRuns;
 use crate::snapshot_file::writer::FileSummary;
 use crate::snapshot_file::{SnapshotFile, SnapshotFileWriter};
+use crate::trace;
 use crate::wal::recycle::{Offer, RecycledSegments};
 
 /// A memtable that no longer takes writes, waiting to be checkpointed
@@ -295,6 +296,7 @@ impl Storage {
         if state.frozen.len() < self.config.max_frozen_memtables {
             return Ok(());
         }
+        let _span = trace::span!("mapstore::write_stall", frozen = state.frozen.len());
         let started = Instant::now();
         self.write_stalls.fetch_add(1, Ordering::Relaxed);
         let max = self.config.max_frozen_memtables;
@@ -638,6 +640,7 @@ impl Storage {
     }
 
     fn checkpoint(&self, frozen: &FrozenMemtable) -> Result<()> {
+        let _span = trace::span!("mapstore::checkpoint", seq = frozen.last_seq);
         let started = Instant::now();
         // A keyspace dropped by the end of the generation gets no file.
         let keyspaces: Vec<_> = {
@@ -722,6 +725,11 @@ impl Storage {
         recorder
             .checkpoint_bytes
             .fetch_add(written_bytes, Ordering::Relaxed);
+        trace::event!(
+            files = written.len(),
+            bytes = written_bytes,
+            "checkpoint written"
+        );
         self.changed.notify_all();
         Ok(())
     }
@@ -729,6 +737,7 @@ impl Storage {
     /// Merges the files of each of `keyspaces` into one file per keyspace,
     /// and installs the result with one manifest.
     fn merge(&self, keyspaces: &[u32], requested: u64) -> Result<()> {
+        let _span = trace::span!("mapstore::merge", keyspaces = keyspaces.len());
         let started = Instant::now();
         let (old_manifest, mut files) = {
             let state = self.state();
@@ -806,6 +815,7 @@ impl Storage {
         recorder
             .merge_bytes_written
             .fetch_add(bytes_written, Ordering::Relaxed);
+        trace::event!(bytes_read, bytes_written, "merge written");
         self.changed.notify_all();
         Ok(())
     }

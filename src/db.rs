@@ -29,6 +29,7 @@ use crate::options::{Durability, Options, RecoveryMode};
 use crate::read::{Iter, ReadState, ReadView, Snapshot, Source};
 use crate::recovery::{self, RecoveryReport};
 use crate::slice::Slice;
+use crate::trace;
 use crate::transaction::{Isolation, MAX_TRANSACT_ATTEMPTS, Transaction};
 use crate::wal::history::{WalIndex, commit_time_of, last_seq_at_or_before};
 use crate::wal::recycle::RecycledSegments;
@@ -201,7 +202,16 @@ impl Db {
         };
         static NEXT_DB_ID: AtomicU64 = AtomicU64::new(1);
         let id = NEXT_DB_ID.fetch_add(1, Ordering::Relaxed);
-        let recovered = recovery::recover(&fs, &path, options.recovery_mode, id, read_only)?;
+        let recovered = {
+            let _span = trace::span!("mapstore::recovery", dir = %path.display(), read_only);
+            let recovered = recovery::recover(&fs, &path, options.recovery_mode, id, read_only)?;
+            trace::event!(
+                last_seq = recovered.last_seq,
+                batches_replayed = recovered.report.batches_replayed,
+                "recovered"
+            );
+            recovered
+        };
         // Writes go to a fresh memtable generation; what the replay
         // recovered waits behind it for its checkpoint, like a frozen one.
         let memtables = Arc::new(MemtableSet::new(
@@ -1102,6 +1112,7 @@ impl Db {
         }
         // Refused before the checkpoint, which would be wasted.
         crate::backup::check_destination(self.path(), dest.as_ref())?;
+        let _span = trace::span!("mapstore::backup", dest = %dest.as_ref().display());
         self.checkpoint()?;
         let (manifest, files) = self.inner.storage.durable_state();
         crate::backup::write_backup(&**self.fs(), self.path(), &manifest, &files, dest.as_ref())

@@ -83,6 +83,7 @@ mod slice;
 mod snapshot_file;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod trace;
 mod transaction;
 mod verify;
 mod wal;
@@ -261,6 +262,16 @@ pub mod fuzzing {
     pub fn snapshot_file(data: &[u8]) -> usize {
         use crate::memtable::Direction;
         use std::ops::Bound;
+        // What a repair salvages from the bytes: never a panic, and versions
+        // sorted as a file holds them (key ascending, then seq descending).
+        let salvaged = crate::repair::scan_blocks(data).versions;
+        for pair in salvaged.windows(2) {
+            let order = pair[0].key.cmp(&pair[1].key);
+            assert!(
+                order.is_lt() || (order.is_eq() && pair[0].seq > pair[1].seq),
+                "salvaged versions out of order"
+            );
+        }
         let fs: std::sync::Arc<dyn crate::io::FileSystem> =
             std::sync::Arc::new(crate::io::RealFileSystem);
         let path = std::path::Path::new("fuzz-input.snap");

@@ -43,6 +43,7 @@ use crate::options::{Options, RecoveryMode};
 use crate::proto::{KeyspaceMeta, Manifest, OpKind, SnapshotFileMeta};
 use crate::snapshot_file::format::{BLOCK_ALIGN, FOOTER_BYTES, Footer, block_len_at, decode_block};
 use crate::snapshot_file::{SnapshotFile, SnapshotFileWriter};
+use crate::trace;
 use crate::wal::reader::scan_segment;
 
 /// What [`Db::repair`] found, kept and lost.
@@ -150,6 +151,7 @@ impl Db {
     /// database is opened with at the end).
     pub fn repair_with(path: impl AsRef<Path>, options: Options) -> Result<RepairReport> {
         let dir = path.as_ref();
+        let _span = trace::span!("mapstore::repair", dir = %dir.display());
         let fs = options.file_system.clone();
         let mut report = {
             let lock_path = dir.join(files::LOCK);
@@ -388,6 +390,82 @@ struct Salvage {
     lost: Vec<Lost>,
 }
 
+/// The good blocks of a damaged snapshot file, in order.
+pub(crate) struct BlockScan {
+    /// Their versions, sorted as a file holds them.
+    pub versions: Vec<Version>,
+    /// The first and last key of each.
+    pub good: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Where something that is no good block lay: after the good block of
+    /// this index minus one (0: before the first).
+    pub damaged_after: BTreeSet<usize>,
+}
+
+/// Tries each 4,096-byte page of `data` (a snapshot file, damaged anywhere)
+/// as the start of a block: one whose lengths fit, whose CRC and order
+/// pass, and whose versions come after the previous good block's is kept;
+/// a page that holds anything else but zeros is damage.
+pub(crate) fn scan_blocks(data: &[u8]) -> BlockScan {
+    // Blocks lie before the index; with a damaged footer, anywhere before it.
+    let end = match Footer::decode(data) {
+        Ok(footer) => (footer.index_offset as usize).min(data.len()),
+        Err(_) => data.len().saturating_sub(FOOTER_BYTES),
+    };
+    let align = BLOCK_ALIGN;
+    let mut scan = BlockScan {
+        versions: Vec::new(),
+        good: Vec::new(),
+        damaged_after: BTreeSet::new(),
+    };
+    let mut offset = 0;
+    while offset < end {
+        let block = block_len_at(&data[offset..end]).and_then(|len| {
+            decode_block(&data[offset..offset + len])
+                .ok()
+                .map(|entries| (len, entries))
+        });
+        let bytes = block.as_ref().map(|(len, _)| &data[offset..offset + len]);
+        let follows = match (&block, bytes, scan.versions.last()) {
+            (Some((_, entries)), Some(bytes), Some(last)) if !entries.is_empty() => {
+                let first = &entries[0];
+                match bytes[first.key()].cmp(&last.key[..]) {
+                    std::cmp::Ordering::Greater => true,
+                    std::cmp::Ordering::Equal => first.seq < last.seq,
+                    std::cmp::Ordering::Less => false,
+                }
+            }
+            (Some((_, entries)), Some(_), None) => !entries.is_empty(),
+            _ => false,
+        };
+        match (block, bytes) {
+            (Some((len, entries)), Some(bytes)) if follows => {
+                let first = bytes[entries[0].key()].to_vec();
+                let last = bytes[entries[entries.len() - 1].key()].to_vec();
+                for entry in &entries {
+                    scan.versions.push(Version {
+                        key: Bytes::copy_from_slice(&bytes[entry.key()]),
+                        seq: entry.seq,
+                        value: entry
+                            .value()
+                            .map(|range| Bytes::copy_from_slice(&bytes[range])),
+                        expires: entry.expires(bytes),
+                    });
+                }
+                scan.good.push((first, last));
+                offset += len.div_ceil(align) * align;
+            }
+            _ => {
+                let page_end = (offset + align).min(end);
+                if data[offset..page_end].iter().any(|&b| b != 0) {
+                    scan.damaged_after.insert(scan.good.len());
+                }
+                offset += align;
+            }
+        }
+    }
+    scan
+}
+
 /// A damaged snapshot file to salvage.
 struct Damaged<'a> {
     path: &'a Path,
@@ -413,51 +491,11 @@ fn salvage(
         meta,
         reason,
     } = damaged;
-    // Blocks lie before the index; with a damaged footer, anywhere before it.
-    let end = match Footer::decode(data) {
-        Ok(footer) => (footer.index_offset as usize).min(data.len()),
-        Err(_) => data.len().saturating_sub(FOOTER_BYTES),
-    };
-    let align = BLOCK_ALIGN;
-    // (first key, last key) of each good block, and the pages between
-    // them that held something that is not a good block.
-    let mut good: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-    let mut damaged_after: BTreeSet<usize> = BTreeSet::new(); // index into `good` of the block before
-    let mut versions: Vec<Version> = Vec::new();
-    let mut offset = 0;
-    while offset < end {
-        let block = block_len_at(&data[offset..end]).and_then(|len| {
-            decode_block(&data[offset..offset + len])
-                .ok()
-                .map(|entries| (len, entries))
-        });
-        match block {
-            Some((len, entries)) if !entries.is_empty() => {
-                let bytes = &data[offset..offset + len];
-                let first = bytes[entries[0].key()].to_vec();
-                let last = bytes[entries[entries.len() - 1].key()].to_vec();
-                for entry in &entries {
-                    versions.push(Version {
-                        key: Bytes::copy_from_slice(&bytes[entry.key()]),
-                        seq: entry.seq,
-                        value: entry
-                            .value()
-                            .map(|range| Bytes::copy_from_slice(&bytes[range])),
-                        expires: entry.expires(bytes),
-                    });
-                }
-                good.push((first, last));
-                offset += len.div_ceil(align) * align;
-            }
-            _ => {
-                let page_end = (offset + align).min(end);
-                if data[offset..page_end].iter().any(|&b| b != 0) {
-                    damaged_after.insert(good.len());
-                }
-                offset += align;
-            }
-        }
-    }
+    let BlockScan {
+        versions,
+        good,
+        damaged_after,
+    } = scan_blocks(data);
     let seqs = meta.map_or(0..=u64::MAX, |m| m.smallest_seq..=m.largest_seq);
     let lost = damaged_after
         .into_iter()
@@ -478,9 +516,8 @@ fn salvage(
             lost,
         });
     }
-    // Blocks are in file order, so the versions are still sorted; a block
-    // found twice (never, unless the file was put together wrongly) would
-    // break the order, which the writer refuses.
+    // `scan_blocks` kept only blocks that follow the one before: the
+    // versions are sorted as the writer needs them.
     let new_path = dir.join(files::snapshot_file_name(new_number));
     // A merge's output stays one (from the MANIFEST, or the footer).
     let merged = meta.map_or_else(
