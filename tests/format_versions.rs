@@ -18,6 +18,12 @@
 //! expire, and a WAL of version 3 whose records carry commit times, TTLs
 //! and an expiry. [`write_v3`] wrote it under a manual clock, so its times
 //! are fixed; it is read under the same clock, at a fixed time.
+//!
+//! `tests/data/database-v4/` holds a MANIFEST of version 4 in its two
+//! copies (with their generation and the database's identity) and a merge's
+//! output (footer flag, level 1) beside a checkpoint's file, with commits
+//! in the WAL. [`write_v4`] wrote it; a repair that rebuilds its MANIFEST
+//! from the files must read the same.
 
 mod common;
 
@@ -389,4 +395,84 @@ fn a_database_with_history_and_ttls_of_format_version_3_opens_and_reads() {
     assert!(db.recovery_report().batches_replayed >= 3);
     check(&db);
     db.close().unwrap();
+}
+
+/// Writes the version 4 fixture: a merge's output and a newer checkpoint's
+/// file in two keyspaces, and commits left in the WAL; returns what it
+/// holds.
+fn write_v4(dir: &Path) -> Keyspaces {
+    let db = Db::open_with(dir, mapstore::Options::default().checkpoint_on_close(false)).unwrap();
+    let users = db.keyspace("users").unwrap();
+    for i in 0..40u32 {
+        db.insert(key(i), format!("v{i}")).unwrap();
+        users
+            .insert(format!("u{i:02}"), format!("user {i}"))
+            .unwrap();
+    }
+    db.checkpoint().unwrap();
+    db.remove(key(3)).unwrap();
+    users.remove("u07").unwrap();
+    db.compact().unwrap(); // level 1, the removals dropped with what they hid
+    db.insert(key(200), "after the merge").unwrap();
+    db.checkpoint().unwrap(); // level 0
+    db.insert(key(201), "only in the log").unwrap();
+    db.keyspace("later").unwrap().insert("k", "v").unwrap();
+    let model = read_keyspaces(&db);
+    db.close().unwrap();
+    model
+}
+
+#[test]
+fn a_database_of_format_version_4_opens_reads_and_rebuilds_its_manifest() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/database-v4");
+    if std::env::var_os("MAPSTORE_WRITE_FIXTURES").is_some() {
+        let _ = fs::remove_dir_all(&fixture);
+        write_v4(&fixture);
+        fs::remove_file(fixture.join("LOCK")).unwrap();
+    }
+    let fresh = tempfile::tempdir().unwrap();
+    let model = write_v4(fresh.path());
+    let copy = || {
+        let dir = tempfile::tempdir().unwrap();
+        for entry in fs::read_dir(&fixture).unwrap() {
+            let entry = entry.unwrap();
+            fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+        dir
+    };
+    for dir in [fresh.path(), copy().path()] {
+        assert_eq!(snapshot_versions(dir), [4, 4, 4]);
+        let db = Db::open(dir).unwrap();
+        assert!(db.recovery_report().damaged_manifest_copies.is_empty());
+        assert!(db.recovery_report().batches_replayed >= 2);
+        assert_eq!(read_keyspaces(&db), model);
+        let levels: Vec<(u32, u64)> = db
+            .metrics()
+            .files_per_level
+            .iter()
+            .map(|&(level, files, _)| (level, files))
+            .collect();
+        assert_eq!(levels, [(0, 1), (1, 2)]);
+        assert!(db.verify().unwrap().is_ok());
+        drop(db);
+    }
+    // Both copies lost: the repair leaves the merge's inputs out (none
+    // is left here) and reads the same, names included from the WAL or
+    // given.
+    let dir = copy();
+    fs::remove_file(dir.path().join("MANIFEST")).unwrap();
+    fs::remove_file(dir.path().join("MANIFEST.copy")).unwrap();
+    let report = Db::repair(dir.path()).unwrap();
+    assert!(
+        report.manifest_rebuilt && report.lost_nothing(),
+        "{report:?}"
+    );
+    let db = Db::open(dir.path()).unwrap();
+    let mut renamed = read_keyspaces(&db);
+    for (id, name) in &report.keyspaces_renamed {
+        assert_eq!(*id, 1, "only users' creation is no longer in the WAL");
+        let data = renamed.remove(name).unwrap();
+        renamed.insert("users".into(), data);
+    }
+    assert_eq!(renamed, model);
 }
