@@ -68,8 +68,12 @@ fn a_backup_taken_beside_writers_opens_as_the_state_at_its_seq() {
             });
         }
         let mut backups = Vec::new();
-        for round in 0..3 {
-            std::thread::sleep(std::time::Duration::from_millis(40));
+        for round in 0..3u64 {
+            // Some commits between backups, however slow the disk.
+            let target = db.metrics().commits + 150;
+            while db.metrics().commits < target {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
             let dest = dir.path().join(format!("backup-{round}"));
             backups.push((dest.clone(), db.backup_to(&dest).unwrap()));
         }
