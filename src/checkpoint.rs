@@ -539,7 +539,8 @@ impl Storage {
     }
 
     /// Writes `versions` (sorted) of `keyspace` to a new snapshot file,
-    /// keeping what `gc` keeps, marked as a merge's output if `merged`;
+    /// keeping what `gc` keeps, marked as a full merge's output if `merged`
+    /// (a merge takes every file of its keyspace);
     /// returns the open file and what it holds, or `None` if nothing
     /// survived.
     fn write_file(

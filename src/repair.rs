@@ -20,9 +20,9 @@
 //! names of keyspaces (their creations), which keyspaces were dropped, and
 //! where the log must take over: the checkpoint sequence number is moved up
 //! to the end of the record holding the files' newest entry, since a
-//! checkpoint never splits a record. A merge takes every file of its
-//! keyspace, and marks its output in the footer: a file numbered below a
-//! merge's output of its keyspace is one of its inputs that a crash left,
+//! checkpoint never splits a record. A full merge (of every file of its
+//! keyspace) marks its output in the footer: a file numbered below such an
+//! output of its keyspace is one of its inputs that a crash left,
 //! and is left out (its versions are in the output, which may rightly have
 //! dropped some of them).
 
@@ -566,8 +566,10 @@ fn rebuild(
     manifest: &mut Manifest,
     report: &mut RepairReport,
 ) -> Result<()> {
-    // Merge inputs a crash left: a merge takes every file of its keyspace,
-    // so each file numbered below a merge's output is one of its inputs.
+    // Merge inputs a crash left: each file numbered below a full merge's
+    // output of its keyspace was one of its inputs.
+    // (Here every meta was read from its file: level 1 is exactly the
+    // footer's full-merge flag.)
     let metas = kept.clone();
     kept.retain(|m| {
         !metas.iter().any(|other| {

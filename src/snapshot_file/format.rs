@@ -504,12 +504,13 @@ pub struct Footer {
     pub entry_count: u64,
     /// The keyspace every entry belongs to (version 3; 0 in older files).
     pub keyspace: u32,
-    /// The file is a merge's output (flag bit 0, version 4): every file of
+    /// The file is a full merge's output (flag bit 0, version 4): every file of
     /// its keyspace numbered below it was one of the merge's inputs.
     pub merged: bool,
 }
 
-/// Footer flag bit: the file is a merge's output.
+/// Footer flag bit: the file is the output of a full merge, whose inputs
+/// were every file of its keyspace numbered below it (`snapshot.md`).
 pub const FLAG_MERGED: u32 = 1;
 
 /// Why a footer was refused.

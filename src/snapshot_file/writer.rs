@@ -100,7 +100,8 @@ impl<'a> SnapshotFileWriter<'a> {
         self
     }
 
-    /// Marks the file as a merge's output (in its footer): a repair that
+    /// Marks the file as a full merge's output, whose inputs were every
+    /// file of its keyspace numbered below it (in its footer): a repair that
     /// rebuilds the MANIFEST leaves out the older files of its keyspace.
     pub fn merge_output(mut self, merged: bool) -> Self {
         self.merged = merged;
