@@ -42,6 +42,7 @@ use crate::memtable::Version;
 use crate::options::{Options, RecoveryMode};
 use crate::proto::{KeyspaceMeta, Manifest, OpKind, SnapshotFileMeta};
 use crate::snapshot_file::format::{BLOCK_ALIGN, FOOTER_BYTES, Footer, block_len_at, decode_block};
+use crate::snapshot_file::index::BlockIndex;
 use crate::snapshot_file::{SnapshotFile, SnapshotFileWriter};
 use crate::trace;
 use crate::wal::reader::scan_segment;
@@ -407,10 +408,13 @@ pub(crate) struct BlockScan {
 /// a page that holds anything else but zeros is damage.
 pub(crate) fn scan_blocks(data: &[u8]) -> BlockScan {
     // Blocks lie before the index; with a damaged footer, anywhere before it.
-    let end = match Footer::decode(data) {
-        Ok(footer) => (footer.index_offset as usize).min(data.len()),
-        Err(_) => data.len().saturating_sub(FOOTER_BYTES),
+    let footer = Footer::decode(data).ok();
+    let end = match footer {
+        Some(footer) => (footer.index_offset as usize).min(data.len()),
+        None => data.len().saturating_sub(FOOTER_BYTES),
     };
+    // Where the last good block ends.
+    let mut blocks_end = 0;
     let align = BLOCK_ALIGN;
     let mut scan = BlockScan {
         versions: Vec::new(),
@@ -452,6 +456,7 @@ pub(crate) fn scan_blocks(data: &[u8]) -> BlockScan {
                     });
                 }
                 scan.good.push((first, last));
+                blocks_end = offset + len;
                 offset += len.div_ceil(align) * align;
             }
             _ => {
@@ -461,6 +466,17 @@ pub(crate) fn scan_blocks(data: &[u8]) -> BlockScan {
                 }
                 offset += align;
             }
+        }
+    }
+    // Without a footer, the index and filter after the last block read as
+    // damage; an index that checks, right after the last good block, says
+    // they are not (the index follows the last block directly).
+    if footer.is_none() && scan.damaged_after.contains(&scan.good.len()) {
+        let index = BlockIndex::len_at(&data[blocks_end..]).and_then(|len| {
+            BlockIndex::open(Bytes::copy_from_slice(&data[blocks_end..blocks_end + len])).ok()
+        });
+        if index.is_some_and(|index| index.check(blocks_end as u64).is_ok()) {
+            scan.damaged_after.remove(&scan.good.len());
         }
     }
     scan

@@ -22,11 +22,11 @@ use super::format::{BLOCK_ALIGN, checked_body, get_u32, get_u64, get_varint};
 use crate::memtable::{Prefix, key_head, prefix_of_head};
 
 /// Bytes of one last-key prefix: the key's first 16 bytes, zero-padded.
-const PREFIX_BYTES: usize = 16;
+pub(crate) const PREFIX_BYTES: usize = 16;
 /// Bytes of one block record: offset u64, where the block's last key ends
 /// in the key area u64 (a large merged file can hold more than 4 GiB of
 /// last keys), length u32.
-const RECORD_BYTES: usize = 20;
+pub(crate) const RECORD_BYTES: usize = 20;
 
 /// A snapshot file's block index, read in place: its CRC checked by
 /// [`open`](Self::open), its structure by [`check`](Self::check).
@@ -88,6 +88,25 @@ impl BlockIndex {
             bytes,
             blocks: count,
         })
+    }
+
+    /// The length of the index (version 2 or later) that would start at
+    /// `data[0]`, read from its block count and its last block's key end,
+    /// if that fits in `data`: with a damaged footer, a repair finds where
+    /// the blocks end by finding the index after them.
+    pub fn len_at(data: &[u8]) -> Option<usize> {
+        let count = u32::from_le_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+        if count == 0 {
+            return None;
+        }
+        let records_at = 4usize.checked_add(count.checked_mul(PREFIX_BYTES)?)?;
+        let keys_at = records_at.checked_add(count.checked_mul(RECORD_BYTES)?)?;
+        let last = records_at + (count - 1) * RECORD_BYTES;
+        let key_end = u64::from_le_bytes(data.get(last + 8..last + 16)?.try_into().ok()?);
+        let len = keys_at
+            .checked_add(usize::try_from(key_end).ok()?)?
+            .checked_add(4)?;
+        (len <= data.len()).then_some(len)
     }
 
     /// Checks everything a lookup relies on; `data_end` is where the data
