@@ -102,12 +102,15 @@ pub(crate) fn write_backup(
         .list_dir(dest)
         .map_err(|e| Error::io("list directory", dest, e))?;
     // What an earlier backup left: its files can stay if they are the same
-    // files of the same database. Damaged copies of its MANIFEST only mean
-    // that nothing is kept.
-    let earlier = manifest::read(fs, dest)
-        .ok()
-        .flatten()
-        .map(|found| found.manifest);
+    // files of the same database. A MANIFEST that cannot be read is an
+    // unfinished backup's if the mark is there; otherwise the directory
+    // holds a damaged database, which is not this backup's to overwrite.
+    let marked = names.iter().any(|name| name == files::BACKUP_INCOMPLETE);
+    let earlier = match manifest::read(fs, dest) {
+        Ok(found) => found.map(|found| found.manifest),
+        Err(_) if marked => None,
+        Err(error) => return Err(error),
+    };
     if let Some(earlier) = &earlier
         && earlier.database_id != manifest.database_id
     {

@@ -1104,7 +1104,9 @@ impl Db {
     /// inside it, [`Error::BackupOfAnotherDatabase`] if `dest` holds another
     /// database, [`Error::NotADatabase`] if it holds foreign files,
     /// [`Error::NotADirectory`], [`Error::Locked`] if a `Db` has `dest`
-    /// open, [`Error::ReadOnly`], and as [`checkpoint`](Db::checkpoint).
+    /// open, [`Error::Corruption`] if `dest` holds a database whose
+    /// MANIFEST cannot be read (it is left alone), [`Error::ReadOnly`], and
+    /// as [`checkpoint`](Db::checkpoint).
     pub fn backup_to(&self, dest: impl AsRef<Path>) -> Result<crate::BackupInfo> {
         self.check_open()?;
         if self.inner.read_only {

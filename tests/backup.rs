@@ -228,6 +228,19 @@ fn bad_destinations_are_refused_and_change_nothing() {
         vec![("cat.jpg".into(), b"meow".to_vec())]
     );
 
+    // A database whose MANIFEST copies are both damaged is not written over.
+    let damaged = dir.path().join("damaged");
+    Db::open(&damaged).unwrap().insert("d", "1").unwrap();
+    for name in ["MANIFEST", "MANIFEST.copy"] {
+        let path = damaged.join(name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[25] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+    }
+    let before = listing(&damaged);
+    assert!(db.backup_to(&damaged).unwrap_err().is_corruption());
+    assert_eq!(listing(&damaged), before);
+
     let file = dir.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
     assert!(matches!(
