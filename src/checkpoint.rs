@@ -866,7 +866,12 @@ fn is_one_of(source: &Source, files: &[Arc<SnapshotFile>]) -> bool {
 
 /// What a MANIFEST says of a file: `level` 0 for a checkpoint's, 1 for a
 /// merge's output.
-fn file_meta(number: u64, keyspace: u32, summary: &FileSummary, level: u32) -> SnapshotFileMeta {
+pub(crate) fn file_meta(
+    number: u64,
+    keyspace: u32,
+    summary: &FileSummary,
+    level: u32,
+) -> SnapshotFileMeta {
     SnapshotFileMeta {
         file_number: number,
         keyspace,

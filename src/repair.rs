@@ -33,6 +33,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::batch::decode_record;
+use crate::checkpoint::file_meta;
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::files::{self, FileKind};
@@ -556,18 +557,7 @@ fn salvage(
     }
     let summary = writer.finish()?;
     Ok(Salvage {
-        meta: Some(SnapshotFileMeta {
-            file_number: new_number,
-            size_bytes: summary.size_bytes,
-            level: u32::from(merged),
-            smallest_key: summary.smallest_key.into(),
-            largest_key: summary.largest_key.into(),
-            smallest_seq: summary.smallest_seq,
-            largest_seq: summary.largest_seq,
-            entry_count: summary.entry_count,
-            keyspace,
-            earliest_expiry_micros: summary.earliest_expiry,
-        }),
+        meta: Some(file_meta(new_number, keyspace, &summary, u32::from(merged))),
         versions: count,
         lost,
     })
