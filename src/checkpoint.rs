@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
+use crate::file_set::{FileSet, LiveFile};
 use crate::files::{self, FileKind};
 use crate::history::HistoryState;
 use crate::io::FileSystem;
@@ -41,6 +42,7 @@ use crate::keyspace::Catalog;
 use crate::manifest;
 use crate::memtable::{MemtableSet, Version};
 use crate::merge::{MergeIter, VersionGc};
+use crate::merge_policy::{MergeChoice, MergePolicy};
 use crate::proto::{Manifest, SnapshotFileMeta};
 use crate::read::{ReadState, Source};
 use crate::replayed::ReplayedRuns;
@@ -127,8 +129,8 @@ pub struct CheckpointStats {
 #[derive(Debug)]
 pub(crate) struct OnDisk {
     pub manifest: Manifest,
-    /// The manifest's snapshot files, open, newest first.
-    pub files: Vec<Arc<SnapshotFile>>,
+    /// The manifest's snapshot files, open, by keyspace and partition.
+    pub files: FileSet,
     /// Files nothing reads any more, to remove in the background.
     pub leftovers: Vec<PathBuf>,
     /// The history kept, whose start each checkpoint and merge moves and
@@ -141,7 +143,8 @@ pub(crate) struct OnDisk {
 pub(crate) struct StorageConfig {
     pub dir: PathBuf,
     pub max_frozen_memtables: usize,
-    pub max_snapshot_files: usize,
+    /// When to merge which files.
+    pub merge_policy: MergePolicy,
     /// Where obsolete WAL segments go for the writer to reuse; `None` to
     /// delete them.
     pub recycled: Option<Arc<RecycledSegments>>,
@@ -157,8 +160,8 @@ struct State {
     /// Oldest first.
     frozen: VecDeque<FrozenMemtable>,
     manifest: Manifest,
-    /// The files of `manifest`, in the same order (newest first).
-    files: Vec<Arc<SnapshotFile>>,
+    /// The files of `manifest`, arranged as it says.
+    files: FileSet,
     merges_requested: u64,
     merges_done: u64,
     failure: Option<String>,
@@ -391,7 +394,24 @@ impl Storage {
     /// deletes them while the caller holds them (a backup copies them).
     pub fn durable_state(&self) -> (Manifest, Vec<Arc<SnapshotFile>>) {
         let state = self.state();
-        (state.manifest.clone(), state.files.clone())
+        let files = state.files.files().map(|live| live.file.clone()).collect();
+        (state.manifest.clone(), files)
+    }
+
+    /// How many partitions the keyspaces with files have, and the most
+    /// files one of them holds.
+    pub fn partition_counts(&self) -> (u64, u64) {
+        let state = self.state();
+        let files = &state.files;
+        let mut partitions = 0;
+        let mut most = 0;
+        for keyspace in files.keyspaces() {
+            for partition in files.partitions(keyspace) {
+                partitions += 1;
+                most = most.max(partition.files.len() as u64);
+            }
+        }
+        (partitions, most)
     }
 
     pub fn stats(&self) -> CheckpointStats {
@@ -404,7 +424,7 @@ impl Storage {
             write_stall_micros: self.write_stall_micros.load(Ordering::Relaxed),
             frozen_memtables: state.frozen.len(),
             snapshot_files: state.files.len(),
-            snapshot_file_bytes: state.files.iter().map(|file| file.size()).sum(),
+            snapshot_file_bytes: state.files.files().map(LiveFile::size).sum(),
             idle_wal_segments_deleted: self.idle_wal_segments_deleted.load(Ordering::Relaxed),
         }
     }
@@ -443,25 +463,21 @@ impl Storage {
                     // Too many files come first, so that the bound on the
                     // files a lookup reads holds even under a stream of
                     // checkpoints (writers may then wait for the merge).
-                    if let Some(keyspace) = self.keyspace_over_file_limit(&state.files) {
-                        break Job::Merge {
-                            keyspaces: vec![keyspace],
-                            requested: state.merges_done,
-                        };
+                    if let Some(job) = self.merge_due(&state.files, true) {
+                        break job;
                     }
                     if let Some(frozen) = state.frozen.front() {
                         break Job::Checkpoint(frozen.clone());
                     }
                     if state.merges_requested > state.merges_done {
-                        // A compaction merges every keyspace's files.
-                        let mut keyspaces: Vec<u32> =
-                            state.files.iter().map(|file| file.keyspace()).collect();
-                        keyspaces.sort_unstable();
-                        keyspaces.dedup();
-                        break Job::Merge {
-                            keyspaces,
+                        break Job::Compact {
                             requested: state.merges_requested,
                         };
+                    }
+                    // Then the merges the policy asks for, one partition
+                    // at a time, so a checkpoint waits for one at most.
+                    if let Some(job) = self.merge_due(&state.files, false) {
+                        break job;
                     }
                     state = self.wait_for_work(state);
                 }
@@ -469,9 +485,11 @@ impl Storage {
             let result = match &job {
                 Job::Checkpoint(frozen) => self.checkpoint(frozen),
                 Job::Merge {
-                    keyspaces,
-                    requested,
-                } => self.merge(keyspaces, *requested),
+                    keyspace,
+                    partition,
+                    choice,
+                } => self.merge(*keyspace, *partition, *choice),
+                Job::Compact { requested } => self.compact(*requested),
             };
             if let Err(error) = result {
                 self.record_failure(error.to_string());
@@ -526,96 +544,144 @@ impl Storage {
         )
     }
 
-    /// A keyspace with more than `max_snapshot_files` files, if any.
-    fn keyspace_over_file_limit(&self, files: &[Arc<SnapshotFile>]) -> Option<u32> {
-        let mut counts = std::collections::BTreeMap::new();
-        for file in files {
-            *counts.entry(file.keyspace()).or_insert(0usize) += 1;
+    /// A merge the policy asks for, if any: with `only_over_bound`, only
+    /// in a partition holding more files than the bound on reads.
+    fn merge_due(&self, files: &FileSet, only_over_bound: bool) -> Option<Job> {
+        let policy = &self.config.merge_policy;
+        for keyspace in files.keyspaces() {
+            let keyspace_bytes = files.keyspace_size(keyspace);
+            for (index, partition) in files.partitions(keyspace).iter().enumerate() {
+                if only_over_bound && partition.files.len() <= policy.max_files {
+                    continue;
+                }
+                let sizes: Vec<u64> = partition.files.iter().map(LiveFile::size).collect();
+                if let Some(choice) = policy.choose(&sizes, keyspace_bytes) {
+                    return Some(Job::Merge {
+                        keyspace,
+                        partition: index,
+                        choice,
+                    });
+                }
+            }
         }
-        counts
-            .into_iter()
-            .find(|(_, count)| *count > self.config.max_snapshot_files)
-            .map(|(keyspace, _)| keyspace)
+        None
     }
 
-    /// Writes `versions` (sorted) of `keyspace` to a new snapshot file,
-    /// keeping what `gc` keeps, marked as a full merge's output if `merged`
-    /// (a merge takes every file of its keyspace);
-    /// returns the open file and what it holds, or `None` if nothing
-    /// survived.
-    fn write_file(
+    /// Writes `versions` (sorted) of `keyspace` to new snapshot files,
+    /// keeping what `gc` keeps, cut as `cut` says, and marked as the output
+    /// of a whole partition's merge if `whole_merge`; returns each open
+    /// file and what it holds (none if nothing survived).
+    ///
+    /// A whole merge also keeps the newest version of the first key of
+    /// each file it writes and of the last key it reads, even a removal it
+    /// could drop: its files then cover the key range of its inputs
+    /// without a gap, so that a repair finds every input a crash left
+    /// behind by overlap (`format/snapshot.md`, flag bit 0).
+    fn write_files(
         &self,
         keyspace: u32,
         versions: impl Iterator<Item = Result<Version>>,
         gc: &mut VersionGc,
-        merged: bool,
-    ) -> Result<Option<(Arc<SnapshotFile>, FileSummary)>> {
-        let (number, path) = self.new_file_path();
-        let mut writer = SnapshotFileWriter::create(&*self.fs, &self.config.dir, path.clone())?
-            .for_keyspace(keyspace)
-            .merge_output(merged);
-        let mut written = 0u64;
-        for version in versions {
-            let version = match version {
-                Ok(version) => version,
-                Err(error) => {
-                    writer.abandon();
-                    return Err(error);
-                }
-            };
-            if gc.keep(&version) {
-                if let Err(error) = writer.add(
-                    &version.key,
-                    version.seq,
-                    version.value.as_deref(),
-                    version.expires,
-                ) {
-                    writer.abandon();
-                    return Err(error);
-                }
-                written += 1;
-            }
-        }
+        cut: Cut<'_>,
+        whole_merge: bool,
+    ) -> Result<Vec<(Arc<SnapshotFile>, FileSummary)>> {
+        let mut output = FileOutput::new(self, keyspace, whole_merge);
+        let result = self.write_versions(&mut output, versions, gc, cut, whole_merge);
         self.versions_dropped
             .fetch_add(gc.dropped, Ordering::Relaxed);
-        if written == 0 {
-            writer.abandon();
-            return Ok(None);
+        match result {
+            Ok(()) => output.finish(),
+            Err(error) => {
+                output.abandon();
+                Err(error)
+            }
         }
-        let summary = writer.finish()?;
-        let file = Arc::new(
-            SnapshotFile::open(self.fs.clone(), &path, number)?
-                .with_largest_seq(summary.largest_seq)
-                .with_earliest_expiry(summary.earliest_expiry),
-        );
-        // What this thread just wrote is checked here, in the background,
-        // not at a reader's first lookup; a file that fails (a writer's
-        // bug) is not installed.
-        file.check_index()?;
-        Ok(Some((file, summary)))
+    }
+
+    /// The loop of [`write_files`](Self::write_files).
+    fn write_versions(
+        &self,
+        output: &mut FileOutput<'_>,
+        versions: impl Iterator<Item = Result<Version>>,
+        gc: &mut VersionGc,
+        cut: Cut<'_>,
+        whole_merge: bool,
+    ) -> Result<()> {
+        let mut splits = match cut {
+            Cut::AtKeys(keys) => keys,
+            Cut::EveryBytes(_) => &[],
+        };
+        let mut current_key: Option<Bytes> = None;
+        // The newest version of the key read last, if the collection
+        // dropped it (a whole merge keeps it if no other key follows).
+        let mut dropped_edge: Option<Version> = None;
+        for version in versions {
+            let version = version?;
+            let newest_of_key = current_key.as_ref() != Some(&version.key);
+            if newest_of_key {
+                current_key = Some(version.key.clone());
+                dropped_edge = None;
+                let mut cut_here = false;
+                while let Some((split, rest)) = splits.split_first() {
+                    if split[..] > version.key[..] {
+                        break;
+                    }
+                    splits = rest;
+                    cut_here = true;
+                }
+                if let Cut::EveryBytes(bytes) = cut {
+                    cut_here |= output.bytes_in_current() >= bytes;
+                }
+                if cut_here {
+                    output.finish_current()?;
+                }
+            }
+            let keep = gc.keep(&version);
+            let edge = whole_merge && newest_of_key && !output.has_entries();
+            if keep || edge {
+                output.add(&version)?;
+            } else if whole_merge && newest_of_key {
+                dropped_edge = Some(version);
+            }
+        }
+        if let Some(version) = dropped_edge {
+            output.add(&version)?;
+        }
+        Ok(())
     }
 
     /// Writes the keyspaces that exist as of `manifest.checkpoint_seq` into
-    /// `manifest`, and takes the files of every other keyspace out of it
-    /// and out of `files`; returns those files (a drop's space comes back
-    /// once the checkpoint that covers the drop is durable).
-    fn record_keyspaces(
-        &self,
-        manifest: &mut Manifest,
-        files: &mut Vec<Arc<SnapshotFile>>,
-    ) -> Vec<Arc<SnapshotFile>> {
+    /// `manifest`, and takes the files of every other keyspace out of
+    /// `files`; returns those files (a drop's space comes back once the
+    /// checkpoint that covers the drop is durable). Then writes `files`
+    /// into `manifest`.
+    fn record_files(&self, manifest: &mut Manifest, files: &mut FileSet) -> Vec<LiveFile> {
         let catalog = lock(&self.catalog);
         let seq = manifest.checkpoint_seq;
         manifest.keyspaces = catalog.manifest_entries(seq);
         manifest.next_keyspace_id = catalog.next_id_at(seq);
-        manifest
-            .snapshot_files
-            .retain(|meta| catalog.exists_at(meta.keyspace, seq));
-        let (kept, dropped) = std::mem::take(files)
-            .into_iter()
-            .partition(|file| catalog.exists_at(file.keyspace(), seq));
-        *files = kept;
+        let dropped = files.retain_keyspaces(|keyspace| catalog.exists_at(keyspace, seq));
+        files.write_to(manifest);
+        manifest.next_file_number = self.file_numbers.load(Ordering::SeqCst);
+        manifest.history_start = Some(self.history.start());
         dropped
+    }
+
+    /// Makes `files` what readers read, in place of the view's files (and
+    /// of the in-memory source `written`, if given, now in files).
+    fn publish(&self, files: &FileSet, written: Option<&Source>) {
+        let runs = files.runs();
+        self.read_state.edit(|view| {
+            let mut sources: Vec<Source> = view
+                .sources
+                .iter()
+                .filter(|source| !matches!(source, Source::Run(_)))
+                .filter(|source| written.is_none_or(|written| !source.is(written)))
+                .cloned()
+                .collect();
+            sources.extend(runs.into_iter().map(Source::Run));
+            sources
+        });
     }
 
     /// The WAL segments a checkpoint covers that the history still needs:
@@ -653,54 +719,47 @@ impl Storage {
                 .filter(|(id, _)| catalog.exists_at(*id, frozen.last_seq))
                 .collect()
         };
+        let (old_manifest, mut files) = {
+            let state = self.state();
+            (state.manifest.clone(), state.files.clone())
+        };
         let mut written = Vec::new();
         for (keyspace, versions) in keyspaces {
             // Tombstones stay: older versions of their keys may be in
             // files. A collector per keyspace: it compares each version
-            // with the one before, which must be of the same keyspace.
+            // with the one before, which must be of the same keyspace. A
+            // file per partition the memtable has keys for.
             let mut gc = self.version_gc(false)?;
-            written.extend(self.write_file(keyspace, versions.map(Ok), &mut gc, false)?);
+            let splits = files.split_keys(keyspace);
+            written.extend(self.write_files(
+                keyspace,
+                versions.map(Ok),
+                &mut gc,
+                Cut::AtKeys(&splits),
+                false,
+            )?);
         }
-        let frozen_source = frozen.content.source();
         let written_bytes: u64 = written.iter().map(|(_, summary)| summary.size_bytes).sum();
-
-        let (old_manifest, old_files) = {
-            let state = self.state();
-            (state.manifest.clone(), state.files.clone())
-        };
+        for (file, summary) in &written {
+            files.add_newest(LiveFile {
+                meta: file_meta(file.number(), file.keyspace(), summary, 0),
+                file: file.clone(),
+            });
+        }
         let mut manifest = Manifest {
             checkpoint_seq: frozen.last_seq,
             wal_start_segment: frozen.wal_start_segment,
-            next_file_number: self.file_numbers.load(Ordering::SeqCst),
             ..old_manifest
         };
-        let mut files = old_files;
-        for (file, summary) in written.iter().rev() {
-            manifest
-                .snapshot_files
-                .insert(0, file_meta(file.number(), file.keyspace(), summary, 0));
-            files.insert(0, file.clone());
-        }
-        let dropped = self.record_keyspaces(&mut manifest, &mut files);
-        manifest.history_start = Some(self.history.start());
+        let dropped = self.record_files(&mut manifest, &mut files);
         manifest::write(&*self.fs, &self.config.dir, &mut manifest)?;
         lock(&self.catalog).forget_dropped(manifest.checkpoint_seq);
 
         // The manifest is durable: readers switch to the files, and the WAL
         // before `wal_start_segment` is no longer needed.
-        self.read_state.edit(|view| {
-            let mut sources = Vec::with_capacity(view.sources.len() + written.len());
-            for source in &view.sources {
-                if source.is(&frozen_source) {
-                    sources.extend(written.iter().map(|(file, _)| Source::File(file.clone())));
-                } else if !is_one_of(source, &dropped) {
-                    sources.push(source.clone());
-                }
-            }
-            sources
-        });
-        for file in &dropped {
-            file.mark_obsolete();
+        self.publish(&files, Some(&frozen.content.source()));
+        for live in &dropped {
+            live.file.mark_obsolete();
         }
         // Let go of them before reporting the checkpoint done, so that a
         // caller waiting for it sees a dropped keyspace's files go at once
@@ -735,77 +794,63 @@ impl Storage {
         Ok(())
     }
 
-    /// Merges the files of each of `keyspaces` into one file per keyspace,
-    /// and installs the result with one manifest.
-    fn merge(&self, keyspaces: &[u32], requested: u64) -> Result<()> {
-        let _span = trace::span!("mapstore::merge", keyspaces = keyspaces.len());
+    /// Merges files of partition `partition` of `keyspace` as `choice`
+    /// says, and installs the result with a new manifest.
+    fn merge(&self, keyspace: u32, partition: usize, choice: MergeChoice) -> Result<()> {
+        let _span = trace::span!("mapstore::merge", keyspace, partition);
         let started = Instant::now();
         let (old_manifest, mut files) = {
             let state = self.state();
             (state.manifest.clone(), state.files.clone())
         };
-        let mut merged: Vec<Arc<SnapshotFile>> = Vec::new();
-        let mut written = Vec::new();
-        for &keyspace in keyspaces {
-            // Every file of the keyspace takes part, so nothing older can
-            // hide under a dropped tombstone.
-            let inputs: Vec<Arc<SnapshotFile>> = files
-                .iter()
-                .filter(|file| file.keyspace() == keyspace)
-                .cloned()
-                .collect();
-            if inputs.is_empty() {
-                continue;
-            }
-            let mut gc = self.version_gc(true)?;
-            let streams: Vec<_> = inputs.iter().map(|file| file.versions()).collect();
-            written.extend(self.write_file(keyspace, MergeIter::new(streams), &mut gc, true)?);
-            merged.extend(inputs);
-        }
-        let bytes_read: u64 = merged.iter().map(|file| file.size()).sum();
-        let bytes_written: u64 = written.iter().map(|(_, summary)| summary.size_bytes).sum();
-        // The merged files take the place of the oldest: each replaces
-        // every file of its keyspace.
-        files.retain(|file| !merged.iter().any(|old| Arc::ptr_eq(old, file)));
-        files.extend(written.iter().map(|(file, _)| file.clone()));
-        let mut manifest = Manifest {
-            next_file_number: self.file_numbers.load(Ordering::SeqCst),
-            ..old_manifest
+        let Some(inputs) = files.partitions(keyspace).get(partition) else {
+            return Ok(());
         };
-        manifest
-            .snapshot_files
-            .retain(|meta| files.iter().any(|file| file.number() == meta.file_number));
-        for (file, summary) in &written {
-            manifest
-                .snapshot_files
-                .push(file_meta(file.number(), file.keyspace(), summary, 1));
-        }
-        merged.extend(self.record_keyspaces(&mut manifest, &mut files));
-        manifest.history_start = Some(self.history.start());
+        let (count, whole) = match choice {
+            MergeChoice::Newest(count) => (count.min(inputs.files.len()), false),
+            MergeChoice::Whole { .. } => (inputs.files.len(), true),
+        };
+        let inputs: Vec<LiveFile> = inputs.files[..count].to_vec();
+        // Only a merge of every file of the partition holds every version
+        // of its keys, so only it may drop removals: nothing older can
+        // surface from a file left out.
+        let mut gc = self.version_gc(whole)?;
+        let streams: Vec<_> = inputs.iter().map(|live| live.file.versions()).collect();
+        let cut = match choice {
+            MergeChoice::Whole { piece_bytes } => Cut::EveryBytes(piece_bytes),
+            MergeChoice::Newest(_) => Cut::AtKeys(&[]),
+        };
+        let written = self.write_files(keyspace, MergeIter::new(streams), &mut gc, cut, whole)?;
+        let bytes_read: u64 = inputs.iter().map(LiveFile::size).sum();
+        let bytes_written: u64 = written.iter().map(|(_, summary)| summary.size_bytes).sum();
+        let outputs: Vec<LiveFile> = written
+            .iter()
+            .map(|(file, summary)| LiveFile {
+                meta: file_meta(file.number(), keyspace, summary, 1),
+                file: file.clone(),
+            })
+            .collect();
+        let mut replaced = if whole {
+            files.replace_partition(keyspace, partition, outputs)
+        } else {
+            files.replace_newest(keyspace, partition, count, outputs.into_iter().next())
+        };
+        let mut manifest = Manifest { ..old_manifest };
+        replaced.extend(self.record_files(&mut manifest, &mut files));
         manifest::write(&*self.fs, &self.config.dir, &mut manifest)?;
 
-        self.read_state.edit(|view| {
-            let mut sources: Vec<Source> = view
-                .sources
-                .iter()
-                .filter(|source| !is_one_of(source, &merged))
-                .cloned()
-                .collect();
-            sources.extend(written.iter().map(|(file, _)| Source::File(file.clone())));
-            sources
-        });
+        self.publish(&files, None);
         // Out of the manifest: each old file goes when its last reader does.
         // Let go of them here before reporting the merge done, so that a
         // caller dropping its last snapshot sees the files go at once.
-        for file in &merged {
-            file.mark_obsolete();
+        for live in &replaced {
+            live.file.mark_obsolete();
         }
-        drop(merged);
+        drop(replaced);
         {
             let mut state = self.state();
             state.manifest = manifest;
             state.files = files;
-            state.merges_done = state.merges_done.max(requested);
         }
         self.merges.fetch_add(1, Ordering::Relaxed);
         let recorder = self.read_state.recorder();
@@ -820,13 +865,163 @@ impl Storage {
         self.changed.notify_all();
         Ok(())
     }
+
+    /// Merges every partition of every keyspace whole, one at a time
+    /// ([`Db::compact`](crate::Db::compact)), then reports compaction
+    /// `requested` done.
+    fn compact(&self, requested: u64) -> Result<()> {
+        // Only counts are taken: a handle on the files would keep the
+        // merges' inputs on disk until this returns.
+        let keyspaces: Vec<(u32, u64, usize)> = {
+            let state = self.state();
+            let files = &state.files;
+            files
+                .keyspaces()
+                .into_iter()
+                .map(|keyspace| {
+                    let partitions = files.partitions(keyspace).len();
+                    (keyspace, files.keyspace_size(keyspace), partitions)
+                })
+                .collect()
+        };
+        for (keyspace, keyspace_bytes, partitions) in keyspaces {
+            let piece_bytes = self.config.merge_policy.split_bytes(keyspace_bytes) / 2;
+            // From the last partition back: a split shifts the indices of
+            // the partitions after it only.
+            for partition in (0..partitions).rev() {
+                let choice = MergeChoice::Whole {
+                    piece_bytes: piece_bytes.max(1),
+                };
+                self.merge(keyspace, partition, choice)?;
+            }
+        }
+        {
+            let mut state = self.state();
+            // Keyspaces dropped since the compaction began leave with the
+            // next checkpoint; the request itself is done.
+            state.merges_done = state.merges_done.max(requested);
+        }
+        self.changed.notify_all();
+        Ok(())
+    }
+}
+
+/// Where [`Storage::write_files`] cuts its output into files.
+#[derive(Clone, Copy)]
+enum Cut<'a> {
+    /// Before each of these keys (a checkpoint, at its keyspace's
+    /// partitions' split keys).
+    AtKeys(&'a [Bytes]),
+    /// Before the first key after a file has this many bytes (a whole
+    /// merge, splitting its partition).
+    EveryBytes(u64),
+}
+
+/// The files a checkpoint or merge is writing: the finished ones and the
+/// one being written.
+struct FileOutput<'a> {
+    storage: &'a Storage,
+    keyspace: u32,
+    whole_merge: bool,
+    finished: Vec<(u64, PathBuf, FileSummary)>,
+    current: Option<(u64, PathBuf, SnapshotFileWriter<'a>)>,
+}
+
+impl<'a> FileOutput<'a> {
+    fn new(storage: &'a Storage, keyspace: u32, whole_merge: bool) -> FileOutput<'a> {
+        FileOutput {
+            storage,
+            keyspace,
+            whole_merge,
+            finished: Vec::new(),
+            current: None,
+        }
+    }
+
+    /// Whether the file being written has an entry.
+    fn has_entries(&self) -> bool {
+        self.current
+            .as_ref()
+            .is_some_and(|(_, _, writer)| writer.entries() > 0)
+    }
+
+    /// The bytes of the file being written so far.
+    fn bytes_in_current(&self) -> u64 {
+        self.current
+            .as_ref()
+            .map_or(0, |(_, _, writer)| writer.bytes_so_far())
+    }
+
+    /// Adds `version` to the file being written, starting one if needed.
+    fn add(&mut self, version: &Version) -> Result<()> {
+        if self.current.is_none() {
+            let (number, path) = self.storage.new_file_path();
+            let writer = SnapshotFileWriter::create(
+                &*self.storage.fs,
+                &self.storage.config.dir,
+                path.clone(),
+            )?
+            .for_keyspace(self.keyspace)
+            .merge_output(self.whole_merge);
+            self.current = Some((number, path, writer));
+        }
+        let Some((_, _, writer)) = &mut self.current else {
+            return Ok(());
+        };
+        writer.add(
+            &version.key,
+            version.seq,
+            version.value.as_deref(),
+            version.expires,
+        )
+    }
+
+    /// Finishes the file being written, if any (durable under its name).
+    fn finish_current(&mut self) -> Result<()> {
+        if let Some((number, path, writer)) = self.current.take() {
+            let summary = writer.finish()?;
+            self.finished.push((number, path, summary));
+        }
+        Ok(())
+    }
+
+    /// Finishes the last file, then opens each; what this thread just
+    /// wrote is checked here, in the background, not at a reader's first
+    /// lookup; a file that fails (a writer's bug) is not installed.
+    fn finish(mut self) -> Result<Vec<(Arc<SnapshotFile>, FileSummary)>> {
+        self.finish_current()?;
+        let mut opened = Vec::with_capacity(self.finished.len());
+        for (number, path, summary) in std::mem::take(&mut self.finished) {
+            let file = Arc::new(
+                SnapshotFile::open(self.storage.fs.clone(), &path, number)?
+                    .with_largest_seq(summary.largest_seq)
+                    .with_earliest_expiry(summary.earliest_expiry),
+            );
+            file.check_index()?;
+            opened.push((file, summary));
+        }
+        Ok(opened)
+    }
+
+    /// Gives up: the file being written is removed; finished ones stay
+    /// as orphans that no MANIFEST names (the next open removes them).
+    fn abandon(mut self) {
+        if let Some((_, _, writer)) = self.current.take() {
+            writer.abandon();
+        }
+    }
 }
 
 enum Job {
     Checkpoint(FrozenMemtable),
-    /// Merge each of these keyspaces' files into one.
+    /// Merge files of one partition, as the policy chose.
     Merge {
-        keyspaces: Vec<u32>,
+        keyspace: u32,
+        partition: usize,
+        choice: MergeChoice,
+    },
+    /// Merge every partition whole.
+    Compact {
         requested: u64,
     },
 }
@@ -854,14 +1049,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Whether `source` is one of `files`.
-fn is_one_of(source: &Source, files: &[Arc<SnapshotFile>]) -> bool {
-    match source {
-        Source::File(file) => files.iter().any(|old| Arc::ptr_eq(old, file)),
-        Source::Memtables(_) | Source::Replayed(_) => false,
-    }
 }
 
 /// What a MANIFEST says of a file: `level` 0 for a checkpoint's, 1 for a

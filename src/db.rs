@@ -24,6 +24,7 @@ use crate::history::{HistoryState, micros};
 use crate::io::{FileLock, FileSystem};
 use crate::keyspace::{Catalog, DEFAULT_KEYSPACE, Keyspace, KeyspaceInfo, check_name};
 use crate::memtable::MemtableSet;
+use crate::merge_policy::MergePolicy;
 use crate::metrics::Recorder;
 use crate::options::{Durability, Options, RecoveryMode};
 use crate::read::{Iter, ReadState, ReadView, Snapshot, Source};
@@ -226,7 +227,7 @@ impl Db {
         if let Some(runs) = &replayed {
             sources.push(Source::Replayed(runs.clone()));
         }
-        sources.extend(recovered.files.iter().cloned().map(Source::File));
+        sources.extend(recovered.files.runs().into_iter().map(Source::Run));
         let wal_index = Arc::new(WalIndex::new(fs.clone(), path.clone()));
         let history = Arc::new(HistoryState::new(
             options.history,
@@ -262,7 +263,10 @@ impl Db {
             StorageConfig {
                 dir: path.clone(),
                 max_frozen_memtables: options.max_frozen_memtables,
-                max_snapshot_files: options.max_snapshot_files,
+                merge_policy: MergePolicy {
+                    max_files: options.max_snapshot_files,
+                    partition_bytes: options.partition_bytes,
+                },
                 recycled: recycled.clone(),
                 background_nice: options.background_nice,
                 read_only,

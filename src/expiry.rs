@@ -138,14 +138,15 @@ fn queue_found_at_open(db: &Db, queue: &ExpiryQueue) {
                     run.versions().for_each(|version| add(keyspace, version));
                 }
             }
-            Source::File(file) if file.earliest_expiry() != 0 => {
-                let keyspace = file.keyspace();
-                // A damaged block ends the scan of its file: the values
-                // after it are not queued, and every read of it reports
-                // the damage.
-                file.versions()
-                    .map_while(Result::ok)
-                    .for_each(|version| add(keyspace, version));
+            Source::Run(run) => {
+                for file in run.files().filter(|file| file.earliest_expiry() != 0) {
+                    // A damaged block ends the scan of its file: the values
+                    // after it are not queued, and every read of it reports
+                    // the damage.
+                    file.versions()
+                        .map_while(Result::ok)
+                        .for_each(|version| add(run.keyspace(), version));
+                }
             }
             _ => {}
         }

@@ -48,6 +48,7 @@ mod diff;
 mod error;
 mod expiry;
 mod feed;
+mod file_set;
 mod files;
 mod history;
 pub mod inspect;
@@ -56,6 +57,7 @@ mod keyspace;
 mod manifest;
 mod memtable;
 mod merge;
+mod merge_policy;
 mod metrics;
 #[allow(unsafe_code)]
 mod mmap;

@@ -26,7 +26,7 @@ use crate::wal::format::le_u32;
 /// First 8 bytes of the MANIFEST file.
 pub const MANIFEST_MAGIC: [u8; 8] = *b"mapstMAN";
 /// The manifest format version this build writes and the newest it reads.
-pub const MANIFEST_FORMAT_VERSION: u32 = 4;
+pub const MANIFEST_FORMAT_VERSION: u32 = 5;
 /// The oldest manifest format version this build reads (version 1 had no
 /// keyspaces; its files all hold the default keyspace).
 pub const OLDEST_READABLE_MANIFEST_VERSION: u32 = 1;
@@ -269,6 +269,10 @@ mod tests {
             history_start: Some(70),
             database_id: vec![7; 16].into(),
             generation: 5,
+            partitions: vec![crate::proto::KeyspacePartitions {
+                keyspace: 3,
+                split_keys: vec![bytes::Bytes::from_static(b"m")],
+            }],
         }
     }
 

@@ -8,11 +8,14 @@ use crate::error::Result;
 use crate::memtable::Version;
 
 /// Merges streams that are each sorted by key ascending, then sequence
-/// number descending, into one stream in the same order.
+/// number descending, into one stream in the same order; a version found
+/// in several streams comes once.
 pub(crate) struct MergeIter<I: Iterator<Item = Result<Version>>> {
     streams: Vec<I>,
     heap: BinaryHeap<HeapEntry>,
     started: bool,
+    /// The key and sequence number of the version returned last.
+    last: Option<(bytes::Bytes, u64)>,
 }
 
 /// The next version of stream `stream`, ordered so that the max-heap pops
@@ -52,6 +55,7 @@ impl<I: Iterator<Item = Result<Version>>> MergeIter<I> {
             streams,
             heap: BinaryHeap::new(),
             started: false,
+            last: None,
         }
     }
 
@@ -78,11 +82,22 @@ impl<I: Iterator<Item = Result<Version>>> Iterator for MergeIter<I> {
                 }
             }
         }
-        let HeapEntry { version, stream } = self.heap.pop()?;
-        if let Err(error) = self.advance(stream) {
-            return Some(Err(error));
+        loop {
+            let HeapEntry { version, stream } = self.heap.pop()?;
+            if let Err(error) = self.advance(stream) {
+                return Some(Err(error));
+            }
+            // The same version in two streams (a merge's input a crash
+            // left beside its output, which a repair took in) comes once.
+            let repeated = self
+                .last
+                .as_ref()
+                .is_some_and(|(key, seq)| *seq == version.seq && *key == version.key);
+            if !repeated {
+                self.last = Some((version.key.clone(), version.seq));
+                return Some(Ok(version));
+            }
         }
-        Some(Ok(version))
     }
 }
 

@@ -235,6 +235,11 @@ pub struct Metrics {
     /// Snapshot files and their bytes, per level (0: checkpoints' files,
     /// 1: merges' outputs), in level order.
     pub files_per_level: Vec<(u32, u64, u64)>,
+    /// Partitions of the keyspaces' key ranges (`Options::partition_bytes`).
+    pub partitions: u64,
+    /// The most files one partition holds: a point read looks at no more
+    /// files than this.
+    pub most_files_in_a_partition: u64,
     /// Bytes of the WAL segments in the directory.
     pub wal_bytes_on_disk: u64,
     /// Point reads answered by the memtables (active or frozen).
@@ -284,6 +289,7 @@ impl crate::Db {
         let background = self.checkpoint_stats();
         let recorder = self.read_state().recorder();
         let (manifest, _) = self.storage().durable_state();
+        let (partitions, most_files_in_a_partition) = self.storage().partition_counts();
         let mut levels: std::collections::BTreeMap<u32, (u64, u64)> = Default::default();
         for meta in &manifest.snapshot_files {
             let level = levels.entry(meta.level).or_default();
@@ -326,6 +332,8 @@ impl crate::Db {
                 .into_iter()
                 .map(|(level, (files, bytes))| (level, files, bytes))
                 .collect(),
+            partitions,
+            most_files_in_a_partition,
             wal_bytes_on_disk,
             gets_from_memtable: recorder.gets(GetSource::Memtable),
             gets_from_replayed_log: recorder.gets(GetSource::Replayed),

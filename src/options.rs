@@ -72,6 +72,7 @@ pub struct Options {
     pub(crate) max_wal_bytes: u64,
     pub(crate) max_frozen_memtables: usize,
     pub(crate) max_snapshot_files: usize,
+    pub(crate) partition_bytes: u64,
     pub(crate) checkpoint_on_close: bool,
     pub(crate) memtable_read_index: bool,
     pub(crate) background_nice: u8,
@@ -94,6 +95,7 @@ impl Default for Options {
             max_wal_bytes: 256 << 20,
             max_frozen_memtables: 2,
             max_snapshot_files: 8,
+            partition_bytes: 256 << 20,
             checkpoint_on_close: true,
             memtable_read_index: true,
             background_nice: 0,
@@ -118,6 +120,7 @@ impl fmt::Debug for Options {
             .field("max_wal_bytes", &self.max_wal_bytes)
             .field("max_frozen_memtables", &self.max_frozen_memtables)
             .field("max_snapshot_files", &self.max_snapshot_files)
+            .field("partition_bytes", &self.partition_bytes)
             .field("checkpoint_on_close", &self.checkpoint_on_close)
             .field("memtable_read_index", &self.memtable_read_index)
             .field("background_nice", &self.background_nice)
@@ -221,11 +224,31 @@ impl Options {
         self
     }
 
-    /// Snapshot files beyond which the background merges them all into one;
-    /// 8 by default, at least 2. A point lookup reads at most the active and
-    /// frozen memtables and this many files.
+    /// The most snapshot files one partition of a keyspace's key range
+    /// holds before the background merges its newest ones; 8 by default, at
+    /// least 2. A point lookup reads at most the active and frozen
+    /// memtables and this many files (one more while a checkpoint lands
+    /// before the merge). The merge policy merges long before this as a
+    /// rule (`format/snapshot.md`, "Merge policy").
     pub fn max_snapshot_files(mut self, count: usize) -> Self {
         self.max_snapshot_files = count;
+        self
+    }
+
+    /// The size past which a partition of a keyspace's key range is split
+    /// in two by its next whole merge; 256 MiB by default, at least 4 KiB.
+    /// A merge reads and rewrites one partition at most, so this bounds
+    /// the extra space and the time a merge takes. In a keyspace larger
+    /// than 16 times this, the bound is a sixteenth of the keyspace
+    /// instead, so that a checkpoint, which writes a file per partition,
+    /// writes about 16 at most.
+    ///
+    /// ```
+    /// let options = mapstore::Options::default().partition_bytes(64 << 20);
+    /// # let _ = options;
+    /// ```
+    pub fn partition_bytes(mut self, bytes: u64) -> Self {
+        self.partition_bytes = bytes;
         self
     }
 
@@ -344,6 +367,11 @@ impl Options {
         if self.history == History::Commits(0) {
             return Err(Error::InvalidOptions {
                 reason: "History::Commits(0) keeps nothing; use History::None".into(),
+            });
+        }
+        if self.partition_bytes < 4096 {
+            return Err(Error::InvalidOptions {
+                reason: "partition_bytes must be at least 4096".into(),
             });
         }
         if self.max_frozen_memtables == 0 || self.max_snapshot_files < 2 {

@@ -25,6 +25,7 @@ use crate::memtable::{
 use crate::metrics::{GetSource, Recorder};
 use crate::replayed::{ReplayedRun, ReplayedRuns};
 use crate::slice::Slice;
+use crate::snapshot_file::run::{FileRun, RunCursor};
 use crate::snapshot_file::{FileCursor, SnapshotFile, bloom};
 
 /// One source of versions, sorted within each keyspace.
@@ -36,8 +37,9 @@ pub(crate) enum Source {
     /// What the WAL replay recovered at open, waiting for its checkpoint
     /// like a frozen memtable generation: a run per keyspace.
     Replayed(Arc<ReplayedRuns>),
-    /// A snapshot file, which holds one keyspace.
-    File(Arc<SnapshotFile>),
+    /// Snapshot files of one keyspace with disjoint key ranges (a run:
+    /// `snapshot_file/run.rs`).
+    Run(Arc<FileRun>),
 }
 
 impl Source {
@@ -53,8 +55,11 @@ impl Source {
                 .get(keyspace)
                 .and_then(|table| table.get(key, key_hash, seq))),
             Source::Replayed(runs) => Ok(runs.get(keyspace).and_then(|run| run.get(key, seq))),
-            Source::File(file) if file.keyspace() == keyspace => file.get(key, key_hash, seq),
-            Source::File(_) => Ok(None),
+            Source::Run(run) if run.keyspace() == keyspace => match run.file_for(key) {
+                Some(file) => file.get(key, key_hash, seq),
+                None => Ok(None),
+            },
+            Source::Run(_) => Ok(None),
         }
     }
 
@@ -63,16 +68,28 @@ impl Source {
         match self {
             Source::Memtables(_) => GetSource::Memtable,
             Source::Replayed(_) => GetSource::Replayed,
-            Source::File(_) => GetSource::File,
+            Source::Run(_) => GetSource::File,
         }
     }
 
-    /// Whether both are the very same memtable generation, runs or file.
+    /// The source with only the files `keep` accepts (`None` if that
+    /// leaves no file); an in-memory source as it is.
+    fn keeping_files(&self, keep: impl Fn(&SnapshotFile) -> bool) -> Option<Source> {
+        match self {
+            Source::Run(run) => {
+                let run = run.filtered(keep);
+                (!run.is_empty()).then(|| Source::Run(Arc::new(run)))
+            }
+            other => Some(other.clone()),
+        }
+    }
+
+    /// Whether both are the very same memtable generation, runs or file run.
     pub fn is(&self, other: &Source) -> bool {
         match (self, other) {
             (Source::Memtables(a), Source::Memtables(b)) => Arc::ptr_eq(a, b),
             (Source::Replayed(a), Source::Replayed(b)) => Arc::ptr_eq(a, b),
-            (Source::File(a), Source::File(b)) => Arc::ptr_eq(a, b),
+            (Source::Run(a), Source::Run(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
     }
@@ -520,7 +537,10 @@ impl Snapshot {
         let mut bloom_skips = 0;
         for source in &self.view.sources {
             let found = match source {
-                Source::File(file) if file.keyspace() == keyspace => {
+                Source::Run(run) if run.keyspace() == keyspace => {
+                    let Some(file) = run.file_for(key) else {
+                        continue;
+                    };
                     if !file.may_contain(key_hash) {
                         bloom_skips += 1;
                         continue;
@@ -559,12 +579,14 @@ impl Snapshot {
         upper: &Bound<Bytes>,
         seq: u64,
     ) -> Result<Option<(Slice, u64)>> {
-        for source in &self.view.sources {
-            if matches!(source, Source::File(file) if file.largest_seq() <= seq) {
-                continue;
-            }
+        let sources = self
+            .view
+            .sources
+            .iter()
+            .filter_map(|source| source.keeping_files(|file| file.largest_seq() > seq));
+        for source in sources {
             let Some(mut cursor) = SourceCursor::new(
-                source,
+                &source,
                 keyspace,
                 self.seq,
                 0,
@@ -614,11 +636,19 @@ impl Snapshot {
             .view
             .sources
             .iter()
-            .filter(|source| {
-                !matches!(source, Source::File(file) if file.largest_seq() <= seq && !may_expire(file))
+            .filter_map(|source| {
+                source.keeping_files(|file| file.largest_seq() > seq || may_expire(file))
             })
             .filter_map(|source| {
-                SourceCursor::new(source, keyspace, self.seq, 0, Direction::Forward, lower, upper)
+                SourceCursor::new(
+                    &source,
+                    keyspace,
+                    self.seq,
+                    0,
+                    Direction::Forward,
+                    lower,
+                    upper,
+                )
             })
             .collect();
         ChangedKeys {
@@ -834,6 +864,7 @@ impl ChunkCursor {
 enum SourceCursor {
     InMemory(ChunkCursor),
     File(FileCursor),
+    Run(RunCursor),
 }
 
 impl SourceCursor {
@@ -851,13 +882,28 @@ impl SourceCursor {
         let in_memory = match source {
             Source::Memtables(set) => InMemory::Memtable(set.get(keyspace)?.clone()),
             Source::Replayed(runs) => InMemory::Replayed(runs.get(keyspace)?.clone()),
-            Source::File(file) if file.keyspace() == keyspace => {
-                return Some(SourceCursor::File(
-                    FileCursor::new(file.clone(), seq, direction, lower.clone(), upper.clone())
-                        .at_time(time),
-                ));
+            Source::Run(run) if run.keyspace() == keyspace => {
+                let mut files = run.files_within(lower, upper);
+                // One file (a run of one partition, or a short scan) is
+                // walked directly, without the run's hop between files.
+                return Some(if files.len() == 1 {
+                    let file = files.pop()?;
+                    SourceCursor::File(
+                        FileCursor::new(file, seq, direction, lower.clone(), upper.clone())
+                            .at_time(time),
+                    )
+                } else {
+                    SourceCursor::Run(RunCursor::new(
+                        files,
+                        seq,
+                        time,
+                        direction,
+                        lower.clone(),
+                        upper.clone(),
+                    ))
+                });
             }
-            Source::File(_) => return None,
+            Source::Run(_) => return None,
         };
         Some(SourceCursor::InMemory(ChunkCursor {
             source: in_memory,
@@ -881,6 +927,7 @@ impl SourceCursor {
                 Ok(())
             }
             SourceCursor::File(cursor) => cursor.fill(),
+            SourceCursor::Run(cursor) => cursor.fill(),
         }
     }
 
@@ -892,6 +939,7 @@ impl SourceCursor {
                 .front()
                 .map(|resolved| (&resolved.key[..], resolved.seq)),
             SourceCursor::File(cursor) => cursor.head(),
+            SourceCursor::Run(cursor) => cursor.head(),
         }
     }
 
@@ -903,6 +951,7 @@ impl SourceCursor {
                 resolved.value.is_none() || is_expired(resolved.expires, cursor.time)
             }),
             SourceCursor::File(cursor) => cursor.head_is_removal(),
+            SourceCursor::Run(cursor) => cursor.head_is_removal(),
         }
     }
 
@@ -922,6 +971,7 @@ impl SourceCursor {
                 Some((resolved.key, Slice::from_bytes(resolved.value?)))
             }
             SourceCursor::File(cursor) => cursor.take_value(),
+            SourceCursor::Run(cursor) => cursor.take_value(),
         }
     }
 
@@ -930,6 +980,7 @@ impl SourceCursor {
         match self {
             SourceCursor::InMemory(cursor) => cursor.buffer.front().map_or(0, |head| head.expires),
             SourceCursor::File(cursor) => cursor.head_expires(),
+            SourceCursor::Run(cursor) => cursor.head_expires(),
         }
     }
 
@@ -940,6 +991,7 @@ impl SourceCursor {
                 cursor.buffer.pop_front();
             }
             SourceCursor::File(cursor) => cursor.skip(),
+            SourceCursor::Run(cursor) => cursor.skip(),
         }
     }
 }

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use crate::batch::{DecodedBatch, decode_record_into};
 use crate::checkpoint::history_start_of;
 use crate::error::{Error, Result};
+use crate::file_set::FileSet;
 use crate::files::{self, FileKind};
 use crate::io::{EntryKind, FileSystem};
 use crate::keyspace::{Catalog, PerKeyspace};
@@ -77,8 +78,8 @@ pub(crate) struct Recovered {
     pub catalog: Catalog,
     /// The manifest as it is on disk after recovery.
     pub manifest: Manifest,
-    /// Its snapshot files, open, newest first.
-    pub files: Vec<Arc<SnapshotFile>>,
+    /// Its snapshot files, open, by keyspace and partition.
+    pub files: FileSet,
     pub last_seq: u64,
     /// The commit time of the last record replayed (0 if none or unknown).
     pub last_commit_micros: u64,
@@ -222,6 +223,7 @@ pub(crate) fn recover(
             history_start: Some(0),
             database_id: Default::default(),
             generation: 0,
+            partitions: Vec::new(),
         }
     };
     if manifest.database_id.is_empty() {
@@ -242,6 +244,8 @@ pub(crate) fn recover(
         .collect();
     let mut reader = SegmentReader::start(shared_fs, dir, &live)?;
     let files = open_snapshot_files(shared_fs, dir, &manifest, &snapshot_files_present)?;
+    let files = FileSet::from_manifest(&manifest, files)
+        .map_err(|reason| Error::corruption(&manifest_path, 0, reason))?;
     if let Some(meta) = manifest
         .snapshot_files
         .iter()

@@ -20,11 +20,13 @@
 //! names of keyspaces (their creations), which keyspaces were dropped, and
 //! where the log must take over: the checkpoint sequence number is moved up
 //! to the end of the record holding the files' newest entry, since a
-//! checkpoint never splits a record. A full merge (of every file of its
-//! keyspace) marks its output in the footer: a file numbered below such an
-//! output of its keyspace is one of its inputs that a crash left,
-//! and is left out (its versions are in the output, which may rightly have
-//! dropped some of them).
+//! checkpoint never splits a record. A merge of every file of a partition
+//! marks its outputs in their footers: a file numbered below such an
+//! output of its keyspace, whose key range overlaps the output's, is one
+//! of its inputs that a crash left, and is left out (its versions are in
+//! the outputs, which may rightly have dropped some of them). The rebuilt
+//! MANIFEST makes each keyspace one partition, its files newest (highest
+//! numbered) first; merges cut it into partitions again as it grows.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -271,7 +273,7 @@ fn repair_files(fs: &Arc<dyn FileSystem>, dir: &Path, names: &[String]) -> Resul
         let data = Bytes::from(data);
         match check_file(fs, &path, number, data.clone()) {
             // The MANIFEST's meta where there is one.
-            Ok(summary_meta) => kept.push(meta.unwrap_or(summary_meta)),
+            Ok(summary_meta) => kept.push((number, meta.unwrap_or(summary_meta))),
             Err(reason) => {
                 let keyspace = meta
                     .as_ref()
@@ -298,7 +300,8 @@ fn repair_files(fs: &Arc<dyn FileSystem>, dir: &Path, names: &[String]) -> Resul
                 report.snapshot_files_rewritten += 1;
                 report.versions_salvaged += salvage.versions;
                 report.lost.extend(salvage.lost);
-                kept.extend(salvage.meta);
+                // In the place of the damaged file, and as old.
+                kept.extend(salvage.meta.map(|meta| (number, meta)));
                 replaced.push(path);
             }
         }
@@ -307,11 +310,13 @@ fn repair_files(fs: &Arc<dyn FileSystem>, dir: &Path, names: &[String]) -> Resul
     if report.manifest_rebuilt {
         rebuild(fs, dir, &segments, &mut kept, &mut manifest, &mut report)?;
     }
-    manifest.snapshot_files = kept;
-    // Newest first, as a MANIFEST lists them.
-    manifest
-        .snapshot_files
-        .sort_by_key(|meta| std::cmp::Reverse(meta.file_number));
+    if report.manifest_rebuilt {
+        // Newest first, as a MANIFEST lists them: a file numbered higher
+        // is newer (a salvage counts as old as the file it replaces).
+        kept.sort_by_key(|(age, _)| std::cmp::Reverse(*age));
+    }
+    // Otherwise in the MANIFEST's order, a salvage in its file's place.
+    manifest.snapshot_files = kept.into_iter().map(|(_, meta)| meta).collect();
     manifest.next_file_number = next_number;
     if report.manifest_rebuilt
         || !replaced.is_empty()
@@ -536,14 +541,16 @@ fn salvage(
     // `scan_blocks` kept only blocks that follow the one before: the
     // versions are sorted as the writer needs them.
     let new_path = dir.join(files::snapshot_file_name(new_number));
-    // A merge's output stays one (from the MANIFEST, or the footer).
-    let merged = meta.map_or_else(
-        || Footer::decode(data).is_ok_and(|footer| footer.merged),
-        |m| m.level > 0,
+    // The salvage is no merge's output (its flag clear): the flag claims
+    // that every file numbered below it and overlapping it was an input,
+    // and the salvage takes a new, higher number. Its level is what the
+    // MANIFEST said, or, for this repair's rebuild, whether the damaged
+    // file was a whole merge's output.
+    let level = meta.map_or_else(
+        || u32::from(Footer::decode(data).is_ok_and(|footer| footer.merged)),
+        |m| m.level,
     );
-    let mut writer = SnapshotFileWriter::create(&**fs, dir, new_path)?
-        .for_keyspace(keyspace)
-        .merge_output(merged);
+    let mut writer = SnapshotFileWriter::create(&**fs, dir, new_path)?.for_keyspace(keyspace);
     for version in &versions {
         if let Err(error) = writer.add(
             &version.key,
@@ -557,7 +564,7 @@ fn salvage(
     }
     let summary = writer.finish()?;
     Ok(Salvage {
-        meta: Some(file_meta(new_number, keyspace, &summary, u32::from(merged))),
+        meta: Some(file_meta(new_number, keyspace, &summary, level)),
         versions: count,
         lost,
     })
@@ -568,21 +575,25 @@ fn rebuild(
     fs: &Arc<dyn FileSystem>,
     dir: &Path,
     segments: &[u64],
-    kept: &mut Vec<SnapshotFileMeta>,
+    kept: &mut Vec<(u64, SnapshotFileMeta)>,
     manifest: &mut Manifest,
     report: &mut RepairReport,
 ) -> Result<()> {
-    // Merge inputs a crash left: each file numbered below a full merge's
-    // output of its keyspace was one of its inputs.
-    // (Here every meta was read from its file: level 1 is exactly the
-    // footer's full-merge flag.)
+    // Merge inputs a crash left: each file numbered below a whole merge's
+    // output of its keyspace whose key range overlaps the output's was one
+    // of its inputs. (Here every meta was read from its file: level 1 is
+    // exactly the footer's flag.)
     let metas = kept.clone();
-    kept.retain(|m| {
-        !metas.iter().any(|other| {
-            other.keyspace == m.keyspace && other.level > 0 && other.file_number > m.file_number
+    kept.retain(|(age, m)| {
+        !metas.iter().any(|(other_age, other)| {
+            other.keyspace == m.keyspace
+                && other.level > 0
+                && other_age > age
+                && other.smallest_key <= m.largest_key
+                && m.smallest_key <= other.largest_key
         })
     });
-    let mut checkpoint_seq = kept.iter().map(|m| m.largest_seq).max().unwrap_or(0);
+    let mut checkpoint_seq = kept.iter().map(|(_, m)| m.largest_seq).max().unwrap_or(0);
 
     // The log: (first seq, last seq) of each record in order, and the
     // keyspaces' creations and drops.
@@ -632,8 +643,8 @@ fn rebuild(
     // and those the log writes to after it without creating them; less
     // those dropped by then (their files go too).
     let dropped_by = |id: u32| dropped.get(&id).is_some_and(|&seq| seq <= checkpoint_seq);
-    kept.retain(|m| m.keyspace == 0 || !dropped_by(m.keyspace));
-    let mut ids: BTreeSet<u32> = kept.iter().map(|m| m.keyspace).collect();
+    kept.retain(|(_, m)| m.keyspace == 0 || !dropped_by(m.keyspace));
+    let mut ids: BTreeSet<u32> = kept.iter().map(|(_, m)| m.keyspace).collect();
     for (&id, (_, seq)) in &created {
         if *seq <= checkpoint_seq {
             ids.insert(id);

@@ -124,7 +124,10 @@ impl Db {
         }
         let view = self.read_state().view();
         for source in &view.sources {
-            if let Source::File(file) = source {
+            let Source::Run(run) = source else {
+                continue;
+            };
+            for file in run.files() {
                 let (blocks, damage) = file.verify();
                 report.snapshot_files += 1;
                 report.blocks += blocks;

@@ -149,7 +149,7 @@ fn a_manifest_from_a_newer_format_version_is_refused_untouched() {
         }) => {
             assert_eq!(path, dir.path().join("MANIFEST"));
             assert_eq!(found, 99);
-            assert_eq!(supported, 4);
+            assert_eq!(supported, 5);
         }
         other => panic!("expected UnsupportedFormatVersion, got {other:?}"),
     }

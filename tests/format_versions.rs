@@ -24,6 +24,10 @@
 //! output (footer flag, level 1) beside a checkpoint's file, with commits
 //! in the WAL. [`write_v4`] wrote it; a repair that rebuilds its MANIFEST
 //! from the files must read the same.
+//!
+//! `tests/data/database-v5/` holds a MANIFEST of version 5: a keyspace cut
+//! into partitions by a whole merge, checkpoints' files cut at the split
+//! keys on top of them, and commits in the WAL. [`write_v5`] wrote it.
 
 mod common;
 
@@ -475,4 +479,64 @@ fn a_database_of_format_version_4_opens_reads_and_rebuilds_its_manifest() {
         renamed.insert("users".into(), data);
     }
     assert_eq!(renamed, model);
+}
+
+/// Writes the version 5 fixture: partitions of the default keyspace and of
+/// a named one, files of merges and checkpoints in them, and commits left
+/// in the WAL; returns what it holds.
+fn write_v5(dir: &Path) -> Keyspaces {
+    let options = mapstore::Options::default()
+        .checkpoint_on_close(false)
+        .partition_bytes(4096);
+    let db = Db::open_with(dir, options).unwrap();
+    let users = db.keyspace("users").unwrap();
+    for i in 0..300u32 {
+        db.insert(key(i % 60), format!("value {i} {}", "x".repeat(40)))
+            .unwrap();
+        users
+            .insert(format!("u{i:03}"), format!("user {i} {}", "y".repeat(30)))
+            .unwrap();
+    }
+    db.remove(key(3)).unwrap();
+    db.compact().unwrap(); // partitions, each one merged file
+    db.insert(key(1), "after the merge").unwrap();
+    users.insert("u150", "after the merge").unwrap();
+    db.checkpoint().unwrap(); // a file in each partition written to
+    db.insert(key(2), "only in the log").unwrap();
+    let model = read_keyspaces(&db);
+    db.close().unwrap();
+    model
+}
+
+#[test]
+fn a_database_of_format_version_5_with_partitions_opens_and_reads() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/database-v5");
+    if std::env::var_os("MAPSTORE_WRITE_FIXTURES").is_some() {
+        let _ = fs::remove_dir_all(&fixture);
+        write_v5(&fixture);
+        fs::remove_file(fixture.join("LOCK")).unwrap();
+    }
+    let fresh = tempfile::tempdir().unwrap();
+    let model = write_v5(fresh.path());
+    let dir = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(&fixture).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    for dir in [fresh.path(), dir.path()] {
+        let db = Db::open(dir).unwrap();
+        assert_eq!(read_keyspaces(&db), model);
+        let metrics = db.metrics();
+        assert!(metrics.partitions >= 4, "{} partitions", metrics.partitions);
+        assert_eq!(metrics.most_files_in_a_partition, 2);
+        assert!(db.verify().unwrap().is_ok());
+        // Reads by key in every partition.
+        for i in 0..60u32 {
+            let expected = model[""].get(&key(i));
+            assert_eq!(
+                db.get(key(i)).unwrap().map(|v| v.to_vec()).as_ref(),
+                expected
+            );
+        }
+    }
 }

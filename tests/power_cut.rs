@@ -529,6 +529,49 @@ fn checkpoints_merges_and_reopens_survive_every_power_cut() {
     );
 }
 
+/// Partitions of one page: merges split them, and checkpoints cut their
+/// files at the split keys.
+fn partitioned_options(fs: &PowerCutFileSystem) -> Options {
+    options(fs).partition_bytes(4096).max_snapshot_files(4)
+}
+
+#[test]
+fn partition_splits_and_merges_survive_every_power_cut() {
+    let steps = [
+        batch("a", 30, 120),
+        Step::Checkpoint,
+        batch("b", 30, 120),
+        Step::Checkpoint,
+        // A whole merge past the bound: the partition is split.
+        Step::Compact,
+        // Overwrites across the partitions: a checkpoint's file for each.
+        batch("a", 20, 50),
+        Step::Remove("b0003".into()),
+        Step::Checkpoint,
+        batch("b", 12, 90),
+        Step::Checkpoint,
+        Step::Reopen,
+        Step::Insert("a0001".into(), b"after reopen".to_vec()),
+        batch("c", 20, 100),
+        Step::Checkpoint,
+    ];
+    crash_everywhere_with(
+        "partitions",
+        &steps,
+        partitioned_options,
+        partitioned_options,
+        |_, _, _| {},
+    );
+    // Without a crash, the workload does make partitions.
+    let fs = PowerCutFileSystem::new();
+    run_with(&fs, &steps, partitioned_options);
+    let db = Db::open_with(DIR, partitioned_options(&fs)).unwrap();
+    let metrics = db.metrics();
+    assert!(metrics.partitions >= 3, "{} partitions", metrics.partitions);
+    // Checkpoints' files and merges' outputs both.
+    assert_eq!(metrics.files_per_level.len(), 2);
+}
+
 /// Flips a byte in the middle of MANIFEST copy `name`, if both copies
 /// exist (a crash while a database is created can leave only the first).
 fn damage_manifest_copy(fs: &PowerCutFileSystem, name: &str) -> bool {

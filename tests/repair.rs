@@ -307,3 +307,40 @@ fn a_rebuilt_manifest_leaves_out_merge_inputs_a_crash_left() {
     assert_eq!(db.get("k").unwrap(), None, "a removed value came back");
     assert_eq!(db.get("j").unwrap().as_deref(), Some(&b"kept"[..]));
 }
+
+#[test]
+fn a_merge_input_holding_only_keys_the_merge_dropped_is_still_left_out() {
+    // The merge drops "a1" and "a2" (removed) with their values: keys
+    // before every key it keeps. Its output still starts with "a1"'s
+    // removal, so that the input holding only the values overlaps it and
+    // a rebuilt MANIFEST leaves that input out.
+    let dir = tempfile::tempdir().unwrap();
+    let aside = tempfile::tempdir().unwrap();
+    {
+        let db = Db::open(dir.path()).unwrap();
+        db.insert("a1", "old").unwrap();
+        db.insert("a2", "old").unwrap();
+        db.checkpoint().unwrap();
+        let only_a = files_with(dir.path(), "snap").remove(0);
+        fs::copy(&only_a, aside.path().join(only_a.file_name().unwrap())).unwrap();
+        for i in 0..9 {
+            db.insert(format!("m{i}"), "kept").unwrap();
+        }
+        db.remove("a1").unwrap();
+        db.remove("a2").unwrap();
+        db.checkpoint().unwrap();
+        db.compact().unwrap();
+        db.close().unwrap();
+    }
+    let only_a = files_with(aside.path(), "snap").remove(0);
+    fs::copy(&only_a, dir.path().join(only_a.file_name().unwrap())).unwrap();
+    for name in ["MANIFEST", "MANIFEST.copy"] {
+        fs::remove_file(dir.path().join(name)).unwrap();
+    }
+    let report = Db::repair(dir.path()).unwrap();
+    assert!(report.manifest_rebuilt && report.lost_nothing());
+    let db = Db::open(dir.path()).unwrap();
+    assert_eq!(db.get("a1").unwrap(), None, "a removed value came back");
+    assert_eq!(db.get("a2").unwrap(), None, "a removed value came back");
+    assert_eq!(db.get("m3").unwrap().as_deref(), Some(&b"kept"[..]));
+}

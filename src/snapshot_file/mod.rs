@@ -5,13 +5,15 @@
 //! search in place, `bloom` the filter that lets a lookup of an
 //! absent key skip the data, `writer` builds a file from sorted versions,
 //! `reader` serves lookups from a memory map, and `cursor` walks a file's
-//! visible keys in order for scans.
+//! visible keys in order for scans, and `run` reads files with disjoint
+//! key ranges as one.
 
 pub(crate) mod bloom;
 pub(crate) mod cursor;
 pub(crate) mod format;
 pub(crate) mod index;
 pub(crate) mod reader;
+pub(crate) mod run;
 pub(crate) mod writer;
 
 pub(crate) use cursor::FileCursor;

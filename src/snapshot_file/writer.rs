@@ -219,6 +219,16 @@ impl<'a> SnapshotFileWriter<'a> {
         Ok(())
     }
 
+    /// How many versions were added.
+    pub fn entries(&self) -> u64 {
+        self.summary.entry_count
+    }
+
+    /// The bytes of the blocks so far, the one being built included.
+    pub fn bytes_so_far(&self) -> u64 {
+        self.next_offset + self.block.len() as u64
+    }
+
     /// Writes the index, filter and footer, makes the file durable and
     /// renames it into place; returns what it holds.
     pub fn finish(mut self) -> Result<FileSummary> {
