@@ -466,6 +466,16 @@ impl Storage {
                     if let Some(job) = self.merge_due(&state.files, true) {
                         break job;
                     }
+                    // The merges the policy asks for, one partition at a
+                    // time, come before a checkpoint while writers still
+                    // have room for another frozen memtable: under a
+                    // steady stream of writes they would otherwise wait
+                    // until files pile up to the bound, and merges forced
+                    // there take whatever is newest, not files of a size.
+                    let room = state.frozen.len() < self.config.max_frozen_memtables;
+                    if room && let Some(job) = self.merge_due(&state.files, false) {
+                        break job;
+                    }
                     if let Some(frozen) = state.frozen.front() {
                         break Job::Checkpoint(frozen.clone());
                     }
@@ -474,8 +484,6 @@ impl Storage {
                             requested: state.merges_requested,
                         };
                     }
-                    // Then the merges the policy asks for, one partition
-                    // at a time, so a checkpoint waits for one at most.
                     if let Some(job) = self.merge_due(&state.files, false) {
                         break job;
                     }
@@ -555,7 +563,8 @@ impl Storage {
                     continue;
                 }
                 let sizes: Vec<u64> = partition.files.iter().map(LiveFile::size).collect();
-                if let Some(choice) = policy.choose(&sizes, keyspace_bytes) {
+                let split_bytes = policy.split_bytes(keyspace_bytes, &partition.lower);
+                if let Some(choice) = policy.choose(&sizes, split_bytes) {
                     return Some(Job::Merge {
                         keyspace,
                         partition: index,
@@ -872,28 +881,24 @@ impl Storage {
     fn compact(&self, requested: u64) -> Result<()> {
         // Only counts are taken: a handle on the files would keep the
         // merges' inputs on disk until this returns.
-        let keyspaces: Vec<(u32, u64, usize)> = {
+        let partitions: Vec<(u32, usize, u64)> = {
             let state = self.state();
             let files = &state.files;
-            files
-                .keyspaces()
-                .into_iter()
-                .map(|keyspace| {
-                    let partitions = files.partitions(keyspace).len();
-                    (keyspace, files.keyspace_size(keyspace), partitions)
-                })
-                .collect()
-        };
-        for (keyspace, keyspace_bytes, partitions) in keyspaces {
-            let piece_bytes = self.config.merge_policy.split_bytes(keyspace_bytes) / 2;
-            // From the last partition back: a split shifts the indices of
-            // the partitions after it only.
-            for partition in (0..partitions).rev() {
-                let choice = MergeChoice::Whole {
-                    piece_bytes: piece_bytes.max(1),
-                };
-                self.merge(keyspace, partition, choice)?;
+            let policy = &self.config.merge_policy;
+            let mut partitions = Vec::new();
+            for keyspace in files.keyspaces() {
+                let keyspace_bytes = files.keyspace_size(keyspace);
+                for (index, partition) in files.partitions(keyspace).iter().enumerate() {
+                    let split_bytes = policy.split_bytes(keyspace_bytes, &partition.lower);
+                    partitions.push((keyspace, index, (split_bytes / 2).max(1)));
+                }
             }
+            partitions
+        };
+        // From the last partition back: a split shifts the indices of the
+        // partitions after it only.
+        for (keyspace, partition, piece_bytes) in partitions.into_iter().rev() {
+            self.merge(keyspace, partition, MergeChoice::Whole { piece_bytes })?;
         }
         {
             let mut state = self.state();

@@ -254,6 +254,20 @@ impl Collector for MetricsCollector {
         }
         gauge(
             e,
+            "mapstore_partitions",
+            "Partitions of the keyspaces' key ranges.",
+            None,
+            to_i64(m.partitions),
+        )?;
+        gauge(
+            e,
+            "mapstore_partition_files_max",
+            "The most snapshot files one partition holds.",
+            None,
+            to_i64(m.most_files_in_a_partition),
+        )?;
+        gauge(
+            e,
             "mapstore_wal_segments",
             "Bytes of WAL segments on disk.",
             bytes,

@@ -142,8 +142,14 @@ fn stat_watch_diff_checkpoint_and_compact() {
     assert_eq!(json["live_bytes"], 5);
     assert_eq!(json["levels"][0]["level"], 1, "{json}");
     assert_eq!(json["levels"][0]["files"], 1, "{json}");
+    assert_eq!(json["partitions"], 1, "{json}");
+    assert_eq!(json["most_files_in_a_partition"], 1, "{json}");
     let text = stdout(&mapstore(&["stat", d]));
     assert!(text.contains("  level 1 (merged) 1 files, "), "{text}");
+    assert!(
+        text.contains("partitions      1 (at most 1 files in one)"),
+        "{text}"
+    );
     assert!(text.contains("x the live data"), "{text}");
 }
 

@@ -468,6 +468,8 @@ fn stat(dir: &Path, json: bool) -> Outcome {
             "snapshot_files": stats.snapshot_files,
             "snapshot_file_bytes": stats.snapshot_file_bytes,
             "levels": levels,
+            "partitions": metrics.partitions,
+            "most_files_in_a_partition": metrics.most_files_in_a_partition,
             "wal_segments": wal_segments,
             "wal_bytes": wal_bytes,
             "wal_batches_to_replay": report.batches_replayed,
@@ -495,6 +497,10 @@ fn stat(dir: &Path, json: bool) -> Outcome {
             let what = if *level == 0 { "checkpoints" } else { "merged" };
             println!("  level {level} ({what}) {files} files, {bytes} bytes");
         }
+        println!(
+            "partitions      {} (at most {} files in one)",
+            metrics.partitions, metrics.most_files_in_a_partition
+        );
         println!("WAL segments    {wal_segments} ({wal_bytes} bytes)");
         if live_bytes > 0 {
             println!(
