@@ -24,6 +24,17 @@
 //! - `MAPSTORE_COMPARE_OUT`: where `compare.md` and `compare.json` go
 //!   (`target/compare` by default). `benches/compare_chart.py` draws the chart.
 //!
+//! `cargo bench --features compare --bench compare -- --scale` runs the
+//! scale comparison instead (`MAPSTORE_SCALE_KEYS` keys, 20,000,000 by
+//! default, about 2.3 GB live): each engine ingests them in random order
+//! in synced batches of 1,000, timed by tenths, with the device's bytes
+//! written per user byte, the directory's size during and after, and the
+//! peak resident and anonymous memory; then random and absent gets, a full
+//! scan, gets beside a synced writer with their p99 latency, and a reopen.
+//! Then 256 MiB of 4 KiB values and of 64 KiB values
+//! (`MAPSTORE_LARGE_VALUE_BYTES`), filled in synced batches of 1 MiB and
+//! read at random. It writes `scale.md` and `scale.json`.
+//!
 //! Beside the synced writes, mapstore's synced `compare_and_swap` and
 //! `insert_if_absent` from 16 threads (set beside its own plain inserts),
 //! and a transfer workload for the engines with transactions: 16 threads
@@ -117,6 +128,12 @@ trait Engine: Send + Sync {
     fn insert_synced(&self, key: &[u8], value: &[u8]);
     /// A batch committed atomically; durable when this returns if `synced`.
     fn write_batch(&self, items: &[([u8; KEY_BYTES], [u8; VALUE_BYTES])], synced: bool);
+    /// [`write_batch`](Engine::write_batch) with values of any length (the
+    /// four compared engines; the mapstore variants measured alone do not
+    /// need it).
+    fn write_large(&self, _items: &[([u8; KEY_BYTES], Vec<u8>)], _synced: bool) {
+        panic!("this engine adapter takes values of 100 bytes only");
+    }
     /// The length of the value of `key`, if present.
     fn get(&self, key: &[u8]) -> Option<usize>;
     /// Visits every entry in key order (or reverse); returns how many.
@@ -173,16 +190,11 @@ impl MapstoreEngine {
     }
 }
 
-impl Engine for MapstoreEngine {
-    fn insert_synced(&self, key: &[u8], value: &[u8]) {
-        self.0.insert(key, value).unwrap();
-    }
-    fn write_batch(&self, items: &[([u8; KEY_BYTES], [u8; VALUE_BYTES])], synced: bool) {
+impl MapstoreEngine {
+    fn write_items<V: AsRef<[u8]>>(&self, items: &[([u8; KEY_BYTES], V)], synced: bool) {
         // Sized up front, as fjall's batch is: filling it then copies nothing.
-        let mut batch = mapstore::WriteBatch::with_capacity(
-            items.len(),
-            items.len() * (KEY_BYTES + VALUE_BYTES),
-        );
+        let bytes = items.iter().map(|(k, v)| k.len() + v.as_ref().len()).sum();
+        let mut batch = mapstore::WriteBatch::with_capacity(items.len(), bytes);
         for (key, value) in items {
             batch.insert(key, value);
         }
@@ -192,6 +204,18 @@ impl Engine for MapstoreEngine {
             mapstore::Durability::Buffered
         };
         self.0.write_with_durability(batch, durability).unwrap();
+    }
+}
+
+impl Engine for MapstoreEngine {
+    fn insert_synced(&self, key: &[u8], value: &[u8]) {
+        self.0.insert(key, value).unwrap();
+    }
+    fn write_batch(&self, items: &[([u8; KEY_BYTES], [u8; VALUE_BYTES])], synced: bool) {
+        self.write_items(items, synced);
+    }
+    fn write_large(&self, items: &[([u8; KEY_BYTES], Vec<u8>)], synced: bool) {
+        self.write_items(items, synced);
     }
     fn get(&self, key: &[u8]) -> Option<usize> {
         self.0.get(key).unwrap().map(|v| v.len())
@@ -235,6 +259,22 @@ impl RedbEngine {
     }
 }
 
+impl RedbEngine {
+    fn write_items<V: AsRef<[u8]>>(&self, items: &[([u8; KEY_BYTES], V)], synced: bool) {
+        let mut txn = self.0.begin_write().unwrap();
+        if !synced {
+            txn.set_durability(redb::Durability::None).unwrap();
+        }
+        {
+            let mut table = txn.open_table(REDB_TABLE).unwrap();
+            for (key, value) in items {
+                table.insert(&key[..], value.as_ref()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+}
+
 impl Engine for RedbEngine {
     fn insert_synced(&self, key: &[u8], value: &[u8]) {
         let txn = self.0.begin_write().unwrap();
@@ -245,17 +285,10 @@ impl Engine for RedbEngine {
         txn.commit().unwrap();
     }
     fn write_batch(&self, items: &[([u8; KEY_BYTES], [u8; VALUE_BYTES])], synced: bool) {
-        let mut txn = self.0.begin_write().unwrap();
-        if !synced {
-            txn.set_durability(redb::Durability::None).unwrap();
-        }
-        {
-            let mut table = txn.open_table(REDB_TABLE).unwrap();
-            for (key, value) in items {
-                table.insert(&key[..], &value[..]).unwrap();
-            }
-        }
-        txn.commit().unwrap();
+        self.write_items(items, synced);
+    }
+    fn write_large(&self, items: &[([u8; KEY_BYTES], Vec<u8>)], synced: bool) {
+        self.write_items(items, synced);
     }
     fn get(&self, key: &[u8]) -> Option<usize> {
         let txn = self.0.begin_read().unwrap();
@@ -301,20 +334,29 @@ impl FjallEngine {
     }
 }
 
+impl FjallEngine {
+    fn write_items<V: AsRef<[u8]>>(&self, items: &[([u8; KEY_BYTES], V)], synced: bool) {
+        let mode = synced.then_some(fjall::PersistMode::SyncData);
+        // Sized up front, as mapstore's batch is.
+        let mut batch =
+            fjall::OwnedWriteBatch::with_capacity(self.db.clone(), items.len()).durability(mode);
+        for (key, value) in items {
+            batch.insert(&self.keyspace, &key[..], value.as_ref());
+        }
+        batch.commit().unwrap();
+    }
+}
+
 impl Engine for FjallEngine {
     fn insert_synced(&self, key: &[u8], value: &[u8]) {
         self.keyspace.insert(key, value).unwrap();
         self.db.persist(fjall::PersistMode::SyncData).unwrap();
     }
     fn write_batch(&self, items: &[([u8; KEY_BYTES], [u8; VALUE_BYTES])], synced: bool) {
-        let mode = synced.then_some(fjall::PersistMode::SyncData);
-        // Sized up front, as mapstore's batch is.
-        let mut batch =
-            fjall::OwnedWriteBatch::with_capacity(self.db.clone(), items.len()).durability(mode);
-        for (key, value) in items {
-            batch.insert(&self.keyspace, &key[..], &value[..]);
-        }
-        batch.commit().unwrap();
+        self.write_items(items, synced);
+    }
+    fn write_large(&self, items: &[([u8; KEY_BYTES], Vec<u8>)], synced: bool) {
+        self.write_items(items, synced);
     }
     fn get(&self, key: &[u8]) -> Option<usize> {
         self.keyspace.get(key).unwrap().map(|v| v.len())
@@ -349,20 +391,29 @@ impl SledEngine {
     }
 }
 
+impl SledEngine {
+    fn write_items<V: AsRef<[u8]>>(&self, items: &[([u8; KEY_BYTES], V)], synced: bool) {
+        let mut batch = sled::Batch::default();
+        for (key, value) in items {
+            batch.insert(&key[..], value.as_ref());
+        }
+        self.0.apply_batch(batch).unwrap();
+        if synced {
+            self.0.flush().unwrap();
+        }
+    }
+}
+
 impl Engine for SledEngine {
     fn insert_synced(&self, key: &[u8], value: &[u8]) {
         self.0.insert(key, value).unwrap();
         self.0.flush().unwrap();
     }
     fn write_batch(&self, items: &[([u8; KEY_BYTES], [u8; VALUE_BYTES])], synced: bool) {
-        let mut batch = sled::Batch::default();
-        for (key, value) in items {
-            batch.insert(&key[..], &value[..]);
-        }
-        self.0.apply_batch(batch).unwrap();
-        if synced {
-            self.0.flush().unwrap();
-        }
+        self.write_items(items, synced);
+    }
+    fn write_large(&self, items: &[([u8; KEY_BYTES], Vec<u8>)], synced: bool) {
+        self.write_items(items, synced);
     }
     fn get(&self, key: &[u8]) -> Option<usize> {
         self.0.get(key).unwrap().map(|v| v.len())
@@ -635,6 +686,22 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// The median rates of `scans` full scans forward and as many in reverse,
+/// taking turns; each must see `keys` entries.
+fn scan_rates(engine: &dyn Engine, keys: u64, scans: usize) -> (f64, f64) {
+    let mut rates = [Vec::new(), Vec::new()];
+    for _ in 0..scans {
+        for (reverse, rates) in [false, true].into_iter().zip(&mut rates) {
+            let start = Instant::now();
+            let seen = engine.scan(reverse);
+            assert_eq!(seen, keys, "scan, reverse: {reverse}");
+            rates.push(seen as f64 / start.elapsed().as_secs_f64());
+        }
+    }
+    let [mut forward, mut reverse] = rates;
+    (median(&mut forward), median(&mut reverse))
+}
+
 fn run_engine(name: &str, settings: &Settings) {
     let keys = settings.keys;
     let scratch = tempfile::tempdir().unwrap();
@@ -663,6 +730,13 @@ fn run_engine(name: &str, settings: &Settings) {
         point_reads(&*engine, 2, keys, true, settings),
     );
 
+    // Scans of the recent writes: straight after the fill, no checkpoint
+    // (for the LSM engines, the memtable and whatever the fill moved to
+    // files; the median of three per direction, taking turns).
+    let (forward, reverse) = scan_rates(&*engine, keys, 3);
+    report("scan_after_fill_forward_keys_per_s", forward);
+    report("scan_after_fill_reverse_keys_per_s", reverse);
+
     // 8: reopen after a clean close, without an explicit checkpoint first.
     let engine = reopen(engine, name, &dir, "reopen_clean_ms");
 
@@ -684,18 +758,9 @@ fn run_engine(name: &str, settings: &Settings) {
     // one alone swung by a third between runs: each figure is the median of
     // seven, forward and reverse taking turns so that a slow moment of the
     // machine falls on both.
-    let mut rates = [Vec::new(), Vec::new()];
-    for _ in 0..SCANS_PER_ROUND {
-        for (reverse, rates) in [false, true].into_iter().zip(&mut rates) {
-            let start = Instant::now();
-            let seen = engine.scan(reverse);
-            assert_eq!(seen, keys, "scan, reverse: {reverse}");
-            rates.push(seen as f64 / start.elapsed().as_secs_f64());
-        }
-    }
-    let [mut forward, mut reverse] = rates;
-    report("scan_forward_keys_per_s", median(&mut forward));
-    report("scan_reverse_keys_per_s", median(&mut reverse));
+    let (forward, reverse) = scan_rates(&*engine, keys, SCANS_PER_ROUND);
+    report("scan_forward_keys_per_s", forward);
+    report("scan_reverse_keys_per_s", reverse);
 
     // 8: reopen after an explicit checkpoint.
     let mut engine = reopen(engine, name, &dir, "reopen_checkpointed_ms");
@@ -1662,6 +1727,16 @@ const METRICS: &[(&str, &str, Better)] = &[
         Better::Higher,
     ),
     (
+        "scan_after_fill_forward_keys_per_s",
+        "full scan right after the fill, forward (keys/s)",
+        Better::Higher,
+    ),
+    (
+        "scan_after_fill_reverse_keys_per_s",
+        "full scan right after the fill, reverse (keys/s)",
+        Better::Higher,
+    ),
+    (
         "get_checkpointed_1t",
         "random get after checkpoint, 1 thread (reads/s)",
         Better::Higher,
@@ -1897,6 +1972,404 @@ fn json(
     )
 }
 
+// ---------------------------------------------------------------------------
+// Scale (`--scale`): a long ingest, then reads at that size
+
+/// Keys the scale run ingests (`MAPSTORE_SCALE_KEYS`, 20,000,000 by default).
+fn scale_keys() -> u64 {
+    std::env::var("MAPSTORE_SCALE_KEYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000_000)
+}
+
+/// The process's anonymous resident memory (RssAnon: heap and stacks, not
+/// mapped file pages), in bytes.
+fn anon_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("RssAnon:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// The scale run of one engine (a child process): `keys` random keys in
+/// synced batches of 1,000, timed by tenths, with the device's bytes
+/// written, the directory's size (sampled every 200 ms) and the anonymous
+/// memory (likewise) alongside; then reads at that size and a reopen.
+fn run_scale_engine(name: &str, settings: &Settings) {
+    let keys = scale_keys();
+    let live = keys as f64 * (KEY_BYTES + VALUE_BYTES) as f64;
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("scale");
+    settle();
+    reset_peak_rss();
+    let engine = open_engine(name, &dir);
+    let device_before = DeviceCounters::of(&dir);
+    let stop = AtomicBool::new(false);
+    let (most_disk, most_anon) = (AtomicU64::new(0), AtomicU64::new(0));
+    let tenths = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                most_disk.fetch_max(disk_bytes(&dir), Ordering::Relaxed);
+                most_anon.fetch_max(anon_rss(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let mut tenths = Vec::with_capacity(10);
+        let mut items = Vec::with_capacity(BATCH);
+        for tenth in 0..10 {
+            let (first, end) = (keys * tenth / 10, keys * (tenth + 1) / 10);
+            let start = Instant::now();
+            let mut i = first;
+            while i < end {
+                items.clear();
+                let batch_end = (i + BATCH as u64).min(end);
+                items.extend((i..batch_end).map(|j| (random_key(j), value(j, 0))));
+                engine.write_batch(&items, true);
+                i = batch_end;
+            }
+            let rate = (end - first) as f64 / start.elapsed().as_secs_f64();
+            eprintln!("  tenth {}: {rate:.0} keys/s", tenth + 1);
+            tenths.push(rate);
+        }
+        stop.store(true, Ordering::Relaxed);
+        tenths
+    });
+    let ingest: f64 = keys as f64
+        / tenths
+            .iter()
+            .map(|rate| keys as f64 / 10.0 / rate)
+            .sum::<f64>();
+    report("scale_ingest_keys_per_s", ingest);
+    for (tenth, rate) in tenths.iter().enumerate() {
+        report(
+            &format!("scale_ingest_tenth_{}_keys_per_s", tenth + 1),
+            *rate,
+        );
+    }
+    report("scale_last_over_first_tenth", tenths[9] / tenths[0]);
+    if let (Some(before), Some(after)) = (device_before, DeviceCounters::of(&dir)) {
+        let written = after.sectors_written.saturating_sub(before.sectors_written) as f64 * 512.0;
+        report("scale_write_amplification", written / live);
+    }
+    report("scale_peak_rss_bytes", peak_rss());
+    report(
+        "scale_peak_anon_rss_bytes",
+        most_anon.load(Ordering::Relaxed) as f64,
+    );
+    let disk_after = disk_bytes(&dir) as f64;
+    report(
+        "scale_disk_most_over_live",
+        most_disk.load(Ordering::Relaxed).max(disk_after as u64) as f64 / live,
+    );
+    report("scale_disk_after_over_live", disk_after / live);
+
+    // Reads at that size, as the ingest left the engine.
+    report(
+        "scale_get_1t",
+        point_reads(&*engine, 1, keys, true, settings),
+    );
+    report(
+        "scale_get_2t",
+        point_reads(&*engine, 2, keys, true, settings),
+    );
+    report(
+        "scale_get_absent_1t",
+        point_reads(&*engine, 1, keys, false, settings),
+    );
+    let start = Instant::now();
+    assert_eq!(engine.scan(false), keys);
+    report(
+        "scale_scan_keys_per_s",
+        keys as f64 / start.elapsed().as_secs_f64(),
+    );
+
+    // Gets while one thread overwrites in synced batches (which makes the
+    // LSM engines flush and merge), with each get's latency.
+    let stop = AtomicBool::new(false);
+    let (gets, mut latencies) = std::thread::scope(|scope| {
+        let writer = &*engine;
+        let stop = &stop;
+        scope.spawn(move || {
+            let mut rng = Rng(99);
+            let mut items = Vec::with_capacity(BATCH);
+            while !stop.load(Ordering::Relaxed) {
+                items.clear();
+                items.extend((0..BATCH).map(|_| {
+                    let i = rng.below(keys);
+                    (random_key(i), value(i, 1))
+                }));
+                writer.write_batch(&items, true);
+            }
+        });
+        let mut rng = Rng(7);
+        let mut latencies = Vec::new();
+        let start = Instant::now();
+        while start.elapsed() < settings.budget() * 3 {
+            let key = random_key(rng.below(keys));
+            let began = Instant::now();
+            assert!(engine.get(&key).is_some());
+            latencies.push(began.elapsed());
+        }
+        stop.store(true, Ordering::Relaxed);
+        (
+            latencies.len() as f64 / start.elapsed().as_secs_f64(),
+            latencies,
+        )
+    });
+    latencies.sort_unstable();
+    report("scale_get_while_writing_1t", gets);
+    report(
+        "scale_get_while_writing_p99_us",
+        percentile(&latencies, 0.99),
+    );
+
+    // Reopen after a clean close.
+    reopen(engine, name, &dir, "scale_reopen_ms").close();
+}
+
+/// Fill and random gets with large values (a child process): for 4 KiB
+/// and 64 KiB values, 256 MiB of them in synced batches of 1 MiB
+/// (`MAPSTORE_LARGE_VALUE_BYTES` for another total), then random gets.
+fn run_large_values(name: &str, settings: &Settings) {
+    let total: u64 = std::env::var("MAPSTORE_LARGE_VALUE_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256 << 20);
+    for value_bytes in [4096u64, 65536] {
+        let keys = total / value_bytes;
+        let per_batch = ((1u64 << 20) / value_bytes) as usize;
+        let scratch = tempfile::tempdir().unwrap();
+        let dir = scratch.path().join("large");
+        settle();
+        let engine = open_engine(name, &dir);
+        // Values cut from 8 MiB of random bytes at varying offsets:
+        // incompressible, and cheap to make inside the timed loop.
+        let mut rng = Rng(value_bytes);
+        let pool: Vec<u8> = (0..8 << 20).map(|_| rng.below(256) as u8).collect();
+        let start = Instant::now();
+        let mut items = Vec::with_capacity(per_batch);
+        for first in (0..keys).step_by(per_batch) {
+            items.clear();
+            items.extend((first..(first + per_batch as u64).min(keys)).map(|i| {
+                let offset = (splitmix(i) % (pool.len() as u64 - value_bytes)) as usize;
+                (
+                    random_key(i),
+                    pool[offset..offset + value_bytes as usize].to_vec(),
+                )
+            }));
+            engine.write_large(&items, true);
+        }
+        let kib = value_bytes / 1024;
+        report(
+            &format!("large_{kib}k_fill_mb_per_s"),
+            total as f64 / 1e6 / start.elapsed().as_secs_f64(),
+        );
+        report(
+            &format!("large_{kib}k_disk_over_live"),
+            disk_bytes(&dir) as f64 / total as f64,
+        );
+        report(
+            &format!("large_{kib}k_get_1t"),
+            point_reads(&*engine, 1, keys, true, settings),
+        );
+        engine.close();
+    }
+}
+
+/// The scale table: each metric by engine, with mapstore's figure over the
+/// peer's where higher is better (and the peer's over mapstore's where
+/// lower is).
+fn scale_markdown(engines: &[&str], results: &BTreeMap<String, BTreeMap<String, f64>>) -> String {
+    let rows: &[(&str, &str, Better)] = &[
+        (
+            "scale_ingest_keys_per_s",
+            "ingest, synced batches of 1,000 (keys/s)",
+            Better::Higher,
+        ),
+        (
+            "scale_ingest_tenth_1_keys_per_s",
+            "  first tenth (keys/s)",
+            Better::Higher,
+        ),
+        (
+            "scale_ingest_tenth_10_keys_per_s",
+            "  last tenth (keys/s)",
+            Better::Higher,
+        ),
+        (
+            "scale_last_over_first_tenth",
+            "  last tenth / first tenth",
+            Better::Higher,
+        ),
+        (
+            "scale_write_amplification",
+            "  device bytes written / user bytes",
+            Better::Lower,
+        ),
+        (
+            "scale_disk_most_over_live",
+            "  most disk during the ingest / live bytes",
+            Better::Lower,
+        ),
+        (
+            "scale_disk_after_over_live",
+            "  disk after / live bytes",
+            Better::Lower,
+        ),
+        (
+            "scale_peak_rss_bytes",
+            "  peak RSS (MB, mapped file pages included)",
+            Better::Lower,
+        ),
+        (
+            "scale_peak_anon_rss_bytes",
+            "  peak anonymous RSS (MB)",
+            Better::Lower,
+        ),
+        (
+            "scale_get_1t",
+            "random get, 1 thread (reads/s)",
+            Better::Higher,
+        ),
+        (
+            "scale_get_2t",
+            "random get, 2 threads (reads/s)",
+            Better::Higher,
+        ),
+        (
+            "scale_get_absent_1t",
+            "absent get, 1 thread (reads/s)",
+            Better::Higher,
+        ),
+        (
+            "scale_scan_keys_per_s",
+            "full scan (keys/s)",
+            Better::Higher,
+        ),
+        (
+            "scale_get_while_writing_1t",
+            "random get beside a synced writer (reads/s)",
+            Better::Higher,
+        ),
+        (
+            "scale_get_while_writing_p99_us",
+            "  its p99 latency (us)",
+            Better::Lower,
+        ),
+        (
+            "scale_reopen_ms",
+            "reopen after a clean close (ms)",
+            Better::Lower,
+        ),
+        (
+            "large_4k_fill_mb_per_s",
+            "4 KiB values: fill, synced 1 MiB batches (MB/s)",
+            Better::Higher,
+        ),
+        (
+            "large_4k_disk_over_live",
+            "  disk / live bytes",
+            Better::Lower,
+        ),
+        (
+            "large_4k_get_1t",
+            "  random get, 1 thread (reads/s)",
+            Better::Higher,
+        ),
+        (
+            "large_64k_fill_mb_per_s",
+            "64 KiB values: fill, synced 1 MiB batches (MB/s)",
+            Better::Higher,
+        ),
+        (
+            "large_64k_disk_over_live",
+            "  disk / live bytes",
+            Better::Lower,
+        ),
+        (
+            "large_64k_get_1t",
+            "  random get, 1 thread (reads/s)",
+            Better::Higher,
+        ),
+    ];
+    let mut out = format!(
+        "{} keys of 16 bytes, values of 100 bytes ({:.2} GB live), inserted in random order.\n\n| workload | {} |\n|---|{}\n",
+        scale_keys(),
+        scale_keys() as f64 * (KEY_BYTES + VALUE_BYTES) as f64 / 1e9,
+        engines.join(" | "),
+        "---:|".repeat(engines.len()),
+    );
+    for (metric, label, better) in rows {
+        let ours = results
+            .get("mapstore")
+            .and_then(|r| r.get(*metric))
+            .copied();
+        out.push_str(&format!("| {label} |"));
+        for engine in engines {
+            let cell = match results.get(*engine).and_then(|r| r.get(*metric)) {
+                None => "-".to_string(),
+                Some(value) => {
+                    let shown = show(metric, *value);
+                    match ours {
+                        Some(ours) if *engine != "mapstore" && *value > 0.0 && ours > 0.0 => {
+                            let ratio = match better {
+                                Better::Lower => ours / value,
+                                _ => value / ours,
+                            };
+                            format!("{shown} ({ratio:.2}x)")
+                        }
+                        _ => shown,
+                    }
+                }
+            };
+            out.push_str(&format!(" {cell} |"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `--scale`: each engine's scale run in its own child, one after the
+/// other; writes `scale.md` and `scale.json` beside the regular results.
+fn run_scale(engines: &[&str], out_dir: &Path) {
+    let mut results: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
+    for engine in engines {
+        eprintln!("scale: {engine}");
+        let mut measured = run_child(&["--scale-engine", engine]);
+        measured.extend(run_child(&["--large-values", engine]));
+        results.insert(engine.to_string(), measured);
+    }
+    let table = scale_markdown(engines, &results);
+    println!("\n{table}");
+    std::fs::create_dir_all(out_dir).unwrap();
+    std::fs::write(out_dir.join("scale.md"), &table).unwrap();
+    let json: Vec<String> = results
+        .iter()
+        .map(|(engine, metrics)| {
+            let fields: Vec<String> = metrics
+                .iter()
+                .map(|(m, v)| format!("\"{m}\": {v}"))
+                .collect();
+            format!("\"{engine}\": {{{}}}", fields.join(", "))
+        })
+        .collect();
+    std::fs::write(
+        out_dir.join("scale.json"),
+        format!("{{{}}}\n", json.join(", ")),
+    )
+    .unwrap();
+    eprintln!("wrote {}/scale.md and scale.json", out_dir.display());
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -1921,6 +2394,8 @@ fn main() {
         }
         ["--crash-full-memtable", dir] => return crash_full_memtable(Path::new(dir)),
         ["--crash-full-wal", dir] => return crash_full_wal(Path::new(dir)),
+        ["--scale-engine", name] => return run_scale_engine(name, &settings),
+        ["--large-values", name] => return run_large_values(name, &settings),
         _ => {}
     }
 
@@ -1930,6 +2405,12 @@ fn main() {
         .copied()
         .filter(|e| wanted.is_empty() || wanted.split(',').any(|w| w.trim() == *e))
         .collect();
+    let out_dir = std::env::var("MAPSTORE_COMPARE_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("target/compare"));
+    if args.iter().any(|arg| arg == "--scale") {
+        return run_scale(&engines, &out_dir);
+    }
     eprintln!("machine limits");
     let limits = machine_limits(&settings);
     for (name, value) in &limits {
@@ -2010,9 +2491,6 @@ fn main() {
         }
     }
 
-    let out_dir = std::env::var("MAPSTORE_COMPARE_OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from("target/compare"));
     std::fs::create_dir_all(&out_dir).unwrap();
     let table = markdown(&engines, &results, &limits, &settings);
     println!("\n{table}");
