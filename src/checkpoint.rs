@@ -844,7 +844,7 @@ impl Storage {
         } else {
             files.replace_newest(keyspace, partition, count, outputs.into_iter().next())
         };
-        let mut manifest = Manifest { ..old_manifest };
+        let mut manifest = old_manifest;
         replaced.extend(self.record_files(&mut manifest, &mut files));
         manifest::write(&*self.fs, &self.config.dir, &mut manifest)?;
 

@@ -864,7 +864,8 @@ impl ChunkCursor {
 enum SourceCursor {
     InMemory(ChunkCursor),
     File(FileCursor),
-    Run(RunCursor),
+    /// A run of several files (boxed: the common cursors stay small).
+    Run(Box<RunCursor>),
 }
 
 impl SourceCursor {
@@ -893,14 +894,14 @@ impl SourceCursor {
                             .at_time(time),
                     )
                 } else {
-                    SourceCursor::Run(RunCursor::new(
+                    SourceCursor::Run(Box::new(RunCursor::new(
                         files,
                         seq,
                         time,
                         direction,
                         lower.clone(),
                         upper.clone(),
-                    ))
+                    )))
                 });
             }
             Source::Run(_) => return None,
@@ -920,6 +921,7 @@ impl SourceCursor {
     }
 
     /// Finds the next head, unless there is one or the source is used up.
+    #[inline]
     fn fill(&mut self) -> Result<()> {
         match self {
             SourceCursor::InMemory(cursor) => {
@@ -932,6 +934,7 @@ impl SourceCursor {
     }
 
     /// The next key and the sequence number of its version.
+    #[inline]
     fn head(&self) -> Option<(&[u8], u64)> {
         match self {
             SourceCursor::InMemory(cursor) => cursor
@@ -976,6 +979,7 @@ impl SourceCursor {
     }
 
     /// When the head's value expires (0: never, or a removal).
+    #[inline]
     fn head_expires(&self) -> u64 {
         match self {
             SourceCursor::InMemory(cursor) => cursor.buffer.front().map_or(0, |head| head.expires),
@@ -985,6 +989,7 @@ impl SourceCursor {
     }
 
     /// Drops the head (hidden by a newer version of its key).
+    #[inline]
     fn skip(&mut self) {
         match self {
             SourceCursor::InMemory(cursor) => {

@@ -205,7 +205,11 @@ impl FileCursor {
 
     /// Takes the head as an owned key and value; `None`, and the head
     /// stays, if there is none or it is a removal (or expired).
-    #[inline]
+    ///
+    /// Always inlined: with a second caller (`RunCursor`) the compiler
+    /// stopped inlining it into the scan's loop, and a full scan of four
+    /// files fell from 21.7M to 18M keys per second.
+    #[inline(always)]
     pub fn take_value(&mut self) -> Option<(Slice, Slice)> {
         let (_, bytes) = self.head_block.as_ref()?;
         if self
