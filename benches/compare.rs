@@ -448,18 +448,10 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Settings {
-        let var = |name: &str| std::env::var(name).ok();
         Settings {
-            keys: var("MAPSTORE_COMPARE_KEYS")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1_000_000),
-            seconds: var("MAPSTORE_COMPARE_SECONDS")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(2.0),
-            rounds: var("MAPSTORE_COMPARE_ROUNDS")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(3)
-                .max(1),
+            keys: env_or("MAPSTORE_COMPARE_KEYS", 1_000_000),
+            seconds: env_or("MAPSTORE_COMPARE_SECONDS", 2.0),
+            rounds: env_or("MAPSTORE_COMPARE_ROUNDS", 3).max(1),
         }
     }
     fn budget(&self) -> Duration {
@@ -665,20 +657,26 @@ fn disk_bytes(path: &Path) -> u64 {
     total
 }
 
-/// The process's peak resident set (VmHWM), in bytes.
-fn peak_rss() -> f64 {
+/// A memory figure of this process from `/proc/self/status` (the line
+/// starting `field`, in kB), in bytes; 0 where the kernel does not say.
+fn process_status_bytes(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| {
             rest.trim()
                 .trim_end_matches("kB")
                 .trim()
-                .parse::<f64>()
+                .parse::<u64>()
                 .ok()
         })
-        .map_or(0.0, |kib| kib * 1024.0)
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// The process's peak resident set (VmHWM), in bytes.
+fn peak_rss() -> f64 {
+    process_status_bytes("VmHWM:") as f64
 }
 
 /// Resets VmHWM to the current resident set (Linux 4.0 and later).
@@ -1977,27 +1975,21 @@ fn json(
 
 /// Keys the scale run ingests (`MAPSTORE_SCALE_KEYS`, 20,000,000 by default).
 fn scale_keys() -> u64 {
-    std::env::var("MAPSTORE_SCALE_KEYS")
+    env_or("MAPSTORE_SCALE_KEYS", 20_000_000)
+}
+
+/// The environment variable `name` as a number, or `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000_000)
+        .unwrap_or(default)
 }
 
 /// The process's anonymous resident memory (RssAnon: heap and stacks, not
 /// mapped file pages), in bytes.
 fn anon_rss() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("RssAnon:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map_or(0, |kib| kib * 1024)
+    process_status_bytes("RssAnon:")
 }
 
 /// The scale run of one engine (a child process): `keys` random keys in
@@ -2140,10 +2132,7 @@ fn run_scale_engine(name: &str, settings: &Settings) {
 /// and 64 KiB values, 256 MiB of them in synced batches of 1 MiB
 /// (`MAPSTORE_LARGE_VALUE_BYTES` for another total), then random gets.
 fn run_large_values(name: &str, settings: &Settings) {
-    let total: u64 = std::env::var("MAPSTORE_LARGE_VALUE_BYTES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256 << 20);
+    let total: u64 = env_or("MAPSTORE_LARGE_VALUE_BYTES", 256 << 20);
     for value_bytes in [4096u64, 65536] {
         let keys = total / value_bytes;
         let per_batch = ((1u64 << 20) / value_bytes) as usize;

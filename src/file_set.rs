@@ -64,58 +64,17 @@ pub(crate) struct FileSet {
 impl FileSet {
     /// The arrangement `manifest` describes of `files`, which are its
     /// snapshot files, opened, in its order; an `Err` says what in the
-    /// MANIFEST is inconsistent.
+    /// MANIFEST is inconsistent (see [`check`]).
     pub fn from_manifest(
         manifest: &Manifest,
         files: Vec<Arc<SnapshotFile>>,
     ) -> Result<FileSet, String> {
-        let mut set = FileSet::default();
-        for entry in &manifest.partitions {
-            if set.keyspaces.contains_key(&entry.keyspace) {
-                return Err(format!(
-                    "keyspace {} has its partitions listed twice",
-                    entry.keyspace
-                ));
-            }
-            let mut partitions = vec![Partition {
-                lower: Bytes::new(),
-                files: Vec::new(),
-            }];
-            for split in &entry.split_keys {
-                let previous = &partitions[partitions.len() - 1].lower;
-                if split.is_empty() || split <= previous {
-                    return Err(format!(
-                        "the split keys of keyspace {} are not ascending and non-empty",
-                        entry.keyspace
-                    ));
-                }
-                partitions.push(Partition {
-                    lower: split.clone(),
-                    files: Vec::new(),
-                });
-            }
-            set.keyspaces.insert(entry.keyspace, partitions);
-        }
+        let mut set = FileSet {
+            keyspaces: split_partitions(manifest)?,
+        };
         for (meta, file) in manifest.snapshot_files.iter().zip(files) {
             let partitions = set.partitions_mut(meta.keyspace);
-            let index = partition_index(partitions, &meta.smallest_key);
-            if partitions.len() > 1 {
-                if meta.largest_key < meta.smallest_key {
-                    return Err(format!(
-                        "snapshot file {} has its largest key below its smallest",
-                        meta.file_number
-                    ));
-                }
-                if partitions
-                    .get(index + 1)
-                    .is_some_and(|next| meta.largest_key >= next.lower)
-                {
-                    return Err(format!(
-                        "snapshot file {} crosses a partition's split key",
-                        meta.file_number
-                    ));
-                }
-            }
+            let index = place(partitions, meta)?;
             partitions[index].files.push(LiveFile {
                 file,
                 meta: meta.clone(),
@@ -287,6 +246,75 @@ impl FileSet {
         }
         runs
     }
+}
+
+/// Checks what `manifest` says of partitions (format version 5): split
+/// keys strictly ascending and non-empty, each keyspace listed once, and
+/// every file inside one partition. What the fuzzer's MANIFEST target
+/// runs after decoding; opening a database checks the same.
+pub(crate) fn check(manifest: &Manifest) -> Result<(), String> {
+    let partitions = split_partitions(manifest)?;
+    for meta in &manifest.snapshot_files {
+        if let Some(partitions) = partitions.get(&meta.keyspace) {
+            place(partitions, meta)?;
+        }
+    }
+    Ok(())
+}
+
+/// The empty partitions of each keyspace `manifest` lists split keys for.
+fn split_partitions(manifest: &Manifest) -> Result<BTreeMap<u32, Vec<Partition>>, String> {
+    let mut keyspaces = BTreeMap::new();
+    for entry in &manifest.partitions {
+        let mut partitions = vec![Partition {
+            lower: Bytes::new(),
+            files: Vec::new(),
+        }];
+        for split in &entry.split_keys {
+            let previous = &partitions[partitions.len() - 1].lower;
+            if split.is_empty() || split <= previous {
+                return Err(format!(
+                    "the split keys of keyspace {} are not ascending and non-empty",
+                    entry.keyspace
+                ));
+            }
+            partitions.push(Partition {
+                lower: split.clone(),
+                files: Vec::new(),
+            });
+        }
+        if keyspaces.insert(entry.keyspace, partitions).is_some() {
+            return Err(format!(
+                "keyspace {} has its partitions listed twice",
+                entry.keyspace
+            ));
+        }
+    }
+    Ok(keyspaces)
+}
+
+/// The partition a file whose MANIFEST entry is `meta` lies in; an `Err`
+/// if its key range crosses a split key.
+fn place(partitions: &[Partition], meta: &SnapshotFileMeta) -> Result<usize, String> {
+    let index = partition_index(partitions, &meta.smallest_key);
+    if partitions.len() > 1 {
+        if meta.largest_key < meta.smallest_key {
+            return Err(format!(
+                "snapshot file {} has its largest key below its smallest",
+                meta.file_number
+            ));
+        }
+        if partitions
+            .get(index + 1)
+            .is_some_and(|next| meta.largest_key >= next.lower)
+        {
+            return Err(format!(
+                "snapshot file {} crosses a partition's split key",
+                meta.file_number
+            ));
+        }
+    }
+    Ok(index)
 }
 
 /// The partition holding `key`.

@@ -161,9 +161,10 @@ pub mod fuzzing {
         crate::batch::decode_record(bytes::Bytes::copy_from_slice(data)).is_ok()
     }
 
-    /// Decodes `data` as a MANIFEST file.
+    /// Decodes `data` as a MANIFEST file and checks its partitions.
     pub fn manifest(data: &[u8]) -> bool {
-        crate::manifest::decode(data).is_ok()
+        crate::manifest::decode(data)
+            .is_ok_and(|manifest| crate::file_set::check(&manifest).is_ok())
     }
 
     /// Builds batches from `data`, encodes them as the write path does, frames

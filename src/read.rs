@@ -579,23 +579,8 @@ impl Snapshot {
         upper: &Bound<Bytes>,
         seq: u64,
     ) -> Result<Option<(Slice, u64)>> {
-        let sources = self
-            .view
-            .sources
-            .iter()
-            .filter_map(|source| source.keeping_files(|file| file.largest_seq() > seq));
-        for source in sources {
-            let Some(mut cursor) = SourceCursor::new(
-                &source,
-                keyspace,
-                self.seq,
-                0,
-                Direction::Forward,
-                lower,
-                upper,
-            ) else {
-                continue;
-            };
+        let cursors = self.forward_cursors(keyspace, lower, upper, |file| file.largest_seq() > seq);
+        for mut cursor in cursors {
             loop {
                 cursor.fill()?;
                 let Some((key, version)) = cursor.head() else {
@@ -608,6 +593,33 @@ impl Snapshot {
             }
         }
         Ok(None)
+    }
+
+    /// A forward cursor over each source's part of `keyspace` within the
+    /// bounds, leaving out the files `keep_file` rejects (values read as
+    /// they are, whatever their expiry).
+    fn forward_cursors<'a>(
+        &'a self,
+        keyspace: u32,
+        lower: &'a Bound<Bytes>,
+        upper: &'a Bound<Bytes>,
+        keep_file: impl Fn(&SnapshotFile) -> bool + 'a,
+    ) -> impl Iterator<Item = SourceCursor> + 'a {
+        self.view
+            .sources
+            .iter()
+            .filter_map(move |source| source.keeping_files(&keep_file))
+            .filter_map(move |source| {
+                SourceCursor::new(
+                    &source,
+                    keyspace,
+                    self.seq,
+                    0,
+                    Direction::Forward,
+                    lower,
+                    upper,
+                )
+            })
     }
 
     /// The keys in the bounds whose newest version this snapshot sees is
@@ -633,22 +645,8 @@ impl Snapshot {
             file.earliest_expiry() != 0 && file.earliest_expiry() <= expiring.1
         };
         let cursors = self
-            .view
-            .sources
-            .iter()
-            .filter_map(|source| {
-                source.keeping_files(|file| file.largest_seq() > seq || may_expire(file))
-            })
-            .filter_map(|source| {
-                SourceCursor::new(
-                    &source,
-                    keyspace,
-                    self.seq,
-                    0,
-                    Direction::Forward,
-                    lower,
-                    upper,
-                )
+            .forward_cursors(keyspace, lower, upper, |file| {
+                file.largest_seq() > seq || may_expire(file)
             })
             .collect();
         ChangedKeys {

@@ -33,10 +33,39 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::collect;
 use mapstore::Db;
+
+/// Where fixture `name` lies (`tests/data/{name}`).
+fn fixture_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+/// Fixture `name`, written again by `write` first when
+/// `MAPSTORE_WRITE_FIXTURES` is set.
+fn fixture<T>(name: &str, write: impl Fn(&Path) -> T) -> PathBuf {
+    let path = fixture_path(name);
+    if std::env::var_os("MAPSTORE_WRITE_FIXTURES").is_some() {
+        let _ = fs::remove_dir_all(&path);
+        write(&path);
+        fs::remove_file(path.join("LOCK")).unwrap();
+    }
+    path
+}
+
+/// A copy of the fixture at `path` to open (an open may write to it).
+fn copy_of(path: &Path) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(path).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
 
 /// The key the fixture's writer used for `i`: short keys, keys sharing
 /// their first 16 bytes, and a few more.
@@ -95,12 +124,8 @@ fn assert_holds(db: &Db, model: &BTreeMap<Vec<u8>, Vec<u8>>) {
 
 #[test]
 fn a_database_with_version_1_snapshot_files_opens_reads_and_is_rewritten() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/database-v1");
-    let dir = tempfile::tempdir().unwrap();
-    for entry in fs::read_dir(&fixture).unwrap() {
-        let entry = entry.unwrap();
-        fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
+    let fixture = fixture_path("database-v1");
+    let dir = copy_of(&fixture);
     assert_eq!(snapshot_versions(dir.path()), [1]);
     let mut model = expected();
 
@@ -198,12 +223,7 @@ fn read_keyspaces(db: &Db) -> Keyspaces {
 
 #[test]
 fn a_database_with_keyspaces_of_format_version_2_opens_and_reads() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/database-v2");
-    if std::env::var_os("MAPSTORE_WRITE_FIXTURES").is_some() {
-        let _ = fs::remove_dir_all(&fixture);
-        write_v2(&fixture);
-        fs::remove_file(fixture.join("LOCK")).unwrap();
-    }
+    let fixture = fixture("database-v2", write_v2);
     // The writer, run now, makes a database that reads the same.
     let fresh = tempfile::tempdir().unwrap();
     let model = write_v2(fresh.path());
@@ -211,11 +231,7 @@ fn a_database_with_keyspaces_of_format_version_2_opens_and_reads() {
     assert_eq!(read_keyspaces(&db), model);
     db.close().unwrap();
 
-    let dir = tempfile::tempdir().unwrap();
-    for entry in fs::read_dir(&fixture).unwrap() {
-        let entry = entry.unwrap();
-        fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
+    let dir = copy_of(&fixture);
     assert_eq!(snapshot_versions(dir.path()), [3, 3, 3, 3]);
     let db = Db::open(dir.path()).unwrap();
     // The drop, the new keyspace and the changes are replayed from the WAL.
@@ -335,12 +351,7 @@ fn write_v3(dir: &Path) -> V3 {
 #[test]
 fn a_database_with_history_and_ttls_of_format_version_3_opens_and_reads() {
     use std::time::Duration;
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/database-v3");
-    if std::env::var_os("MAPSTORE_WRITE_FIXTURES").is_some() {
-        let _ = fs::remove_dir_all(&fixture);
-        write_v3(&fixture);
-        fs::remove_file(fixture.join("LOCK")).unwrap();
-    }
+    let fixture = fixture("database-v3", write_v3);
     let read_at = |dir: &Path| {
         let clock = std::sync::Arc::new(mapstore::testing::ManualClock::new(
             v3_start() + Duration::from_secs(600 + 40),
@@ -389,11 +400,7 @@ fn a_database_with_history_and_ttls_of_format_version_3_opens_and_reads() {
     };
     check(&read_at(fresh.path()));
 
-    let dir = tempfile::tempdir().unwrap();
-    for entry in fs::read_dir(&fixture).unwrap() {
-        let entry = entry.unwrap();
-        fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
+    let dir = copy_of(&fixture);
     assert_eq!(snapshot_versions(dir.path()), [4, 4]);
     let db = read_at(dir.path());
     assert!(db.recovery_report().batches_replayed >= 3);
@@ -428,22 +435,10 @@ fn write_v4(dir: &Path) -> Keyspaces {
 
 #[test]
 fn a_database_of_format_version_4_opens_reads_and_rebuilds_its_manifest() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/database-v4");
-    if std::env::var_os("MAPSTORE_WRITE_FIXTURES").is_some() {
-        let _ = fs::remove_dir_all(&fixture);
-        write_v4(&fixture);
-        fs::remove_file(fixture.join("LOCK")).unwrap();
-    }
+    let fixture = fixture("database-v4", write_v4);
     let fresh = tempfile::tempdir().unwrap();
     let model = write_v4(fresh.path());
-    let copy = || {
-        let dir = tempfile::tempdir().unwrap();
-        for entry in fs::read_dir(&fixture).unwrap() {
-            let entry = entry.unwrap();
-            fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-        }
-        dir
-    };
+    let copy = || copy_of(&fixture);
     for dir in [fresh.path(), copy().path()] {
         assert_eq!(snapshot_versions(dir), [4, 4, 4]);
         let db = Db::open(dir).unwrap();
@@ -510,19 +505,10 @@ fn write_v5(dir: &Path) -> Keyspaces {
 
 #[test]
 fn a_database_of_format_version_5_with_partitions_opens_and_reads() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/database-v5");
-    if std::env::var_os("MAPSTORE_WRITE_FIXTURES").is_some() {
-        let _ = fs::remove_dir_all(&fixture);
-        write_v5(&fixture);
-        fs::remove_file(fixture.join("LOCK")).unwrap();
-    }
+    let fixture = fixture("database-v5", write_v5);
     let fresh = tempfile::tempdir().unwrap();
     let model = write_v5(fresh.path());
-    let dir = tempfile::tempdir().unwrap();
-    for entry in fs::read_dir(&fixture).unwrap() {
-        let entry = entry.unwrap();
-        fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
+    let dir = copy_of(&fixture);
     for dir in [fresh.path(), dir.path()] {
         let db = Db::open(dir).unwrap();
         assert_eq!(read_keyspaces(&db), model);

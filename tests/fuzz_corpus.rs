@@ -163,6 +163,19 @@ fn write_seeds() {
     db.close().unwrap();
     copy_seed(".snap", "snapshot_file", "valid-snapshot");
     copy_seed("MANIFEST", "manifest_decoder", "valid-manifest");
+    // A MANIFEST with partitions (format version 5).
+    let partitioned = tempfile::tempdir().unwrap();
+    let db = Db::open_with(partitioned.path(), options.clone().partition_bytes(4096)).unwrap();
+    for i in 0..200u32 {
+        db.insert(i.to_be_bytes(), [b'v'; 40]).unwrap();
+    }
+    db.compact().unwrap();
+    db.close().unwrap();
+    fs::copy(
+        partitioned.path().join("MANIFEST"),
+        corpus_dir("manifest_decoder").join("valid-manifest-partitions"),
+    )
+    .unwrap();
 
     use mapstore::proto::{BatchRecord, OpKind, Operation};
     let op_in = |keyspace: u32, kind: OpKind, key: &str, value: &str| Operation {
